@@ -1,0 +1,217 @@
+"""The public API for defining agents.
+
+An agent is a class with a ``name``, a ``version``, the schema version of its state
+(with migrations from older versions), and a ``step`` method. The runtime calls
+``step`` once per step with a :class:`StepContext` (the state from the last checkpoint
+and what the last step caused) and the agent returns what happened, one of:
+
+- :class:`Continue` -- go on with a new state;
+- :class:`CallTools` -- run these tools now; their results reach the next step;
+- :class:`Suspend` -- wait for a person's approval, a named event, or a time;
+- :class:`Finish` -- the task is complete, with this result;
+- :class:`Fail` -- the task has failed, with this error.
+
+Every outcome may carry ``reasoning``: text the audit trail keeps as a reasoning step.
+A step may also raise (see ``agents.errors``): retryable errors are retried with
+backoff, permanent ones fail the task. State must be JSON-serialisable.
+
+``step`` may run more than once for the same step number (a worker died before the
+checkpoint committed); only one run's outcome is kept. Side effects belong in tools,
+which receive an idempotency key, not in ``step`` itself.
+
+Example::
+
+    from agents.definition import (
+        Agent, CallTools, Finish, StepContext, ToolCall, register,
+    )
+
+    @register
+    class Greeter(Agent):
+        name = "greeter"
+        version = "1.0"
+
+        def initial_state(self, input):
+            return {"name": input["name"], "greeted": False}
+
+        def step(self, ctx: StepContext):
+            if not ctx.state["greeted"]:
+                call = ToolCall("ledger.append", {"key": "greeting", "value": ctx.state["name"]})
+                return CallTools([call], state={**ctx.state, "greeted": True},
+                                 reasoning="record the greeting once")
+            return Finish(result=f"hello {ctx.state['name']}")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+from uuid import UUID
+
+from agents_project.errors import InvalidInput
+
+State = Any
+Migration = Callable[[State], State]
+OnTimeout = Literal["fail", "reject", "continue"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A request to run the tool ``name`` with ``args``."""
+
+    name: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a tool call returned (``ok``) or why it failed (``error``)."""
+
+    name: str
+    args: Mapping[str, Any]
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How the wait of a suspended task ended, seen by the step after it.
+
+    ``kind`` is ``approval`` (``approved`` says the decision), ``event`` (``payload``
+    is the signal's), ``timer``, or ``timeout`` (the wait's own timeout passed and its
+    policy was ``continue``; ``payload`` is the default given with the wait).
+    """
+
+    kind: str
+    approved: bool | None = None
+    payload: Any = None
+    comment: str = ""
+    decided_by: str = ""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    task_id: UUID
+    step: int
+    attempt: int
+    input: Any
+    state: State
+    tool_results: tuple[ToolResult, ...] = ()
+    resumed: Resumption | None = None
+
+
+@dataclass(frozen=True)
+class Continue:
+    state: State
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class CallTools:
+    calls: Sequence[ToolCall]
+    state: State
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class Suspend:
+    """Stop and hold no worker until one of: an approval, an event, a time.
+
+    Give exactly one of ``approval`` (the question for a person), ``event`` (the signal
+    name to wait for) or ``until`` (an aware datetime). ``timeout`` (seconds) bounds an
+    approval or event wait; when it passes, ``on_timeout`` applies: ``fail`` ends the
+    task failed, ``reject`` resumes as if rejected, ``continue`` resumes with
+    ``default`` as the payload. A rejected approval ends the task failed unless
+    ``on_reject`` is ``continue``: then the next step sees ``resumed.approved`` False.
+    """
+
+    state: State
+    approval: str | None = None
+    event: str | None = None
+    until: datetime | None = None
+    timeout: float | None = None
+    on_timeout: OnTimeout = "fail"
+    on_reject: Literal["fail", "continue"] = "fail"
+    default: Any = None
+    reasoning: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [x for x in (self.approval, self.event, self.until) if x is not None]
+        if len(given) != 1:
+            raise ValueError("Suspend needs exactly one of approval, event or until")
+
+
+@dataclass(frozen=True)
+class Finish:
+    result: Any
+    state: State = None
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class Fail:
+    error: str
+    state: State = None
+    reasoning: str | None = None
+
+
+Outcome = Continue | CallTools | Suspend | Finish | Fail
+
+
+class Agent:
+    """Base class of agent definitions. Subclass, set ``name``, implement ``step``.
+
+    Class attributes a subclass may set:
+
+    - ``version``: the code's version, recorded on each task it starts.
+    - ``state_version`` and ``migrations``: the schema version of the state this code
+      reads and writes, and for each older version N the function that turns a state
+      of version N into version N + 1. A checkpoint written by older code is migrated
+      in order when it is loaded; one written by newer code is never touched.
+    - ``max_retries``, ``step_time_limit``, ``step_soft_time_limit``: override the
+      runtime's defaults (``settings.AGENTS``) for this agent.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    state_version: ClassVar[int] = 1
+    migrations: ClassVar[Mapping[int, Migration]] = {}
+    max_retries: ClassVar[int | None] = None
+    step_time_limit: ClassVar[float | None] = None
+    step_soft_time_limit: ClassVar[float | None] = None
+
+    def validate_input(self, input: Any) -> None:
+        """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""
+
+    def initial_state(self, input: Any) -> State:
+        return {}
+
+    def step(self, ctx: StepContext) -> Outcome:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Agent] = {}
+
+
+def register(cls: type[Agent]) -> type[Agent]:
+    """Class decorator: make the agent available by its ``name``."""
+    if not getattr(cls, "name", ""):
+        raise TypeError(f"{cls.__name__} needs a name")
+    missing = [v for v in range(1, cls.state_version) if v not in cls.migrations]
+    if missing:
+        raise TypeError(f"{cls.__name__} has no migration from state version(s) {missing}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_agent(name: str) -> Agent:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InvalidInput(f"unknown agent {name!r}", field="agent") from None
+
+
+def registered_agents() -> Mapping[str, Agent]:
+    return dict(_REGISTRY)

@@ -1,0 +1,37 @@
+"""Fault injection for the crash tests: die abruptly at a named point of a step.
+
+Set ``AGENTS_FAULT_INJECTION=POINT`` or ``POINT@STEP`` in a worker's environment and
+that worker's process kills itself with SIGKILL when a step (every step, or only step
+number STEP) reaches POINT:
+
+- ``before_commit``: the step ran, its checkpoint transaction is open, not committed;
+- ``after_commit``: the checkpoint committed, the next step is not yet published;
+- ``after_publish``: the next step is published, this message is not yet acknowledged.
+
+Settings refuse it unless ``AGENTS_ENVIRONMENT=test``: it is never on in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from django.conf import settings
+
+POINTS = ("before_commit", "after_commit", "after_publish")
+
+
+def parse(spec: str) -> tuple[str, int | None]:
+    point, _, step = spec.partition("@")
+    if point not in POINTS:
+        raise ValueError(f"AGENTS_FAULT_INJECTION: unknown point {point!r}; one of {POINTS}")
+    return point, int(step) if step else None
+
+
+def fault_point(name: str, *, step: int) -> None:
+    spec = settings.AGENTS["FAULT_INJECTION"]
+    if not spec:
+        return
+    point, only_step = parse(spec)
+    if point == name and only_step in (None, step):
+        os.kill(os.getpid(), signal.SIGKILL)

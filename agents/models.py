@@ -1,0 +1,203 @@
+"""What the runtime knows about agent sessions. The database is the truth.
+
+``status`` is written only by ``agents.state_machine.transition``; everything else here
+is plain fields and constraints.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class TaskStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
+
+
+# Statuses in which a task may still make progress (and so can time out).
+ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.SUSPENDED)
+
+
+class AgentTask(models.Model):
+    """One agent session: its input, where it is, and how it ended."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="agent_tasks"
+    )
+    agent_name = models.CharField(max_length=100)
+    agent_version = models.CharField(max_length=50)
+    input = models.JSONField()
+    status = models.CharField(max_length=20, choices=TaskStatus.choices, default=TaskStatus.PENDING)
+    # The next step to run; checkpoints 0 .. current_step - 1 exist.
+    current_step = models.PositiveIntegerField(default=1)
+    # Schema version of the state in the latest checkpoint.
+    state_version = models.PositiveIntegerField()
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    deadline = models.DateTimeField(null=True, blank=True)
+    # NULL, not "": the per-owner unique constraint only applies to tasks that have one.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    # Failed attempts of the current step, and times its worker died under it.
+    attempt = models.PositiveIntegerField(default=0)
+    worker_losses = models.PositiveIntegerField(default=0)
+    # Sequence number of the last audit event written for this task.
+    audit_seq = models.PositiveIntegerField(default=0)
+    replayed_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
+    )
+    replayed_from_step = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Last progress of any kind; the stuck-task sweep looks at it.
+    updated_at = models.DateTimeField(default=timezone.now)
+    status_changed_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="agent_task_idempotency_key_per_owner",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "updated_at"], name="agent_task_status_updated"),
+            models.Index(fields=["owner", "-created_at"], name="agent_task_owner_created"),
+            models.Index(
+                fields=["deadline"],
+                condition=Q(deadline__isnull=False, status__in=ACTIVE_STATUSES),
+                name="agent_task_active_deadline",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_name} {self.id} ({self.status})"
+
+
+class Checkpoint(models.Model):
+    """The state after a step (step 0 is the initial state); written once, never changed."""
+
+    task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.PositiveIntegerField()
+    state = models.JSONField()
+    # What the next step sees of this one: tool results, or how a suspension ended.
+    observations = models.JSONField(default=dict)
+    schema_version = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["task", "step"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "step"], name="checkpoint_one_per_step"),
+        ]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.step} of {self.task_id}"
+
+
+class Suspension(models.Model):
+    """Why a suspended task waits (a person, an event, a time) and how the wait ended."""
+
+    class Kind(models.TextChoices):
+        APPROVAL = "approval"
+        EVENT = "event"
+        TIMER = "timer"
+
+    class Resolution(models.TextChoices):
+        APPROVED = "approved"
+        REJECTED = "rejected"
+        SIGNALLED = "signalled"
+        WOKEN = "woken"
+        TIMED_OUT = "timed_out"
+        CANCELLED = "cancelled"
+
+    task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="suspensions")
+    step = models.PositiveIntegerField()
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    # The approval's question, or the event's name.
+    reason = models.TextField(blank=True, default="")
+    event_name = models.CharField(max_length=200, blank=True, default="")
+    # When a timer wakes the task, or when a wait stops waiting (then on_timeout applies).
+    wake_at = models.DateTimeField(null=True, blank=True)
+    on_timeout = models.CharField(max_length=20, blank=True, default="")
+    on_reject = models.CharField(max_length=20, blank=True, default="fail")
+    timeout_default = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.CharField(max_length=20, choices=Resolution.choices, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    comment = models.TextField(blank=True, default="")
+    payload = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "step"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "step"], name="suspension_one_per_step"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["wake_at"],
+                condition=Q(resolved_at__isnull=True, wake_at__isnull=False),
+                name="suspension_open_wake_at",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} wait at step {self.step} of {self.task_id}"
+
+
+class Signal(models.Model):
+    """A named event sent to a task; kept until a wait for that name consumes it."""
+
+    task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="signals")
+    name = models.CharField(max_length=200)
+    payload = models.JSONField(null=True, blank=True)
+    sent_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    consumed_at = models.DateTimeField(null=True, blank=True)
+    consumed_at_step = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "created_at", "id"]
+        indexes = [
+            models.Index(
+                fields=["task", "name", "created_at"],
+                condition=Q(consumed_at__isnull=True),
+                name="signal_unconsumed",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"signal {self.name} for {self.task_id}"
+
+
+class RetryTimer(models.Model):
+    """A failed step waiting for its backoff to pass; the scheduler publishes it again.
+
+    Kept in the database rather than as a broker-side ETA, so a long backoff holds no
+    worker and survives any restart.
+    """
+
+    task = models.OneToOneField(AgentTask, on_delete=models.CASCADE, related_name="retry_timer")
+    step = models.PositiveIntegerField()
+    fire_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"retry of step {self.step} of {self.task_id} at {self.fire_at}"

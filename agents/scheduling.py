@@ -1,0 +1,360 @@
+"""Suspend and resume: approvals, events, durable timers, deadlines and cancellation.
+
+A suspended task holds no worker and no broker message: its wait is a ``Suspension``
+row, and whatever ends the wait (a decision, a signal, the scheduler's clock) resumes
+it by publishing its next step after the transaction that records the ending commits.
+
+Every operation here locks the task row first and checks the task's state under the
+lock, so two operations racing on one task (approve and cancel, two approvals, a
+signal during a resume) resolve to exactly one winner; the loser gets ``Conflict``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import structlog
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from agents.definition import Resumption, Suspend, registered_agents
+from agents.dispatch import step_publish_after_commit
+from agents.models import ACTIVE_STATUSES, AgentTask, RetryTimer, Signal, Suspension, TaskStatus
+from agents.selectors import parse_task_id
+from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
+from agents_project.errors import Conflict, NotFound
+from audit.models import EventType
+from audit.services import AuditBatch, user_actor
+
+logger = structlog.get_logger(__name__)
+
+R = Suspension.Resolution
+_SAVE_FIELDS = ("audit_seq", "error", *TRANSITION_FIELDS)
+
+
+def task_lock(*, task_id: UUID | str, user: AbstractBaseUser | None = None) -> AgentTask:
+    """Lock and return the task, as ``user`` may see it (``None``: the system sees all).
+
+    Another user's task is ``NotFound``, not forbidden: its existence is not disclosed.
+    """
+    tasks = AgentTask.objects.select_for_update()
+    if user is not None and not user.is_staff:
+        tasks = tasks.filter(owner=user)
+    task = tasks.filter(pk=parse_task_id(task_id)).first()
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+def task_begin(*, task_id: UUID, actor: str) -> bool:
+    """``pending`` -> ``running`` as its first step starts. True if the task may run."""
+    with transaction.atomic():
+        task = task_lock(task_id=task_id)
+        if task.status != TaskStatus.PENDING:
+            return task.status == TaskStatus.RUNNING
+        audit = AuditBatch(task, actor=actor)
+        transition(task, TaskStatus.RUNNING, audit=audit)
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    return True
+
+
+def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: AuditBatch) -> bool:
+    """Record the wait ``outcome`` asks for, in the step's commit (task row locked).
+
+    Returns True if the wait is already over (a signal for it arrived earlier): then the
+    task stays ``running`` and the caller publishes the next step.
+    """
+    now = timezone.now()
+    if outcome.approval is not None:
+        kind = Suspension.Kind.APPROVAL
+    elif outcome.event is not None:
+        kind = Suspension.Kind.EVENT
+    else:
+        kind = Suspension.Kind.TIMER
+    if kind == Suspension.Kind.TIMER:
+        wake_at: datetime | None = outcome.until
+    else:
+        wake_at = now + timedelta(seconds=outcome.timeout) if outcome.timeout else None
+    suspension = Suspension.objects.create(
+        task=task,
+        step=step,
+        kind=kind,
+        reason=outcome.approval or "",
+        event_name=outcome.event or "",
+        wake_at=wake_at,
+        on_timeout=outcome.on_timeout,
+        on_reject=outcome.on_reject,
+        timeout_default=outcome.default,
+    )
+    audit.add(
+        EventType.SUSPENDED,
+        {
+            "kind": kind,
+            "reason": suspension.reason,
+            "event": suspension.event_name,
+            "wake_at": wake_at.isoformat() if wake_at else None,
+            "on_timeout": outcome.on_timeout,
+        },
+        step=step,
+    )
+    if kind == Suspension.Kind.EVENT:
+        early = (
+            Signal.objects.filter(task=task, name=outcome.event, consumed_at__isnull=True)
+            .order_by("created_at", "id")
+            .first()
+        )
+        if early is not None:
+            _signal_consume(early, suspension, audit, step=step)
+            return True
+    transition(task, TaskStatus.SUSPENDED, audit=audit, reason=kind)
+    return False
+
+
+def resumption_for(*, task_id: UUID, step: int) -> Resumption | None:
+    """What the step after a suspension sees of how the wait at ``step`` ended."""
+    suspension = Suspension.objects.filter(task_id=task_id, step=step).first()
+    if suspension is None or suspension.resolved_at is None:
+        return None
+    kind = {
+        R.APPROVED: "approval",
+        R.REJECTED: "approval",
+        R.SIGNALLED: "event",
+        R.WOKEN: "timer",
+        R.TIMED_OUT: "timeout",
+    }.get(suspension.resolution, suspension.resolution)
+    return Resumption(
+        kind=kind,
+        approved={R.APPROVED: True, R.REJECTED: False}.get(suspension.resolution),
+        payload=suspension.payload,
+        comment=suspension.comment,
+        decided_by=suspension.decided_by.get_username() if suspension.decided_by else "",
+    )
+
+
+def task_approve(
+    *,
+    task_id: UUID | str,
+    user: AbstractBaseUser | None,
+    approved: bool,
+    comment: str = "",
+    actor: str | None = None,
+) -> AgentTask:
+    """Decide the approval a suspended task waits for.
+
+    Approval resumes it, the decision visible to its next step. Rejection ends it
+    ``failed``, unless the agent asked to handle rejection itself (``on_reject``).
+    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...).
+    """
+    actor = actor or user_actor(user)
+    with transaction.atomic():
+        task = task_lock(task_id=task_id, user=user)
+        suspension = _open_suspension(task, Suspension.Kind.APPROVAL)
+        audit = AuditBatch(task, actor=actor)
+        audit.add(
+            EventType.APPROVAL_DECIDED,
+            {"approved": approved, "comment": comment, "question": suspension.reason},
+            step=suspension.step,
+        )
+        suspension.decided_by = user if user is not None and user.pk else None
+        suspension.comment = comment
+        if approved or suspension.on_reject == "continue":
+            _resume(task, suspension, R.APPROVED if approved else R.REJECTED, audit)
+        else:
+            _resolve(suspension, R.REJECTED)
+            task.error = f"approval rejected: {comment}" if comment else "approval rejected"
+            transition(task, TaskStatus.FAILED, audit=audit, reason="approval rejected")
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    return task
+
+
+def task_signal(
+    *,
+    task_id: UUID | str,
+    user: AbstractBaseUser | None,
+    name: str,
+    payload: Any = None,
+    actor: str | None = None,
+) -> Signal:
+    """Send the event ``name`` to a task.
+
+    If the task waits for it, the wait ends and the task resumes with ``payload``; if
+    not (yet), the signal is kept and the first later wait for ``name`` consumes it.
+    Each signal is consumed exactly once. ``Conflict`` if the task has ended.
+    """
+    actor = actor or user_actor(user)
+    with transaction.atomic():
+        task = task_lock(task_id=task_id, user=user)
+        if task.status in FINAL:
+            raise Conflict(f"task {task.pk} is {task.status}; it takes no more signals")
+        signal = Signal.objects.create(
+            task=task, name=name, payload=payload, sent_by=user if user and user.pk else None
+        )
+        audit = AuditBatch(task, actor=actor)
+        audit.add(
+            EventType.SIGNAL_RECEIVED,
+            {"signal": signal.pk, "name": name, "payload": payload},
+            step=task.current_step,
+        )
+        suspension = _open_suspension_or_none(task)
+        if (
+            suspension is not None
+            and suspension.kind == Suspension.Kind.EVENT
+            and suspension.event_name == name
+        ):
+            _signal_consume(signal, suspension, audit, step=suspension.step)
+            transition(task, TaskStatus.RUNNING, audit=audit, reason=R.SIGNALLED)
+            _publish_next(task)
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    return signal
+
+
+def task_cancel(
+    *, task_id: UUID | str, user: AbstractBaseUser | None, actor: str | None = None
+) -> AgentTask:
+    """Cancel a task that has not ended. No further step starts; a step already running
+    finishes its work, records its checkpoint, and stops there."""
+    actor = actor or user_actor(user)
+    with transaction.atomic():
+        task = task_lock(task_id=task_id, user=user)
+        if task.status in FINAL:
+            raise Conflict(f"task {task.pk} is {task.status}; it cannot be cancelled")
+        audit = AuditBatch(task, actor=actor)
+        suspension = _open_suspension_or_none(task)
+        if suspension is not None:
+            _resolve(suspension, R.CANCELLED)
+        RetryTimer.objects.filter(task=task).delete()
+        transition(task, TaskStatus.CANCELLED, audit=audit, reason=f"cancelled by {actor}")
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    return task
+
+
+def task_time_out(*, task_id: UUID, actor: str) -> bool:
+    """End the task ``timed_out`` if its deadline has passed, wherever it is."""
+    with transaction.atomic():
+        task = task_lock(task_id=task_id)
+        if (
+            task.status not in ACTIVE_STATUSES
+            or task.deadline is None
+            or task.deadline > timezone.now()
+        ):
+            return False
+        audit = AuditBatch(task, actor=actor)
+        suspension = _open_suspension_or_none(task)
+        if suspension is not None:
+            _resolve(suspension, R.TIMED_OUT)
+        RetryTimer.objects.filter(task=task).delete()
+        task.error = f"deadline {task.deadline.isoformat()} passed"
+        transition(task, TaskStatus.TIMED_OUT, audit=audit, reason="deadline")
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    logger.info("task timed out", task_id=str(task_id))
+    return True
+
+
+def suspension_expire(*, suspension_id: int, actor: str) -> bool:
+    """The scheduler's clock reached a suspension's ``wake_at``: wake a timer, or apply a
+    wait's ``on_timeout`` policy. False if something else ended the wait first."""
+    suspension = Suspension.objects.filter(pk=suspension_id).only("task_id").first()
+    if suspension is None:
+        return False
+    with transaction.atomic():
+        task = task_lock(task_id=suspension.task_id)
+        suspension = Suspension.objects.get(pk=suspension_id)
+        if (
+            task.status != TaskStatus.SUSPENDED
+            or suspension.resolved_at is not None
+            or suspension.step != task.current_step - 1
+        ):
+            return False
+        audit = AuditBatch(task, actor=actor)
+        if suspension.kind == Suspension.Kind.TIMER:
+            _resume(task, suspension, R.WOKEN, audit)
+        else:
+            audit.add(
+                EventType.WAIT_ENDED,
+                {"kind": suspension.kind, "timed_out": True, "policy": suspension.on_timeout},
+                step=suspension.step,
+            )
+            _apply_timeout_policy(task, suspension, audit)
+        audit.flush()
+        task.save(update_fields=_SAVE_FIELDS)
+    return True
+
+
+def _apply_timeout_policy(task: AgentTask, suspension: Suspension, audit: AuditBatch) -> None:
+    policy = suspension.on_timeout
+    if policy == "continue":
+        suspension.payload = suspension.timeout_default
+        _resume(task, suspension, R.TIMED_OUT, audit)
+    elif (
+        policy == "reject"
+        and suspension.kind == Suspension.Kind.APPROVAL
+        and suspension.on_reject == "continue"
+    ):
+        suspension.comment = "no decision before the wait's timeout"
+        _resume(task, suspension, R.REJECTED, audit)
+    else:
+        _resolve(suspension, R.TIMED_OUT)
+        task.error = f"{suspension.kind} wait timed out"
+        transition(task, TaskStatus.FAILED, audit=audit, reason=task.error)
+
+
+def _open_suspension_or_none(task: AgentTask) -> Suspension | None:
+    if task.status != TaskStatus.SUSPENDED:
+        return None
+    return Suspension.objects.filter(
+        task=task, step=task.current_step - 1, resolved_at__isnull=True
+    ).first()
+
+
+def _open_suspension(task: AgentTask, kind: str) -> Suspension:
+    suspension = _open_suspension_or_none(task)
+    if suspension is None or suspension.kind != kind:
+        raise Conflict(f"task {task.pk} is {task.status} and not waiting for an {kind}")
+    return suspension
+
+
+def _resolve(suspension: Suspension, resolution: str) -> None:
+    suspension.resolved_at = timezone.now()
+    suspension.resolution = resolution
+    suspension.save()
+
+
+def _resume(task: AgentTask, suspension: Suspension, resolution: str, audit: AuditBatch) -> None:
+    _resolve(suspension, resolution)
+    transition(task, TaskStatus.RUNNING, audit=audit, reason=resolution)
+    _publish_next(task)
+
+
+def _signal_consume(
+    signal: Signal, suspension: Suspension, audit: AuditBatch, *, step: int
+) -> None:
+    now = timezone.now()
+    signal.consumed_at = now
+    signal.consumed_at_step = step
+    signal.save(update_fields=("consumed_at", "consumed_at_step"))
+    suspension.payload = signal.payload
+    _resolve(suspension, R.SIGNALLED)
+    audit.add(
+        EventType.SIGNAL_CONSUMED,
+        {"signal": signal.pk, "name": signal.name, "payload": signal.payload},
+        step=step,
+    )
+
+
+def _publish_next(task: AgentTask) -> None:
+    agent = registered_agents().get(task.agent_name)
+    if agent is None:
+        # Left to the stuck-task sweep of a worker that knows the agent.
+        logger.error("agent not registered here; step not published", agent=task.agent_name)
+        return
+    step_publish_after_commit(
+        task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
+    )

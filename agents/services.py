@@ -1,0 +1,196 @@
+"""Starting and replaying tasks. (Suspend, resume and cancel: ``agents.scheduling``;
+retries and dead letters: ``agents.retries``; the step itself: ``agents.engine``.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from agents.definition import get_agent
+from agents.dispatch import step_publish
+from agents.models import AgentTask, Checkpoint
+from agents.selectors import parse_task_id
+from agents_project.errors import InvalidInput, NotFound
+from audit.models import EventType
+from audit.services import AuditBatch, user_actor
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def task_start(
+    *,
+    owner: AbstractBaseUser,
+    agent: Any,
+    input: Any,
+    idempotency_key: Any = None,
+    timeout_seconds: Any = None,
+    actor: str | None = None,
+) -> tuple[AgentTask, bool]:
+    """Accept a task and publish its first step. Returns ``(task, created)``.
+
+    Every argument is checked before anything is written (``InvalidInput`` names the
+    field). The task, its initial checkpoint and its ``created`` event are written in
+    one transaction, and step 1 is published before it commits: if the broker refuses
+    (``Backpressure``), nothing is left behind. With an ``idempotency_key`` already
+    used by this owner, the existing task is returned and nothing new is created.
+    """
+    if not isinstance(agent, str) or not agent:
+        raise InvalidInput("must be the name of an agent", field="agent")
+    definition = get_agent(agent)
+    _check_json(input, "input")
+    definition.validate_input(input)
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str)
+        or not idempotency_key
+        or len(idempotency_key) > MAX_IDEMPOTENCY_KEY
+    ):
+        raise InvalidInput(
+            f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters",
+            field="idempotency_key",
+        )
+    deadline = _deadline(timeout_seconds)
+    if idempotency_key is not None:
+        existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing, False
+    try:
+        with transaction.atomic():
+            task = AgentTask.objects.create(
+                owner=owner,
+                agent_name=definition.name,
+                agent_version=definition.version,
+                input=input,
+                state_version=definition.state_version,
+                deadline=deadline,
+                idempotency_key=idempotency_key,
+            )
+            Checkpoint.objects.create(
+                task=task,
+                step=0,
+                state=definition.initial_state(input),
+                schema_version=definition.state_version,
+            )
+            audit = AuditBatch(task, actor=actor or user_actor(owner))
+            audit.add(
+                EventType.CREATED,
+                {
+                    "agent": definition.name,
+                    "version": definition.version,
+                    "input": input,
+                    "deadline": deadline.isoformat() if deadline else None,
+                    "idempotency_key": idempotency_key,
+                },
+                step=0,
+            )
+            audit.flush()
+            task.save(update_fields=("audit_seq",))
+            step_publish(task_id=task.pk, step=1, agent=definition, deadline=deadline)
+    except IntegrityError:
+        # Two requests with one idempotency key raced; the other one created it.
+        existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        if existing is None:
+            raise
+        return existing, False
+    return task, True
+
+
+def task_replay(
+    *,
+    task_id: UUID | str,
+    user: AbstractBaseUser | None,
+    from_step: Any = None,
+    owner: AbstractBaseUser | None = None,
+) -> AgentTask:
+    """A new task that starts from a checkpoint of ``task_id``; the original is untouched.
+
+    ``from_step`` (default: the latest checkpoint) names the checkpoint whose state the
+    new task starts from; it runs step ``from_step + 1`` next. The new task is linked to
+    the original and its audit trail says where it came from.
+    """
+    tasks = AgentTask.objects.all()
+    if user is not None and not user.is_staff:
+        tasks = tasks.filter(owner=user)
+    original = tasks.filter(pk=parse_task_id(task_id)).first()
+    if original is None:
+        raise NotFound(f"no task {task_id}")
+    checkpoints = Checkpoint.objects.filter(task=original)
+    if from_step is None:
+        checkpoint = checkpoints.order_by("-step").first()
+    elif isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0:
+        raise InvalidInput("must be a checkpoint's step number (0 or more)", field="from_step")
+    else:
+        checkpoint = checkpoints.filter(step=from_step).first()
+    if checkpoint is None:
+        raise InvalidInput(f"task {original.pk} has no checkpoint {from_step}", field="from_step")
+    definition = get_agent(original.agent_name)
+    new_owner = owner or original.owner
+    with transaction.atomic():
+        task = AgentTask.objects.create(
+            owner=new_owner,
+            agent_name=original.agent_name,
+            agent_version=definition.version,
+            input=original.input,
+            state_version=checkpoint.schema_version,
+            current_step=checkpoint.step + 1,
+            replayed_from=original,
+            replayed_from_step=checkpoint.step,
+        )
+        Checkpoint.objects.create(
+            task=task,
+            step=checkpoint.step,
+            state=checkpoint.state,
+            observations=checkpoint.observations,
+            schema_version=checkpoint.schema_version,
+        )
+        audit = AuditBatch(task, actor=user_actor(user))
+        audit.add(
+            EventType.REPLAYED_FROM,
+            {"task": str(original.pk), "checkpoint": checkpoint.step},
+            step=checkpoint.step,
+        )
+        audit.flush()
+        task.save(update_fields=("audit_seq",))
+        step_publish(task_id=task.pk, step=task.current_step, agent=definition)
+    return task
+
+
+def service_user(username: str) -> AbstractBaseUser:
+    """The account that owns tasks started from the command line (created on first use)."""
+    user, created = get_user_model().objects.get_or_create(username=username)
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
+
+
+def _check_json(value: Any, field: str) -> None:
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"must be JSON: {exc}", field=field) from None
+    limit = settings.AGENTS["MAX_INPUT_BYTES"]
+    if len(encoded.encode()) > limit:
+        raise InvalidInput(f"is larger than {limit} bytes", field=field)
+
+
+def _deadline(timeout_seconds: Any) -> Any:
+    if timeout_seconds is None:
+        return None
+    if (
+        isinstance(timeout_seconds, bool)
+        or not isinstance(timeout_seconds, int | float)
+        or not math.isfinite(timeout_seconds)
+        or timeout_seconds <= 0
+        or timeout_seconds > 366 * 86400
+    ):
+        raise InvalidInput("must be a number of seconds above 0", field="timeout_seconds")
+    return timezone.now() + timedelta(seconds=timeout_seconds)

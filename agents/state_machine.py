@@ -1,0 +1,86 @@
+"""The task state machine: one table, and the only code that writes ``AgentTask.status``.
+
+=============  ==========================================================
+from           allowed next statuses
+=============  ==========================================================
+pending        running, cancelled, timed_out, failed, dead_lettered
+running        suspended, completed, failed, timed_out, cancelled,
+               dead_lettered
+suspended      running (recorded as ``resumed``), failed, timed_out,
+               cancelled
+dead_lettered  running (requeued by an operator), cancelled
+completed      (final)
+failed         (final)
+timed_out      (final)
+cancelled      (final)
+=============  ==========================================================
+
+Every transition is written as a ``transition`` audit event in the caller's
+transaction, with the task row locked; an illegal one raises ``IllegalTransition``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from django.db import transaction
+from django.utils import timezone
+
+from agents.models import AgentTask, TaskStatus
+from agents_project.errors import IllegalTransition
+from audit.models import EventType
+from audit.services import AuditBatch
+
+S = TaskStatus
+
+TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    S.PENDING: frozenset({S.RUNNING, S.CANCELLED, S.TIMED_OUT, S.FAILED, S.DEAD_LETTERED}),
+    S.RUNNING: frozenset(
+        {S.SUSPENDED, S.COMPLETED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.DEAD_LETTERED}
+    ),
+    S.SUSPENDED: frozenset({S.RUNNING, S.FAILED, S.TIMED_OUT, S.CANCELLED}),
+    S.DEAD_LETTERED: frozenset({S.RUNNING, S.CANCELLED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.TIMED_OUT: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+FINAL: Final = frozenset(status for status, nexts in TRANSITIONS.items() if not nexts)
+# Where a step may be executing or queued to execute.
+RUNNABLE: Final = frozenset({S.PENDING, S.RUNNING})
+
+
+def can_transition(current: str, to: str) -> bool:
+    return to in TRANSITIONS[current]
+
+
+def transition(task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: str = "") -> None:
+    """Move ``task`` to ``to`` and record it; the caller saves ``task`` and flushes ``audit``.
+
+    The caller must hold the task's row lock inside ``transaction.atomic``.
+    """
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("a transition needs the task row locked in a transaction")
+    current = task.status
+    if not can_transition(current, to):
+        raise IllegalTransition(
+            f"task {task.pk} is {current}; it cannot become {to}",
+            status=current,
+        )
+    payload: dict[str, object] = {"from": current, "to": str(to)}
+    if current == S.SUSPENDED and to == S.RUNNING:
+        payload["resumed"] = True
+    if reason:
+        payload["reason"] = reason
+    audit.add(EventType.TRANSITION, payload, step=task.current_step)
+    now = timezone.now()
+    task.status = to
+    task.status_changed_at = now
+    task.updated_at = now
+    if to in FINAL:
+        task.finished_at = now
+
+
+# The fields a transition changes, for ``save(update_fields=...)``.
+TRANSITION_FIELDS: Final = ("status", "status_changed_at", "updated_at", "finished_at")

@@ -1,0 +1,46 @@
+"""Celery tasks of the agents app. Thin: translate the message, call the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from agents.engine import StepResult, step_execute
+
+
+@shared_task(
+    bind=True,
+    name="agents.run_step",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_step(self: Task, task_id: str, step: int) -> str:
+    """Run one step of one agent task.
+
+    Safe to run twice (the engine drops a duplicate or stale delivery). Never retried by
+    Celery: a failing step's retry is scheduled in the database with backoff. If this
+    process dies, the message goes back to the queue (acks late, reject on worker
+    lost); after ``AGENTS_MAX_WORKER_LOSSES`` such returns, or when the step's retries
+    are spent, the task is dead-lettered and the message rejected into the DLQ.
+    """
+    request = self.request
+    delivery: dict[str, Any] = request.delivery_info or {}
+    message = {
+        "task": self.name,
+        "id": request.id,
+        "args": [task_id, step],
+        "delivery_info": {k: v for k, v in delivery.items() if isinstance(v, str | int | bool)},
+    }
+    result = step_execute(
+        task_id=UUID(task_id),
+        step=step,
+        redelivered=bool(delivery.get("redelivered")),
+        message=message,
+    )
+    if result == StepResult.DEAD_LETTERED:
+        raise Reject(f"task {task_id} dead-lettered at step {step}", requeue=False)
+    return result.value

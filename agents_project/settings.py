@@ -1,0 +1,188 @@
+"""Settings, read from the environment in one place.
+
+Every variable has a local default that needs no server: SQLite for the database and
+an embedded SQLite broker for Celery, so ``python manage.py demo`` works on a bare
+machine. Production sets ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from agents_project import topology
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+VAR_DIR = Path(env.str("AGENTS_VAR_DIR", default=str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-local-development-key-change-me")
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "agents",
+    "tools",
+    "audit",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agents_project.urls"
+WSGI_APPLICATION = "agents_project.wsgi.application"
+ASGI_APPLICATION = "agents_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------
+
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'agents.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The demo runs a worker process beside the command that started it, so two
+    # processes write one file: WAL lets readers run beside the writer, IMMEDIATE
+    # takes the write lock at BEGIN (no upgrade deadlock), and the timeout waits it out.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=600)
+    # A reused connection is checked before use, so a worker survives a database restart.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Celery (the CELERY_ namespace is read by agents_project/celery.py) ---------------
+
+CELERY_BROKER_URL = env.str(
+    "CELERY_BROKER_URL", default=f"embedded+sqlite:///{VAR_DIR / 'broker.sqlite3'}"
+)
+BROKER_IS_AMQP = CELERY_BROKER_URL.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
+
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+if BROKER_IS_AMQP:
+    # Wait for the broker's confirm on every publish: a step is only handed over once
+    # RabbitMQ has taken responsibility for it.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.05}
+
+# --- Redis (shared fast state: circuit breakers, rate counters) -----------------------
+
+REDIS_URL = env.str("REDIS_URL", default="")
+
+# --- The runtime ------------------------------------------------------------------------
+
+AGENTS = {
+    # Work queue and its dead-letter topology (declared by agents_project/celery.py).
+    "QUEUE": env.str("AGENTS_QUEUE", default="agents.steps"),
+    "DEAD_LETTER_EXCHANGE": env.str("AGENTS_DEAD_LETTER_EXCHANGE", default="agents.dlx"),
+    "DEAD_LETTER_QUEUE": env.str("AGENTS_DEAD_LETTER_QUEUE", default="agents.dead"),
+    # RabbitMQ's own backstop: a message returned this many times goes to the DLQ.
+    "DELIVERY_LIMIT": env.int("AGENTS_DELIVERY_LIMIT", default=10),
+    # Backpressure: beyond this many ready messages, publishes are refused.
+    "QUEUE_MAX_LENGTH": env.int("AGENTS_QUEUE_MAX_LENGTH", default=100_000),
+    # Step time limits, in seconds (an agent may set its own).
+    "STEP_SOFT_TIME_LIMIT": env.float("AGENTS_STEP_SOFT_TIME_LIMIT", default=240.0),
+    "STEP_TIME_LIMIT": env.float("AGENTS_STEP_TIME_LIMIT", default=300.0),
+    # Retries of a failing step (an agent may set its own).
+    "MAX_RETRIES": env.int("AGENTS_MAX_RETRIES", default=5),
+    "RETRY_BACKOFF": env.float("AGENTS_RETRY_BACKOFF", default=1.0),
+    "RETRY_BACKOFF_MAX": env.float("AGENTS_RETRY_BACKOFF_MAX", default=600.0),
+    # A step whose message came back this many times (its worker died) is dead-lettered.
+    "MAX_WORKER_LOSSES": env.int("AGENTS_MAX_WORKER_LOSSES", default=3),
+    # Scheduler loop run by every worker: timers, deadlines, and the stuck-task sweep.
+    "SCHEDULER_INTERVAL": env.float("AGENTS_SCHEDULER_INTERVAL", default=1.0),
+    # A pending or running task with no progress for this long is published again.
+    "STUCK_AFTER": env.float("AGENTS_STUCK_AFTER", default=360.0),
+    # Largest accepted task input, in bytes of JSON.
+    "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
+    # Python modules that define (register) agents, imported at start-up.
+    "MODULES": env.list("AGENTS_MODULES", default=[]),
+    # development | test | production. Fault injection needs "test".
+    "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
+    # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.
+    "FAULT_INJECTION": env.str("AGENTS_FAULT_INJECTION", default=""),
+}
+if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
+    raise ImproperlyConfigured(
+        "AGENTS_FAULT_INJECTION kills worker processes on purpose; it is refused unless "
+        "AGENTS_ENVIRONMENT=test"
+    )
+
+# --- HTTP, static files, i18n ---------------------------------------------------------
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Logging: structured, one JSON-ish line per event ---------------------------------
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "structured": {"()": "agents_project.logs.formatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "structured"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "celery": {"level": env.str("CELERY_LOG_LEVEL", default="WARNING")},
+        "django.db.backends": {"level": "WARNING"},
+    },
+}
+
+# The work queue (and, on RabbitMQ, its dead-letter topology): agents_project/topology.py
+CELERY_TASK_QUEUES = (topology.work_queue(AGENTS, amqp=BROKER_IS_AMQP),)
+CELERY_TASK_DEFAULT_QUEUE = AGENTS["QUEUE"]
+CELERY_TASK_CREATE_MISSING_QUEUES = False

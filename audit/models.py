@@ -1,0 +1,93 @@
+"""The audit trail: an append-only, ordered record of everything a task did.
+
+Rows are only ever inserted (``audit.services.AuditBatch``); on PostgreSQL a trigger
+refuses UPDATE and DELETE, so not even a bug or an admin can rewrite history.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class EventType(models.TextChoices):
+    CREATED = "created"
+    TRANSITION = "transition"
+    REASONING = "reasoning"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+    STEP = "step"
+    STATE_MIGRATED = "state_migrated"
+    SCHEMA_REFUSED = "schema_refused"
+    STEP_FAILED = "step_failed"
+    WORKER_LOST = "worker_lost"
+    DEAD_LETTERED = "dead_lettered"
+    REQUEUED = "requeued"
+    SUSPENDED = "suspended"
+    APPROVAL_DECIDED = "approval_decided"
+    SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_CONSUMED = "signal_consumed"
+    WAIT_ENDED = "wait_ended"
+    CANCEL_REQUESTED = "cancel_requested"
+    REPLAYED_FROM = "replayed_from"
+    REPUBLISHED = "republished"
+    BREAKER = "breaker"
+
+
+class AuditEvent(models.Model):
+    task = models.ForeignKey(
+        "agents.AgentTask", on_delete=models.PROTECT, related_name="audit_events"
+    )
+    # 1, 2, 3 ... per task, with no gaps: the order of what happened.
+    seq = models.PositiveIntegerField()
+    type = models.CharField(max_length=32, choices=EventType.choices)
+    step = models.PositiveIntegerField(null=True, blank=True)
+    payload = models.JSONField(default=dict)
+    # Who caused it: "worker:<host>:<pid>", "user:<name>", "scheduler:<host>:<pid>".
+    actor = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["task", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "seq"], name="audit_event_seq_per_task"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} #{self.seq} {self.type}"
+
+
+class DeadLetter(models.Model):
+    """A task that could not go on by itself, with everything needed to judge and requeue it."""
+
+    class Reason(models.TextChoices):
+        RETRIES_EXHAUSTED = "retries_exhausted"
+        WORKER_LOST = "worker_lost"
+        DELIVERY_LIMIT = "delivery_limit"
+
+    task = models.ForeignKey(
+        "agents.AgentTask", on_delete=models.PROTECT, related_name="dead_letters"
+    )
+    step = models.PositiveIntegerField()
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    # The broker message as it was delivered: task name, arguments, headers.
+    message = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+    requeued_at = models.DateTimeField(null=True, blank=True)
+    requeued_by = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(requeued_at__isnull=True),
+                name="dead_letter_open",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"dead letter of {self.task_id} at step {self.step} ({self.reason})"

@@ -1,0 +1,76 @@
+"""Writing the audit trail. Events are only ever appended, in the caller's transaction."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from audit.models import AuditEvent, EventType
+from audit.redaction import redact
+
+if TYPE_CHECKING:
+    from agents.models import AgentTask
+
+
+def process_actor(role: str) -> str:
+    """The actor name for work done by this process: ``<role>:<host>:<pid>``."""
+    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+
+
+def user_actor(user: Any) -> str:
+    return f"user:{user.get_username()}" if user is not None else "system"
+
+
+class AuditBatch:
+    """Events for one task, collected in memory and written with one INSERT.
+
+    The caller holds the task's row lock (``select_for_update``) in an open transaction,
+    calls ``flush`` once, and saves the task with ``audit_seq`` among its fields: the lock
+    makes the sequence numbers gap-free and unique, the transaction makes the events
+    commit or vanish together with the change they describe.
+    """
+
+    def __init__(self, task: AgentTask, *, actor: str, secrets: Iterable[str] = ()) -> None:
+        self.task = task
+        self.actor = actor
+        self.secrets = tuple(secrets)
+        self._events: list[AuditEvent] = []
+
+    def add(
+        self,
+        type: EventType | str,
+        payload: dict[str, Any] | None = None,
+        *,
+        step: int | None = None,
+        actor: str | None = None,
+    ) -> None:
+        self._events.append(
+            AuditEvent(
+                task_id=self.task.pk,
+                type=type,
+                step=step,
+                payload=redact(payload or {}, secrets=self.secrets),
+                actor=actor or self.actor,
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def flush(self) -> None:
+        if not self._events:
+            return
+        if not transaction.get_connection().in_atomic_block:
+            raise RuntimeError("audit events are written in the transaction of their change")
+        now = timezone.now()
+        for offset, event in enumerate(self._events, start=1):
+            event.seq = self.task.audit_seq + offset
+            event.created_at = now
+        AuditEvent.objects.bulk_create(self._events)
+        self.task.audit_seq += len(self._events)
+        self._events = []

@@ -1,0 +1,71 @@
+"""Test set-up: real PostgreSQL, RabbitMQ and Redis, or a loud failure.
+
+``bin/test`` points the settings at the services on this machine. The suite refuses to
+run against anything else (SQLite, the embedded broker, no Redis) rather than skip the
+tests that need them.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+
+from tests.helpers import purge_queues
+
+
+def _reachable(url: str, default_port: int) -> str | None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"{host}:{port} ({exc})"
+    return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    db = settings.DATABASES["default"]
+    problems = []
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        problems.append("DATABASE_URL is not PostgreSQL")
+    else:
+        down = _reachable(f"postgres://{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}", 5432)
+        if down:
+            problems.append(f"PostgreSQL is not reachable at {down}")
+    if not settings.BROKER_IS_AMQP:
+        problems.append("CELERY_BROKER_URL is not RabbitMQ (amqp://)")
+    elif down := _reachable(settings.CELERY_BROKER_URL, 5672):
+        problems.append(f"RabbitMQ is not reachable at {down}")
+    if not settings.REDIS_URL:
+        problems.append("REDIS_URL is not set")
+    elif down := _reachable(settings.REDIS_URL, 6379):
+        problems.append(f"Redis is not reachable at {down}")
+    if problems:
+        pytest.exit(
+            "The tests run against real services; run them with bin/test. " + "; ".join(problems),
+            returncode=3,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _clean_queues() -> None:
+    """Every test starts with empty work and dead-letter queues."""
+    purge_queues()
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="pw-alice")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user(username="bob", password="pw-bob")
+
+
+@pytest.fixture
+def fast_retries(settings):
+    settings.AGENTS = {**settings.AGENTS, "RETRY_BACKOFF": 0.01, "RETRY_BACKOFF_MAX": 0.05}

@@ -1,0 +1,122 @@
+"""Helpers shared by the tests: the real queue, drained in-process; waiting; workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+from kombu import Connection
+
+from agents.engine import StepResult, step_execute
+from agents.models import RetryTimer
+from agents.scheduler import tick
+from agents_project.topology import dead_letter_queue
+
+WORK_QUEUE = settings.CELERY_TASK_QUEUES[0]
+
+
+def broker() -> Connection:
+    return Connection(settings.CELERY_BROKER_URL)
+
+
+def purge_queues() -> None:
+    with broker() as conn:
+        channel = conn.default_channel
+        for queue in (WORK_QUEUE, dead_letter_queue(settings.AGENTS)):
+            bound = queue(channel)
+            bound.declare()
+            bound.purge()
+
+
+def queue_depth(queue: Any = WORK_QUEUE) -> int:
+    with broker() as conn:
+        _, count, _ = queue(conn.default_channel).queue_declare(passive=True)
+        return count
+
+
+def run_until_idle(*, max_messages: int = 10_000, wait: float = 0.0) -> list[tuple[UUID, int, str]]:
+    """Play the worker in-process: take step messages off the real queue and run them.
+
+    Runs the scheduler whenever the queue is empty (so retry timers and wake-ups fire),
+    keeps going while a retry is pending, and returns once nothing has happened for
+    ``wait`` seconds. Returns what each delivery did: (task id, step, result).
+    """
+    done: list[tuple[UUID, int, str]] = []
+    idle_since = time.monotonic()
+    give_up = time.monotonic() + 60
+    with broker() as conn:
+        queue = WORK_QUEUE(conn.default_channel)
+        while len(done) < max_messages and time.monotonic() < give_up:
+            message = queue.get(no_ack=False)
+            if message is None:
+                if any(tick(actor="scheduler:test").values()):
+                    idle_since = time.monotonic()
+                elif not RetryTimer.objects.exists() and time.monotonic() - idle_since >= wait:
+                    return done
+                time.sleep(0.005)
+                continue
+            idle_since = time.monotonic()
+            task_id, step = message.payload[0]
+            result = step_execute(
+                task_id=UUID(task_id),
+                step=step,
+                redelivered=bool(message.delivery_info.get("redelivered")),
+                message={"args": [task_id, step]},
+            )
+            if result == StepResult.DEAD_LETTERED:
+                message.reject(requeue=False)
+            else:
+                message.ack()
+            done.append((UUID(task_id), step, result.value))
+    return done
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess that shares this test's database."""
+    db = connection.settings_dict
+    url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return {
+        "DATABASE_URL": url,
+        "AGENTS_SCHEDULER_INTERVAL": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def log_dir() -> Path:
+    path = Path(settings.VAR_DIR) / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

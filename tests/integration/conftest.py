@@ -1,0 +1,59 @@
+"""Real worker processes for integration tests."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from agents_project.worker_process import kill_worker_group, start_worker
+from tests.helpers import log_dir, tail, worker_env
+
+
+class Workers:
+    """Starts worker subprocesses on this test's database; kills them all at the end."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs: list = []
+
+    def start(self, *, concurrency: int = 2, **env: str) -> subprocess.Popen[bytes]:
+        index = len(self.processes)
+        path = log_dir() / f"{self.name}-{index}.log"
+        log = open(path, "wb")  # noqa: SIM115 (closed in stop_all)
+        process = start_worker(
+            env=worker_env(**env),
+            concurrency=concurrency,
+            hostname=f"{self.name}-{index}@%h",
+            output=log,
+        )
+        self.processes.append(process)
+        self.logs.append((path, log))
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            kill_worker_group(process)
+        for _, log in self.logs:
+            log.close()
+
+    def report(self) -> str:
+        return "\n".join(f"--- {path}\n{tail(path)}" for path, _ in self.logs)
+
+
+@pytest.fixture
+def workers(request, transactional_db) -> Iterator[Workers]:
+    pool = Workers(request.node.name[:40])
+    yield pool
+    pool.stop_all()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(pool.report())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

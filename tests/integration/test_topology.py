@@ -1,0 +1,78 @@
+"""The queue topology a worker declares, read back from the real RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import pytest
+from kombu import Connection
+
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _rabbitmqctl(*args: str) -> list[dict]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", *args, "--formatter", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return json.loads(out or "[]")
+
+
+def _queues() -> dict[str, dict]:
+    rows = _rabbitmqctl("list_queues", "name", "type", "durable", "arguments")
+    return {row["name"]: row for row in rows}
+
+
+def test_a_worker_declares_a_quorum_work_queue_with_dead_lettering(workers, settings):
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "AGENTS_QUEUE": f"topology-{suffix}.steps",
+        "AGENTS_DEAD_LETTER_EXCHANGE": f"topology-{suffix}.dlx",
+        "AGENTS_DEAD_LETTER_QUEUE": f"topology-{suffix}.dead",
+        "AGENTS_DELIVERY_LIMIT": "7",
+        "AGENTS_QUEUE_MAX_LENGTH": "12345",
+    }
+    workers.start(concurrency=1, **names)
+    try:
+        queues = wait_until(
+            lambda: (
+                (q := _queues())
+                and names["AGENTS_QUEUE"] in q
+                and names["AGENTS_DEAD_LETTER_QUEUE"] in q
+                and q
+            ),
+            timeout=60,
+        )
+        work = queues[names["AGENTS_QUEUE"]]
+        assert work["type"] == "quorum"
+        assert work["durable"] is True
+        arguments = {name: value for name, _, value in work["arguments"]}
+        assert arguments["x-dead-letter-exchange"] == names["AGENTS_DEAD_LETTER_EXCHANGE"]
+        assert arguments["x-dead-letter-routing-key"] == names["AGENTS_DEAD_LETTER_QUEUE"]
+        assert arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert arguments["x-delivery-limit"] == 7
+        assert arguments["x-max-length"] == 12345
+        assert arguments["x-overflow"] == "reject-publish"
+        dead = queues[names["AGENTS_DEAD_LETTER_QUEUE"]]
+        assert dead["type"] == "quorum" and dead["durable"] is True
+        bindings = _rabbitmqctl("list_bindings", "source_name", "destination_name", "routing_key")
+        assert {
+            "source_name": names["AGENTS_DEAD_LETTER_EXCHANGE"],
+            "destination_name": names["AGENTS_DEAD_LETTER_QUEUE"],
+            "routing_key": names["AGENTS_DEAD_LETTER_QUEUE"],
+        } in bindings
+    finally:
+        workers.stop_all()
+        with Connection(settings.CELERY_BROKER_URL) as conn:
+            channel = conn.default_channel
+            for key in ("AGENTS_QUEUE", "AGENTS_DEAD_LETTER_QUEUE"):
+                channel.queue_delete(names[key])
+            channel.exchange_delete(names["AGENTS_DEAD_LETTER_EXCHANGE"])
+            channel.exchange_delete(names["AGENTS_QUEUE"])

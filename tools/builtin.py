@@ -1,0 +1,104 @@
+"""Built-in tools: ``ledger.append``, ``calc`` and ``http.get``."""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from agents.errors import RetryableError, ToolArgumentError
+from tools.models import LedgerEntry
+from tools.registry import Arg, ToolContext, tool
+
+JSON_VALUE = (str, int, float, bool, list, dict, type(None))
+
+
+@tool(
+    "ledger.append",
+    args={"key": Arg(str), "value": Arg(JSON_VALUE)},
+    side_effects=True,
+    timeout=5.0,
+)
+def ledger_append(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Record ``value`` under ``key``, once per idempotency key however often it is called."""
+    entry, _ = LedgerEntry.objects.get_or_create(
+        idempotency_key=ctx.idempotency_key,
+        defaults={
+            "task_id": ctx.task_id,
+            "owner_id": ctx.owner_id,
+            "key": args["key"],
+            "value": args["value"],
+        },
+    )
+    return {"entry": entry.pk, "key": entry.key, "value": entry.value}
+
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_MAGNITUDE = 1e100
+
+
+@tool("calc", args={"expression": Arg(str)}, timeout=1.0)
+def calc(ctx: ToolContext, args: dict[str, Any]) -> int | float:
+    """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses)."""
+    expression = args["expression"]
+    if len(expression) > 500:
+        raise ToolArgumentError("calc", "args.expression", "is longer than 500 characters")
+    try:
+        tree = ast.parse(expression, mode="eval")
+        return _evaluate(tree.body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError) as exc:
+        raise ToolArgumentError("calc", "args.expression", str(exc) or "is not valid") from exc
+
+
+def _evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 100:
+            raise ValueError("exponent too large")
+        result = _BINARY[type(node.op)](left, right)
+    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        result = _UNARY[type(node.op)](_evaluate(node.operand))
+    else:
+        raise ValueError(f"unsupported expression element {type(node).__name__}")
+    if isinstance(result, complex) or abs(result) > _MAX_MAGNITUDE:
+        raise ValueError("result out of range")
+    return result
+
+
+@tool(
+    "http.get",
+    args={"url": Arg(str), "timeout": Arg((int, float), required=False)},
+    timeout=10.0,
+)
+def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """GET a URL; 5xx, timeouts and connection errors are retryable failures."""
+    url = args["url"]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ToolArgumentError("http.get", "args.url", "must be an http(s) URL with a host")
+    timeout = min(float(args["timeout"] or ctx.timeout), ctx.timeout)
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        raise RetryableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 500:
+        raise RetryableError(f"GET {url}: HTTP {response.status_code}")
+    return {
+        "status": response.status_code,
+        "content_type": response.headers.get("content-type", ""),
+        "body": response.text[:65536],
+    }

@@ -1,0 +1,145 @@
+"""The tool registry: what an agent can call, and how each tool must be called.
+
+A tool declares its name, an argument schema (checked before the call, so a bad call
+fails the step with an error naming the field), a timeout, a retry budget, whether it
+has side effects (then it must honour ``ctx.idempotency_key``), the circuit breaker
+guarding its dependency, and a cheap availability probe for readiness checks::
+
+    @tool("weather.today", args={"city": Arg(str)}, timeout=5.0, breaker="weather-api")
+    def weather_today(ctx: ToolContext, args: dict) -> dict:
+        ...
+
+A test swaps a tool by registering a stand-in under the same name (``replace=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from agents.errors import ToolArgumentError
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its JSON type(s), whether it must be given, its default."""
+
+    type: type | tuple[type, ...] = object
+    required: bool = True
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool call may know about its caller. Nothing here crosses sessions."""
+
+    task_id: UUID
+    owner_id: int
+    step: int
+    call_index: int
+    timeout: float
+    # Decrypted credentials of this task's owner (or of this task alone), by name.
+    credentials: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def idempotency_key(self) -> str:
+        """``task id : step : call index``, the same on every redelivery of this step."""
+        return f"{self.task_id}:{self.step}:{self.call_index}"
+
+
+ToolFunc = Callable[[ToolContext, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    func: ToolFunc
+    args: Mapping[str, Arg]
+    timeout: float = 10.0
+    side_effects: bool = False
+    max_retries: int | None = None
+    breaker: str | None = None
+    probe: Callable[[], None] | None = None
+    description: str = ""
+
+    def validate(self, args: Any) -> dict[str, Any]:
+        """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field."""
+        if not isinstance(args, Mapping):
+            raise ToolArgumentError(self.name, "args", "must be an object")
+        unknown = sorted(set(args) - set(self.args))
+        if unknown:
+            raise ToolArgumentError(self.name, f"args.{unknown[0]}", "is not an argument")
+        clean: dict[str, Any] = {}
+        for name, spec in self.args.items():
+            if name not in args:
+                if spec.required:
+                    raise ToolArgumentError(self.name, f"args.{name}", "is required")
+                clean[name] = spec.default
+                continue
+            value = args[name]
+            if not _is_instance(value, spec.type):
+                raise ToolArgumentError(
+                    self.name, f"args.{name}", f"must be {_type_name(spec.type)}"
+                )
+            clean[name] = value
+        return clean
+
+
+def _is_instance(value: Any, expected: type | tuple[type, ...]) -> bool:
+    # JSON has no separate bool: True is not a number here.
+    if isinstance(value, bool) and bool not in _as_tuple(expected):
+        return expected is object
+    return isinstance(value, expected)
+
+
+def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in _as_tuple(expected))
+
+
+_REGISTRY: dict[str, Tool] = {}
+
+
+def tool(
+    name: str,
+    *,
+    args: Mapping[str, Arg],
+    timeout: float = 10.0,
+    side_effects: bool = False,
+    max_retries: int | None = None,
+    breaker: str | None = None,
+    probe: Callable[[], None] | None = None,
+    replace: bool = False,
+) -> Callable[[ToolFunc], ToolFunc]:
+    """Register the decorated function as the tool ``name``."""
+
+    def decorator(func: ToolFunc) -> ToolFunc:
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"tool {name!r} is already registered")
+        _REGISTRY[name] = Tool(
+            name=name,
+            func=func,
+            args=dict(args),
+            timeout=timeout,
+            side_effects=side_effects,
+            max_retries=max_retries,
+            breaker=breaker,
+            probe=probe,
+            description=(func.__doc__ or "").strip().split("\n")[0],
+        )
+        return func
+
+    return decorator
+
+
+def find_tool(name: str) -> Tool | None:
+    return _REGISTRY.get(name)
+
+
+def registered_tools() -> Mapping[str, Tool]:
+    return dict(_REGISTRY)
