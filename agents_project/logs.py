@@ -2,21 +2,49 @@
 
 Code logs through ``structlog.get_logger(__name__)``; the step engine binds ``task_id``
 and ``step`` to the context for the length of a step, so every line it causes says
-which task it is about, including lines from Celery and Django.
+which task it is about, including lines from Celery and Django. While a task's tools
+run, its credentials are masked in every line (``mask_secrets``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
-_SHARED = [
+from audit.redaction import active_secrets, redact
+
+_SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
+
+
+def mask_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
+    """Mask the running task's credentials anywhere in the line, tracebacks included.
+
+    It runs in structlog's chain (so this project's lines reach no handler unmasked)
+    and again in the formatter, which also covers the standard-library lines of Celery
+    and of libraries a tool uses (httpx logs every URL it requests).
+    """
+    secrets = active_secrets()
+    if not secrets:
+        return event_dict
+    return {key: _masked(value, secrets) for key, value in event_dict.items()}
+
+
+def _masked(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str | dict | list | tuple):
+        return redact(value, secrets=secrets)
+    text = repr(value)
+    return redact(text, secrets=secrets) if any(s in text for s in secrets) else value
 
 
 def formatter() -> logging.Formatter:
@@ -25,6 +53,7 @@ def formatter() -> logging.Formatter:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            mask_secrets,
             structlog.processors.KeyValueRenderer(
                 key_order=["timestamp", "level", "logger", "event", "task_id", "step"],
                 drop_missing=True,
@@ -35,7 +64,8 @@ def formatter() -> logging.Formatter:
 
 
 structlog.configure(
-    processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+    # Masked here too, so that no handler ever receives this project's lines unmasked.
+    processors=[*_SHARED, mask_secrets, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
     logger_factory=structlog.stdlib.LoggerFactory(),
     wrapper_class=structlog.stdlib.BoundLogger,
     cache_logger_on_first_use=True,

@@ -9,3 +9,4 @@ class ToolsConfig(AppConfig):
 
     def ready(self) -> None:
         import_module("tools.builtin")
+        import_module("tools.checks")

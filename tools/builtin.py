@@ -1,4 +1,4 @@
-"""Built-in tools: ``ledger.append``, ``calc`` and ``http.get``."""
+"""Built-in tools: ``ledger.append``, ``calc``, ``http.get``, ``kv.set`` and ``kv.get``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import httpx
 from agents.errors import RetryableError, ToolArgumentError
 from tools.models import LedgerEntry
 from tools.registry import Arg, ToolContext, tool
+from tools.selectors import kv_get
+from tools.services import kv_set
 
 JSON_VALUE = (str, int, float, bool, list, dict, type(None))
 
@@ -79,20 +81,47 @@ def _evaluate(node: ast.AST) -> int | float:
     return result
 
 
-@tool(
-    "http.get",
-    args={"url": Arg(str), "timeout": Arg((int, float), required=False)},
-    timeout=10.0,
-)
-def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
-    """GET a URL; 5xx, timeouts and connection errors are retryable failures."""
-    url = args["url"]
-    parts = urlsplit(url)
+def _http_breaker(args: dict[str, Any]) -> str:
+    """One circuit breaker per host and port: ``http:<host>:<port>``."""
+    parts = urlsplit(args["url"])
+    try:
+        port = parts.port
+    except ValueError:
+        raise ToolArgumentError("http.get", "args.url", "has an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolArgumentError("http.get", "args.url", "must be an http(s) URL with a host")
+    return f"http:{parts.hostname}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+
+@tool(
+    "http.get",
+    args={
+        "url": Arg(str),
+        "timeout": Arg((int, float), required=False),
+        "bearer": Arg(str, required=False),
+    },
+    timeout=10.0,
+    breaker=_http_breaker,
+)
+def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """GET a URL through its host's circuit breaker.
+
+    5xx, timeouts and connection errors are retryable failures (and count against the
+    breaker); any other status is a result. ``bearer`` names one of the task's
+    credentials, sent as ``Authorization: Bearer <value>``.
+    """
+    url = args["url"]
+    headers: dict[str, str] = {}
+    if args["bearer"] is not None:
+        token = ctx.credentials.get(args["bearer"])
+        if token is None:
+            raise ToolArgumentError(
+                "http.get", "args.bearer", f"this task has no credential {args['bearer']!r}"
+            )
+        headers["Authorization"] = f"Bearer {token}"
     timeout = min(float(args["timeout"] or ctx.timeout), ctx.timeout)
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=False)
+        response = httpx.get(url, headers=headers, timeout=timeout, follow_redirects=False)
     except httpx.HTTPError as exc:
         raise RetryableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
     if response.status_code >= 500:
@@ -102,3 +131,37 @@ def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         "content_type": response.headers.get("content-type", ""),
         "body": response.text[:65536],
     }
+
+
+_SCOPES = ("task", "owner")
+_KV_ARGS = {"key": Arg(str), "scope": Arg(str, required=False, default="task")}
+
+
+def _kv_scope(ctx: ToolContext, args: dict[str, Any], tool_name: str) -> tuple[int, Any]:
+    if not 0 < len(args["key"]) <= 200:
+        raise ToolArgumentError(tool_name, "args.key", "must be 1 to 200 characters")
+    if args["scope"] not in _SCOPES:
+        raise ToolArgumentError(tool_name, "args.scope", "must be task or owner")
+    return ctx.owner_id, (ctx.task_id if args["scope"] == "task" else None)
+
+
+@tool(
+    "kv.set",
+    args={**_KV_ARGS, "value": Arg(JSON_VALUE)},
+    side_effects=True,
+    timeout=5.0,
+)
+def kv_set_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Keep ``value`` under ``key``: for this task only (``scope`` "task", the default),
+    or for every task of the same owner ("owner"). Never visible to another owner."""
+    owner_id, task_id = _kv_scope(ctx, args, "kv.set")
+    kv_set(owner_id=owner_id, task_id=task_id, key=args["key"], value=args["value"])
+    return {"key": args["key"], "scope": args["scope"]}
+
+
+@tool("kv.get", args=_KV_ARGS, timeout=5.0)
+def kv_get_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Read what ``kv.set`` kept under ``key`` in the same scope."""
+    owner_id, task_id = _kv_scope(ctx, args, "kv.get")
+    found, value = kv_get(owner_id=owner_id, task_id=task_id, key=args["key"])
+    return {"key": args["key"], "scope": args["scope"], "found": found, "value": value}

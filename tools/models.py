@@ -1,4 +1,4 @@
-"""Data the built-in tools keep."""
+"""Data the built-in tools keep, and the credentials tools are given."""
 
 from __future__ import annotations
 
@@ -25,3 +25,82 @@ class LedgerEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}={self.value!r} ({self.idempotency_key})"
+
+
+class Credential(models.Model):
+    """A secret that the tools of one owner's tasks (or of one task) may use.
+
+    Only the Fernet ciphertext is stored (``tools.credentials`` encrypts and decrypts);
+    the value is handed to tool calls through ``ToolContext.credentials`` and never
+    appears in checkpoints, audit events, logs, the API or the admin. A credential with
+    a ``task`` is seen by that task alone, and wins over the owner's of the same name.
+    """
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credentials"
+    )
+    task = models.ForeignKey(
+        "agents.AgentTask",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="credentials",
+    )
+    name = models.CharField(max_length=100)
+    ciphertext = models.TextField(editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["owner", "name", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=models.Q(task__isnull=True),
+                name="credential_name_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["task", "name"],
+                condition=models.Q(task__isnull=False),
+                name="credential_name_per_task",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        scope = f"task {self.task_id}" if self.task_id else f"owner {self.owner_id}"
+        return f"credential {self.name} ({scope})"
+
+
+class KVEntry(models.Model):
+    """A value kept by the ``kv.set`` tool: per task (the default) or shared by the
+    owner's tasks. No other owner's task can read or write it."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    task = models.ForeignKey(
+        "agents.AgentTask",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="kv_entries",
+    )
+    key = models.CharField(max_length=200)
+    value = models.JSONField(null=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["owner", "key", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "key"],
+                condition=models.Q(task__isnull=True),
+                name="kv_key_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["task", "key"],
+                condition=models.Q(task__isnull=False),
+                name="kv_key_per_task",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.key

@@ -5,9 +5,18 @@ fails the step with an error naming the field), a timeout, a retry budget, wheth
 has side effects (then it must honour ``ctx.idempotency_key``), the circuit breaker
 guarding its dependency, and a cheap availability probe for readiness checks::
 
-    @tool("weather.today", args={"city": Arg(str)}, timeout=5.0, breaker="weather-api")
+    def weather_probe() -> None:  # raises if the service cannot be used now
+        httpx.get("https://weather.example/health", timeout=2).raise_for_status()
+
+    @tool("weather.today", args={"city": Arg(str)}, timeout=5.0, breaker="weather-api",
+          probe=weather_probe)
     def weather_today(ctx: ToolContext, args: dict) -> dict:
+        key = ctx.credentials["weather_key"]  # this task's own credential
         ...
+
+``breaker`` is a name, or a function of the validated arguments returning one (so
+``http.get`` has a breaker per host); it may raise ``ToolArgumentError``. A tool reports
+an unhealthy dependency by raising ``RetryableError`` (see ``tools.breakers``).
 
 A test swaps a tool by registering a stand-in under the same name (``replace=True``).
 """
@@ -50,6 +59,7 @@ class ToolContext:
 
 
 ToolFunc = Callable[[ToolContext, dict[str, Any]], Any]
+BreakerName = str | Callable[[dict[str, Any]], str]
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,13 @@ class Tool:
     timeout: float = 10.0
     side_effects: bool = False
     max_retries: int | None = None
-    breaker: str | None = None
+    breaker: BreakerName | None = None
     probe: Callable[[], None] | None = None
     description: str = ""
+
+    def breaker_for(self, args: dict[str, Any]) -> str | None:
+        """The name of the breaker guarding this call, if any."""
+        return self.breaker(args) if callable(self.breaker) else self.breaker
 
     def validate(self, args: Any) -> dict[str, Any]:
         """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field."""
@@ -112,7 +126,7 @@ def tool(
     timeout: float = 10.0,
     side_effects: bool = False,
     max_retries: int | None = None,
-    breaker: str | None = None,
+    breaker: BreakerName | None = None,
     probe: Callable[[], None] | None = None,
     replace: bool = False,
 ) -> Callable[[ToolFunc], ToolFunc]:

@@ -2,21 +2,36 @@
 
 Each call is validated against the tool's schema, handed a ``ToolContext`` carrying its
 idempotency key (``task id : step : call index``) and only its own session's
-credentials, and recorded as a ``tool_call`` and a ``tool_result`` audit event.
+credentials, called through its circuit breaker if it has one (``tools.breakers``), and
+recorded as a ``tool_call`` and a ``tool_result`` audit event (with a ``breaker`` event
+between them when the call changed its breaker's state).
+
+The task's credentials never leave the tool run: while tools run they are masked in
+every log line, and the run masks them in everything it hands back to the engine (the
+events, the results that become checkpoint observations, and the exception of a failed
+call, its message, chain and traceback), so the engine, the audit trail, dead letters
+and the API only ever see ``[redacted]``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 from uuid import UUID
 
 from agents.definition import ToolCall, ToolResult
-from agents.errors import PermanentError, RetryableError, StepError
+from agents.errors import PermanentError, RetryableError, RetryLater, StepError
 from audit.models import EventType
-from tools.registry import ToolContext, find_tool
+from audit.redaction import redact, secrets_scope
+from tools.breakers import Transition, breaker_call
+from tools.credentials import credentials_for_task
+from tools.registry import Tool, ToolContext, find_tool
+
+Events = list[tuple[str, dict[str, Any]]]
 
 
 @dataclass
@@ -26,74 +41,131 @@ class ToolRun:
     task_id: UUID
     owner_id: int
     step: int
-    events: list[tuple[str, dict[str, Any]]]
-    credentials: dict[str, str] = field(default_factory=dict)
+    events: Events
+    # This task's decrypted credentials by name; None: read when the first tool runs,
+    # so that a step calling no tool never decrypts anything.
+    credentials: Mapping[str, str] | None = None
 
 
 def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
     """Call each tool in order; raise the first failure (the engine classifies it)."""
-    results: list[ToolResult] = []
-    for index, call in enumerate(calls):
-        tool = find_tool(call.name)
-        if tool is None:
-            raise PermanentError(f"unknown tool {call.name!r}")
-        args = tool.validate(call.args)
-        ctx = ToolContext(
-            task_id=run.task_id,
-            owner_id=run.owner_id,
-            step=run.step,
-            call_index=index,
-            timeout=tool.timeout,
-            credentials=run.credentials,
-        )
-        run.events.append(
-            (
-                EventType.TOOL_CALL,
-                {
-                    "tool": tool.name,
-                    "args": args,
-                    "call_index": index,
-                    "idempotency_key": ctx.idempotency_key,
-                },
-            )
-        )
-        started = time.monotonic()
-        try:
+    if not calls:
+        return []
+    if run.credentials is None:
+        run.credentials = credentials_for_task(task_id=run.task_id, owner_id=run.owner_id)
+    secrets = tuple(v for v in run.credentials.values() if v)
+    with secrets_scope(secrets):
+        return [_call(run, index, call, secrets) for index, call in enumerate(calls)]
+
+
+def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) -> ToolResult:
+    tool = find_tool(call.name)
+    if tool is None:
+        raise PermanentError(f"unknown tool {call.name!r}")
+    args = tool.validate(call.args)
+    breaker = tool.breaker_for(args)
+    ctx = ToolContext(
+        task_id=run.task_id,
+        owner_id=run.owner_id,
+        step=run.step,
+        call_index=index,
+        timeout=tool.timeout,
+        credentials=MappingProxyType(dict(run.credentials or {})),
+    )
+
+    def emit(event_type: str, payload: dict[str, Any]) -> None:
+        run.events.append((event_type, redact(payload, secrets=secrets)))
+
+    emit(
+        EventType.TOOL_CALL,
+        {
+            "tool": tool.name,
+            "args": args,
+            "call_index": index,
+            "idempotency_key": ctx.idempotency_key,
+        },
+    )
+    transitions: list[Transition] = []
+    started = time.monotonic()
+    try:
+        if breaker is None:
             value = tool.func(ctx, args)
-        except Exception as exc:
-            run.events.append(
-                (
-                    EventType.TOOL_RESULT,
-                    {
-                        "tool": tool.name,
-                        "call_index": index,
-                        "ok": False,
-                        "error": str(exc),
-                        "error_type": type(exc).__name__,
-                        "duration_ms": _ms_since(started),
-                    },
-                )
+        else:
+            value = breaker_call(
+                name=breaker,
+                func=lambda: tool.func(ctx, args),
+                trial_timeout=tool.timeout,
+                transitions=transitions,
             )
-            if isinstance(exc, StepError):
-                raise
-            # Anything else a tool raises is transient until proven otherwise.
-            raise RetryableError(
-                f"tool {tool.name!r} failed: {exc!r}", max_retries=tool.max_retries
-            ) from exc
-        run.events.append(
-            (
-                EventType.TOOL_RESULT,
-                {
-                    "tool": tool.name,
-                    "call_index": index,
-                    "ok": True,
-                    "value": value,
-                    "duration_ms": _ms_since(started),
-                },
-            )
+    except Exception as exc:
+        for transition in transitions:
+            emit(EventType.BREAKER, transition.as_payload())
+        error = _scrubbed(exc, secrets, tool)
+        emit(
+            EventType.TOOL_RESULT,
+            {
+                "tool": tool.name,
+                "call_index": index,
+                "ok": False,
+                "error": str(error),
+                "error_type": type(error).__name__,
+                "duration_ms": _ms_since(started),
+                **({"breaker": breaker} if breaker else {}),
+            },
         )
-        results.append(ToolResult(name=tool.name, args=args, ok=True, value=value))
-    return results
+        if error is not exc:
+            raise error from None
+        if isinstance(exc, StepError):
+            raise
+        # Anything else a tool raises is transient until proven otherwise.
+        raise RetryableError(
+            f"tool {tool.name!r} failed: {exc!r}", max_retries=tool.max_retries
+        ) from exc
+    for transition in transitions:
+        emit(EventType.BREAKER, transition.as_payload())
+    value = redact(value, secrets=secrets)
+    emit(
+        EventType.TOOL_RESULT,
+        {
+            "tool": tool.name,
+            "call_index": index,
+            "ok": True,
+            "value": value,
+            "duration_ms": _ms_since(started),
+        },
+    )
+    return ToolResult(name=tool.name, args=redact(args, secrets=secrets), ok=True, value=value)
+
+
+def _scrubbed(exc: Exception, secrets: tuple[str, ...], tool: Tool) -> Exception:
+    """``exc`` with the secrets masked in its message and its chain's, or, if one still
+    shows in its traceback (an exception that renders its text from elsewhere), a new
+    exception of the same kind carrying only the masked text."""
+    if not secrets:
+        return exc
+    for link in _chain(exc):
+        link.args = tuple(
+            redact(arg, secrets=secrets) if isinstance(arg, str) else arg for arg in link.args
+        )
+    text = "".join(traceback.format_exception(exc))
+    if not any(secret in text for secret in secrets):
+        return exc
+    message = redact(f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}", secrets=secrets)
+    if isinstance(exc, PermanentError):
+        return PermanentError(message)
+    if isinstance(exc, RetryLater):
+        return RetryLater(message, delay=exc.delay)
+    limit = exc.max_retries if isinstance(exc, RetryableError) else tool.max_retries
+    return RetryableError(message, max_retries=limit)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def _ms_since(started: float) -> float:

@@ -1,0 +1,48 @@
+"""Fixtures of the tool tests: the flaky HTTP service, clean breakers, worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.conf import settings
+
+from tests.integration.conftest import Workers, pytest_runtest_makereport  # noqa: F401
+from tests.tools.flaky_server import FlakyServer
+from tools import breakers
+
+
+@pytest.fixture
+def flaky() -> Iterator[FlakyServer]:
+    server = FlakyServer().start()
+    yield server
+    server.stop()
+
+
+def _forget_breakers() -> None:
+    # Only the breaker keys, in this run's own Redis database (TEST_REDIS_URL).
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter(match="agents:breaker*"))
+    if keys:
+        client.delete(*keys)
+    breakers._BREAKERS.clear()
+    breakers._LOCAL_FORCED.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers() -> Iterator[None]:
+    """Each test starts with no breaker state, shared or in this process."""
+    _forget_breakers()
+    yield
+    _forget_breakers()
+
+
+@pytest.fixture
+def workers(request, transactional_db) -> Iterator[Workers]:
+    """Real worker processes (see tests/integration/conftest.py)."""
+    pool = Workers(request.node.name[:40])
+    yield pool
+    pool.stop_all()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        print(pool.report())

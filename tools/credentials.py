@@ -1,0 +1,191 @@
+"""Credentials: secrets encrypted at rest, handed only to their own task's tool calls.
+
+A credential belongs to an owner (every task of that owner sees it) or to one task
+(only that task sees it; it wins over the owner's credential of the same name). The
+value is encrypted with Fernet (AES-128-CBC with HMAC-SHA256) under the keys in
+``AGENTS_CREDENTIALS_KEY``: a comma-separated list where the first key encrypts and
+every key decrypts, so a key is rotated by putting the new one first, running
+``manage.py credentials rotate`` and then dropping the old one. Without that variable,
+development and tests use a key derived from ``DJANGO_SECRET_KEY``; production refuses
+to start without it (``agents_project/settings.py``).
+
+The decrypted values only ever exist in a worker's memory while a task's tools run
+(``tools.runner``); the same module masks them in everything that leaves the tool run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+import structlog
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from agents.errors import RetryableError
+from agents.models import AgentTask
+from agents.selectors import parse_task_id
+from agents_project.errors import InvalidInput, NotFound
+from tools.models import Credential
+
+logger = structlog.get_logger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+MIN_VALUE_LENGTH = 8
+MAX_VALUE_LENGTH = 8192
+
+
+def _keys() -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in settings.AGENTS["CREDENTIALS_KEYS"] if k.strip())
+    if keys:
+        return keys
+    # Development only (production refuses to start without a key): stable per secret key.
+    digest = hashlib.sha256(f"agents-credentials:{settings.SECRET_KEY}".encode()).digest()
+    return (base64.urlsafe_b64encode(digest).decode(),)
+
+
+@lru_cache(maxsize=4)
+def _fernet_for(keys: tuple[str, ...]) -> MultiFernet:
+    try:
+        return MultiFernet([Fernet(key) for key in keys])
+    except (ValueError, TypeError):
+        raise ImproperlyConfigured(
+            "AGENTS_CREDENTIALS_KEY: every key must be a Fernet key (32 url-safe base64 bytes)"
+        ) from None
+
+
+def _fernet() -> MultiFernet:
+    return _fernet_for(_keys())
+
+
+def credential_encrypt(value: str) -> str:
+    return _fernet().encrypt(value.encode()).decode()
+
+
+def credential_decrypt(ciphertext: str) -> str:
+    return _fernet().decrypt(ciphertext.encode()).decode()
+
+
+def credential_set(
+    *,
+    owner: AbstractBaseUser,
+    name: Any,
+    value: Any,
+    task_id: UUID | str | None = None,
+    actor: str,
+) -> Credential:
+    """Store (or replace) the credential ``name`` of ``owner``, or of one of its tasks.
+
+    ``InvalidInput`` names the bad field; a task that is not ``owner``'s is ``NotFound``.
+    The value is never logged.
+    """
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidInput("must be 1-100 letters, digits, '_', '.' or '-'", field="name")
+    if not isinstance(value, str) or len(value) < MIN_VALUE_LENGTH:
+        # Every occurrence of a value is masked in what leaves a tool run: a very short
+        # one would mask ordinary text too.
+        raise InvalidInput(
+            f"must be a string of at least {MIN_VALUE_LENGTH} characters", field="value"
+        )
+    if len(value) > MAX_VALUE_LENGTH:
+        raise InvalidInput(f"is longer than {MAX_VALUE_LENGTH} characters", field="value")
+    task = None
+    if task_id is not None:
+        task = AgentTask.objects.filter(pk=parse_task_id(task_id), owner_id=owner.pk).first()
+        if task is None:
+            raise NotFound(f"no task {task_id} of {owner.get_username()}")
+    now = timezone.now()
+    ciphertext = credential_encrypt(value)
+    with transaction.atomic():
+        credential, created = Credential.objects.update_or_create(
+            owner_id=owner.pk,
+            task=task,
+            name=name,
+            defaults={"ciphertext": ciphertext, "updated_at": now},
+            create_defaults={"ciphertext": ciphertext, "created_at": now, "updated_at": now},
+        )
+    logger.info(
+        "credential stored",
+        owner=owner.get_username(),
+        credential=name,
+        task_id=str(task.pk) if task else None,
+        created=created,
+        actor=actor,
+    )
+    return credential
+
+
+def credential_delete(
+    *, owner: AbstractBaseUser, name: str, task_id: UUID | str | None = None, actor: str
+) -> None:
+    """Delete the credential; ``NotFound`` if there is none by that name and scope."""
+    credentials = Credential.objects.filter(owner_id=owner.pk, name=name)
+    if task_id is None:
+        credentials = credentials.filter(task__isnull=True)
+    else:
+        credentials = credentials.filter(task_id=parse_task_id(task_id))
+    deleted, _ = credentials.delete()
+    if not deleted:
+        raise NotFound(f"no credential {name!r} of {owner.get_username()}")
+    logger.info("credential deleted", owner=owner.get_username(), credential=name, actor=actor)
+
+
+def credentials_rotate(*, actor: str) -> int:
+    """Re-encrypt every credential under the first key. Safe to run any number of times."""
+    fernet = _fernet()
+    rotated = 0
+    with transaction.atomic():
+        for credential in Credential.objects.select_for_update().iterator():
+            try:
+                ciphertext = fernet.rotate(credential.ciphertext.encode()).decode()
+            except InvalidToken:
+                raise ImproperlyConfigured(
+                    f"credential {credential.pk} cannot be decrypted with any configured key"
+                ) from None
+            Credential.objects.filter(pk=credential.pk).update(ciphertext=ciphertext)
+            rotated += 1
+    logger.info("credentials re-encrypted", count=rotated, actor=actor)
+    return rotated
+
+
+def credentials_for_task(*, task_id: UUID, owner_id: int) -> dict[str, str]:
+    """The decrypted credentials one task's tools may use: its owner's, then its own.
+
+    Filtering on the owner too means a credential can never cross owners, even one
+    pointing at another owner's task.
+    """
+    rows = (
+        Credential.objects.filter(owner_id=owner_id)
+        .filter(Q(task__isnull=True) | Q(task_id=task_id))
+        .values_list("name", "task_id", "ciphertext")
+    )
+    # The owner's first, so that the task's own credential of the same name wins.
+    ordered = sorted(rows, key=lambda row: (row[1] is not None, row[0]))
+    credentials: dict[str, str] = {}
+    for name, _, ciphertext in ordered:
+        try:
+            credentials[name] = credential_decrypt(ciphertext)
+        except InvalidToken:
+            # A key was removed before rotating: an operator must restore it.
+            raise RetryableError(
+                f"credential {name!r} cannot be decrypted with the configured keys "
+                "(AGENTS_CREDENTIALS_KEY)"
+            ) from None
+    return credentials
+
+
+def credential_list(*, owner: AbstractBaseUser | None = None) -> QuerySet[Credential]:
+    """Credentials by name and scope, without their values (``None``: every owner's)."""
+    credentials = Credential.objects.select_related("owner").defer("ciphertext")
+    if owner is not None:
+        credentials = credentials.filter(owner_id=owner.pk)
+    return credentials.order_by("owner__username", "task_id", "name")
