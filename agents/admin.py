@@ -1,0 +1,383 @@
+"""The operator console: tasks in the Django admin, read-only, with actions that call
+the services (the same ones the API and the commands call).
+
+Reading needs the ``view`` permission on tasks (staff); acting (cancel, approve, reject,
+replay, requeue) needs ``change`` ("operate"). Nothing here edits a row directly: a
+task changes only through the state machine, by way of a service.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, cast
+from uuid import UUID
+
+from django.contrib import admin, messages
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from redis import RedisError
+
+from agents.models import AgentTask
+from agents.retries import dead_letter_requeue
+from agents.scheduling import task_approve, task_cancel
+from agents.selectors import task_checkpoints, task_open_suspension
+from agents.services import task_replay
+from agents.state_machine import FINAL
+from agents_project.errors import ApplicationError, Conflict, InvalidInput
+from audit.selectors import audit_events, dead_letters_visible_to
+from audit.services import user_actor
+from audit.timeline import describe
+from tools.selectors import breaker_states
+
+# The task page shows this many audit events and checkpoints at a time.
+TIMELINE_PAGE = 200
+CHECKPOINTS_SHOWN = 50
+JSON_SHOWN = 20_000
+
+
+def duration(delta: timedelta) -> str:
+    """``3 d 4 h``, ``2 h 5 min``, ``4 min 10 s``, ``12 s``: two units, enough to read."""
+    seconds = max(int(delta.total_seconds()), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {seconds} s"
+    return f"{seconds} s"
+
+
+def pretty_json(value: Any) -> str:
+    text = json.dumps(value, indent=2, sort_keys=True, default=str)
+    if len(text) > JSON_SHOWN:
+        text = text[:JSON_SHOWN] + f"\n... ({len(text) - JSON_SHOWN} more characters)"
+    return format_html('<pre class="agents-json">{}</pre>', text)
+
+
+def operator(request: HttpRequest) -> AbstractBaseUser:
+    """The signed-in user (every console view requires one)."""
+    return cast(AbstractBaseUser, request.user)
+
+
+def open_dead_letter_id(task: AgentTask) -> int | None:
+    letter = dead_letters_visible_to(None, open=True, task_id=task.pk).first()
+    return letter.pk if letter else None
+
+
+@admin.register(AgentTask)
+class AgentTaskAdmin(admin.ModelAdmin):
+    list_display = (
+        "short_id",
+        "agent_name",
+        "status",
+        "owner",
+        "current_step",
+        "age",
+        "time_in_status",
+    )
+    list_filter = ("status", "agent_name")
+    list_select_related = ("owner",)
+    search_fields = ("id",)
+    search_help_text = "A task id (the full UUID) or an idempotency key."
+    ordering = ("-created_at",)
+    list_per_page = 50
+    actions = ("cancel_tasks", "approve_tasks", "reject_tasks", "replay_tasks", "requeue_tasks")
+    change_form_template = "admin/agents/agenttask/change_form.html"
+    change_list_template = "admin/agents/agenttask/change_list.html"
+    readonly_fields = (
+        "id",
+        "agent_name",
+        "agent_version",
+        "owner",
+        "status",
+        "current_step",
+        "attempt",
+        "worker_losses",
+        "idempotency_key",
+        "created_at",
+        "updated_at",
+        "status_changed_at",
+        "finished_at",
+        "deadline",
+        "error",
+        "result_json",
+        "input_json",
+        "replayed_from_link",
+        "replayed_from_step",
+    )
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    ("id", "status"),
+                    ("agent_name", "agent_version"),
+                    ("owner", "idempotency_key"),
+                    ("current_step", "attempt", "worker_losses"),
+                )
+            },
+        ),
+        (
+            "Times",
+            {
+                "fields": (
+                    ("created_at", "status_changed_at"),
+                    ("updated_at", "finished_at"),
+                    "deadline",
+                )
+            },
+        ),
+        ("Outcome", {"fields": ("error", "result_json")}),
+        ("Input", {"fields": ("input_json",), "classes": ("collapse",)}),
+        ("Replay", {"fields": (("replayed_from_link", "replayed_from_step"),)}),
+    )
+
+    # --- columns and fields -------------------------------------------------------------
+
+    @admin.display(description="task", ordering="id")
+    def short_id(self, task: AgentTask) -> str:
+        return str(task.pk)
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, task: AgentTask) -> str:
+        return duration(timezone.now() - task.created_at)
+
+    @admin.display(description="time in status", ordering="status_changed_at")
+    def time_in_status(self, task: AgentTask) -> str:
+        return duration(timezone.now() - task.status_changed_at)
+
+    @admin.display(description="result")
+    def result_json(self, task: AgentTask) -> str:
+        return pretty_json(task.result)
+
+    @admin.display(description="input")
+    def input_json(self, task: AgentTask) -> str:
+        return pretty_json(task.input)
+
+    @admin.display(description="replayed from")
+    def replayed_from_link(self, task: AgentTask) -> str:
+        if task.replayed_from_id is None:
+            return "-"
+        url = reverse("admin:agents_agenttask_change", args=[task.replayed_from_id])
+        return format_html('<a href="{}">{}</a>', url, task.replayed_from_id)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[AgentTask], search_term: str
+    ) -> tuple[QuerySet[AgentTask], bool]:
+        # An exact id (the primary key index) or idempotency key; never a table scan.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            return queryset.filter(pk=UUID(term)), False
+        except ValueError:
+            return queryset.filter(idempotency_key=term), False
+
+    # --- permissions: read-only, acting through services ---------------------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        user = request.user
+        return bool(user.is_active and user.is_staff and user.has_perm("agents.change_agenttask"))
+
+    # --- the task page: timeline, checkpoints, and what an operator can do ---------------
+
+    def get_urls(self) -> list[Any]:
+        operate = path(
+            "<path:object_id>/operate/",
+            self.admin_site.admin_view(self.operate_view),
+            name="agents_agenttask_operate",
+        )
+        return [operate, *super().get_urls()]
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        task = self.get_object(request, object_id)
+        if task is not None:
+            extra_context = {**(extra_context or {}), **self._task_page(request, task)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def _task_page(self, request: HttpRequest, task: AgentTask) -> dict[str, Any]:
+        total = task.audit_seq
+        try:
+            after = min(max(int(request.GET.get("events_after", "")), 0), total)
+        except ValueError:
+            after = max(total - TIMELINE_PAGE, 0)  # the latest events first
+        events = [
+            (event, describe(event))
+            for event in audit_events(task=task, after_seq=after)[:TIMELINE_PAGE]
+        ]
+        checkpoints = list(task_checkpoints(task=task).reverse()[:CHECKPOINTS_SHOWN])[::-1]
+        waiting = task_open_suspension(task=task)
+        return {
+            "operate": self.has_operate_permission(request),
+            "operate_url": reverse("admin:agents_agenttask_operate", args=[task.pk]),
+            "task": task,
+            "waiting": waiting,
+            "can_cancel": task.status not in FINAL,
+            "can_decide": waiting is not None and waiting.kind == "approval",
+            "dead_letter_id": open_dead_letter_id(task),
+            "timeline": events,
+            "timeline_total": total,
+            "timeline_first": after + 1,
+            "timeline_last": after + len(events),
+            "timeline_earlier": max(after - TIMELINE_PAGE, 0) if after > 0 else None,
+            "timeline_later": after + TIMELINE_PAGE if after + TIMELINE_PAGE < total else None,
+            "checkpoints": [(c, pretty_json(c.state)) for c in checkpoints],
+            "checkpoints_cut": task.current_step > CHECKPOINTS_SHOWN,
+            "replays": list(task.replays.order_by("-created_at")[:20]),
+        }
+
+    def operate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST ``action`` (cancel, approve, reject, replay, requeue) for one task."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_operate_permission(request):
+            raise PermissionDenied
+        action = request.POST.get("action", "")
+        target = object_id
+        try:
+            target = self._operate(request, object_id, action)
+        except ApplicationError as exc:
+            self.message_user(request, f"{action}: {exc.message}", messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:agents_agenttask_change", args=[target]))
+
+    def _operate(self, request: HttpRequest, task_id: str, action: str) -> str:
+        user = operator(request)
+        comment = request.POST.get("comment", "")
+        if action == "cancel":
+            task_cancel(task_id=task_id, user=user)
+            self.message_user(request, "Task cancelled.", messages.SUCCESS)
+        elif action in ("approve", "reject"):
+            task_approve(task_id=task_id, user=user, approved=action == "approve", comment=comment)
+            verdict = "approved" if action == "approve" else "rejected"
+            self.message_user(request, f"Approval {verdict}.", messages.SUCCESS)
+        elif action == "replay":
+            try:
+                from_step = int(request.POST["from_step"])
+            except (KeyError, ValueError):
+                raise InvalidInput("must be a step number", field="from_step") from None
+            new = task_replay(task_id=task_id, user=user, from_step=from_step)
+            self.message_user(
+                request, f"Replayed from checkpoint {from_step} as task {new.pk}.", messages.SUCCESS
+            )
+            return str(new.pk)
+        elif action == "requeue":
+            task = self.get_object(request, task_id)
+            letter_id = open_dead_letter_id(task) if task is not None else None
+            if letter_id is None:
+                raise Conflict("the task has no dead letter waiting to be requeued")
+            dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(user))
+            self.message_user(request, "Dead letter requeued.", messages.SUCCESS)
+        else:
+            raise InvalidInput(f"unknown action {action!r}", field="action")
+        return task_id
+
+    # --- list actions ---------------------------------------------------------------------
+
+    def _each(
+        self,
+        request: HttpRequest,
+        tasks: QuerySet[AgentTask],
+        done: str,
+        act: Callable[[AgentTask], object],
+    ) -> None:
+        """Run ``act`` on every selected task; one refusal does not stop the others."""
+        ok, refused = 0, []
+        for task in tasks:
+            try:
+                act(task)
+                ok += 1
+            except ApplicationError as exc:
+                refused.append(f"{task.pk}: {exc.message}")
+        if ok:
+            self.message_user(request, f"{ok} task(s) {done}.", messages.SUCCESS)
+        for line in refused[:20]:
+            self.message_user(request, line, messages.WARNING)
+
+    @admin.action(description="Cancel selected tasks", permissions=["operate"])
+    def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "cancelled",
+            lambda t: task_cancel(task_id=t.pk, user=operator(request)),
+        )
+
+    @admin.action(description="Approve selected tasks' approvals", permissions=["operate"])
+    def approve_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "approved",
+            lambda t: task_approve(task_id=t.pk, user=operator(request), approved=True),
+        )
+
+    @admin.action(description="Reject selected tasks' approvals", permissions=["operate"])
+    def reject_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "rejected",
+            lambda t: task_approve(task_id=t.pk, user=operator(request), approved=False),
+        )
+
+    @admin.action(
+        description="Replay selected tasks from their latest checkpoint", permissions=["operate"]
+    )
+    def replay_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "replayed",
+            lambda t: task_replay(task_id=t.pk, user=operator(request)),
+        )
+
+    @admin.action(description="Requeue selected dead-lettered tasks", permissions=["operate"])
+    def requeue_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        def requeue(task: AgentTask) -> None:
+            letter_id = open_dead_letter_id(task)
+            if letter_id is None:
+                raise Conflict(f"it is {task.status}, with no dead letter waiting")
+            dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
+
+        self._each(request, queryset, "requeued", requeue)
+
+
+def breakers_view(request: HttpRequest) -> HttpResponse:
+    """The circuit-breaker page of the console (``/admin/breakers/``, staff only)."""
+    try:
+        breakers, problem = breaker_states(), ""
+    except RedisError as exc:
+        breakers, problem = [], f"Circuit breaker state is unavailable: {exc}"
+    context = {
+        **admin.site.each_context(request),
+        "title": "Circuit breakers",
+        "breakers": breakers,
+        "problem": problem,
+    }
+    return TemplateResponse(request, "admin/breakers.html", context)

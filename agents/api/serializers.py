@@ -1,0 +1,304 @@
+"""Request and response shapes. Requests are checked for type and size here; what an
+input means (which agent, which checkpoint) is checked by the services."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+from rest_framework.utils import json
+
+from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
+from audit.models import AuditEvent, DeadLetter
+from audit.timeline import describe
+
+# Step numbers and sequence numbers are PostgreSQL integers: refuse what cannot be one.
+MAX_INT = 2**31 - 1
+
+
+class StrictCharField(serializers.CharField):
+    """A string, and only a string: DRF's CharField would turn 5 into "5"."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """``true`` or ``false``: DRF's BooleanField also takes "yes", "on", 1..."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: not a string of digits, not 3.0, not ``true``."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictNumberField(serializers.FloatField):
+    """A JSON number (int or float), not a string."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StorableJSONField(serializers.JSONField):
+    """Any JSON value PostgreSQL can store: no NUL character and no lone surrogate in
+    any string (``jsonb`` refuses both, which would otherwise surface as a 500).
+
+    ``sized``: also refuse a value larger than ``AGENTS_MAX_INPUT_BYTES`` as JSON.
+    """
+
+    def __init__(self, *, sized: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sized = sized
+
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        problem = _unstorable(value)
+        if problem:
+            raise serializers.ValidationError(problem)
+        limit = settings.AGENTS["MAX_INPUT_BYTES"]
+        if self.sized and len(json.dumps(value).encode()) > limit:
+            raise serializers.ValidationError(f"is larger than {limit} bytes")
+        return value
+
+
+def _unstorable(value: Any) -> str | None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain the NUL character (\\u0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must not contain unpaired surrogates"
+    return None
+
+
+# --- Requests -----------------------------------------------------------------------------
+
+
+class RequestSerializer(serializers.Serializer):
+    """A request body: a JSON object with these fields and no others, so that a typo
+    (``timeout`` for ``timeout_seconds``) is an error rather than silently ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {key: ["is not a field of this request"] for key in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+class TaskCreateSerializer(RequestSerializer):
+    agent = StrictCharField(max_length=100, help_text="The name of a registered agent.")
+    # The size limit is the service's (it names the field "input"); here only what
+    # the database could not store.
+    input = StorableJSONField(help_text="The agent's input; its shape is the agent's own.")
+    idempotency_key = StrictCharField(
+        max_length=200,
+        required=False,
+        allow_null=True,
+        help_text="Sending the same key again returns the task it created (200, not 201).",
+    )
+    timeout_seconds = StrictNumberField(
+        required=False,
+        allow_null=True,
+        help_text="The task's deadline, in seconds from now (above 0, at most a year).",
+    )
+
+
+class TaskQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
+    agent = serializers.CharField(max_length=100, required=False)
+
+
+class ApproveSerializer(RequestSerializer):
+    approved = StrictBooleanField(help_text="true resumes the task; false rejects it.")
+    comment = StrictCharField(required=False, allow_blank=True, max_length=10_000, default="")
+
+
+class SignalSerializer(RequestSerializer):
+    name = StrictCharField(max_length=200)
+    payload = StorableJSONField(sized=True, required=False, allow_null=True, default=None)
+
+
+class ReplaySerializer(RequestSerializer):
+    from_step = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=0,
+        max_value=MAX_INT,
+        help_text="The checkpoint to start from; the latest when absent.",
+    )
+
+
+class SeekQuerySerializer(serializers.Serializer):
+    after = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_INT,
+        help_text="Return the rows after this one (the previous page's last seq or step).",
+    )
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=100)
+
+
+class DeadLetterQuerySerializer(serializers.Serializer):
+    open = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="true: only letters not requeued yet; false: only requeued ones.",
+    )
+    task = serializers.UUIDField(required=False)
+
+
+# --- Responses ----------------------------------------------------------------------------
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    agent = serializers.CharField(source="agent_name", read_only=True)
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+    status = serializers.ChoiceField(choices=TaskStatus.choices, read_only=True)
+    replayed_from = serializers.UUIDField(
+        source="replayed_from_id", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = AgentTask
+        fields: tuple[str, ...] = (
+            "id",
+            "agent",
+            "agent_version",
+            "owner",
+            "status",
+            "current_step",
+            "attempt",
+            "input",
+            "result",
+            "error",
+            "idempotency_key",
+            "deadline",
+            "replayed_from",
+            "replayed_from_step",
+            "created_at",
+            "updated_at",
+            "status_changed_at",
+            "finished_at",
+        )
+        read_only_fields: tuple[str, ...] = fields
+
+
+class TaskListItemSerializer(TaskSerializer):
+    """A task in a list: everything but its input, which may be large."""
+
+    class Meta(TaskSerializer.Meta):
+        fields = tuple(f for f in TaskSerializer.Meta.fields if f != "input")
+        read_only_fields = fields
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    summary = serializers.SerializerMethodField(help_text="One line saying what happened.")
+
+    class Meta:
+        model = AuditEvent
+        fields = ("seq", "type", "step", "actor", "created_at", "payload", "summary")
+        read_only_fields = fields
+
+    def get_summary(self, event: AuditEvent) -> str:
+        return describe(event)
+
+
+class AuditPageSerializer(serializers.Serializer):
+    results = AuditEventSerializer(many=True)
+    next = serializers.URLField(allow_null=True, help_text="The next page, or null at the end.")
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Checkpoint
+        fields = ("step", "state", "observations", "schema_version", "created_at")
+        read_only_fields = fields
+
+
+class CheckpointPageSerializer(serializers.Serializer):
+    results = CheckpointSerializer(many=True)
+    next = serializers.URLField(allow_null=True, help_text="The next page, or null at the end.")
+
+
+class SignalOutSerializer(serializers.ModelSerializer):
+    task = serializers.UUIDField(source="task_id", read_only=True)
+
+    class Meta:
+        model = Signal
+        fields = ("id", "task", "name", "payload", "created_at", "consumed_at", "consumed_at_step")
+        read_only_fields = fields
+
+
+class DeadLetterSerializer(serializers.ModelSerializer):
+    task = serializers.UUIDField(source="task_id", read_only=True)
+    task_status = serializers.ChoiceField(
+        source="task.status", choices=TaskStatus.choices, read_only=True
+    )
+
+    class Meta:
+        model = DeadLetter
+        fields = (
+            "id",
+            "task",
+            "task_status",
+            "step",
+            "reason",
+            "error",
+            "traceback",
+            "attempts",
+            "message",
+            "created_at",
+            "requeued_at",
+            "requeued_by",
+        )
+        read_only_fields = fields
+
+
+class BreakerSerializer(serializers.Serializer):
+    """``tools.breakers.BreakerStatus``."""
+
+    name = serializers.CharField()
+    state = serializers.ChoiceField(choices=["closed", "open", "half-open"])
+    forced = serializers.BooleanField(help_text="Held open by an operator until closed.")
+    failures = serializers.IntegerField(help_text="Consecutive failures counted while closed.")
+    fail_max = serializers.IntegerField(help_text="Failures in a row that open it.")
+    reset_timeout = serializers.FloatField(help_text="Seconds open before a trial call.")
+    opened_at = serializers.DateTimeField(allow_null=True)
+    remaining = serializers.FloatField(
+        allow_null=True, help_text="Seconds until a trial call; null while held open."
+    )
+    shared = serializers.BooleanField(help_text="State shared through Redis (else per process).")
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = serializers.CharField(help_text="A stable code: invalid, not_found, conflict...")
+    detail = serializers.CharField(help_text="What is wrong, for a person.")
+    field = serializers.CharField(required=False, help_text="The input at fault, as a path.")

@@ -1,0 +1,275 @@
+"""API views: parse, call a service or selector, serialize. Nothing else happens here.
+
+A user sees and acts on their own tasks only (staff: all); another user's task is a
+404, never a 403, so its existence is not disclosed. The services enforce that too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import Resolver404, resolve, reverse
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from redis import RedisError
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action, api_view, permission_classes
+from rest_framework.exceptions import NotFound
+from rest_framework.permissions import AllowAny, IsAdminUser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agents.api.errors import Unavailable
+from agents.api.pagination import NewestFirstPagination, seek_page
+from agents.api.schema import errors
+from agents.api.serializers import (
+    ApproveSerializer,
+    AuditEventSerializer,
+    AuditPageSerializer,
+    BreakerSerializer,
+    CheckpointPageSerializer,
+    CheckpointSerializer,
+    DeadLetterQuerySerializer,
+    DeadLetterSerializer,
+    ErrorSerializer,
+    ReplaySerializer,
+    SeekQuerySerializer,
+    SignalOutSerializer,
+    SignalSerializer,
+    TaskCreateSerializer,
+    TaskListItemSerializer,
+    TaskQuerySerializer,
+    TaskSerializer,
+)
+from agents.models import AgentTask
+from agents.retries import dead_letter_requeue
+from agents.scheduling import task_approve, task_cancel, task_signal
+from agents.selectors import task_checkpoints, task_get, task_list, tasks_visible_to
+from agents.services import task_replay, task_start
+from audit.models import DeadLetter
+from audit.selectors import audit_events, dead_letter_get, dead_letters_visible_to
+from audit.services import user_actor
+from tools.selectors import breaker_states
+
+
+def _valid(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
+def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    # A plain dict, not the QueryDict: DRF would read "?status=" as "no status given";
+    # an empty value is refused like any other that is not one of the allowed ones.
+    return _valid(serializer_class, request.query_params.dict())
+
+
+class TaskViewSet(viewsets.GenericViewSet):
+    """Agent tasks: start, follow, and operate them."""
+
+    serializer_class = TaskSerializer
+    pagination_class = NewestFirstPagination
+    # Any id reaches the view, which answers a malformed one with a JSON 404.
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self) -> Any:
+        # Only for schema generation (the path parameter's type); handlers use selectors.
+        if getattr(self, "swagger_fake_view", False):
+            return AgentTask.objects.none()
+        return tasks_visible_to(self.request.user)
+
+    @extend_schema(
+        summary="List your tasks (staff: all), newest first",
+        parameters=[TaskQuerySerializer],
+        responses=TaskListItemSerializer(many=True),
+    )
+    def list(self, request: Request) -> Response:
+        query = _query(TaskQuerySerializer, request)
+        tasks = task_list(user=request.user, **query)
+        page = self.paginate_queryset(tasks)
+        return self.get_paginated_response(TaskListItemSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Start a task",
+        request=TaskCreateSerializer,
+        examples=[
+            OpenApiExample(
+                "A scripted agent that waits for an approval",
+                request_only=True,
+                value={
+                    "agent": "scripted",
+                    "input": {
+                        "script": [
+                            {"think": "check the refund"},
+                            {"tool": "calc", "args": {"expression": "40 * 1.08"}},
+                            {"approval": "Refund 43.20?"},
+                            {"final": "refunded"},
+                        ]
+                    },
+                    "idempotency_key": "refund-1234",
+                    "timeout_seconds": 3600,
+                },
+            )
+        ],
+        responses={
+            201: TaskSerializer,
+            200: OpenApiResponse(TaskSerializer, description="The task this key created."),
+            **errors(503),
+        },
+    )
+    def create(self, request: Request) -> Response:
+        data = _valid(TaskCreateSerializer, request.data)
+        task, created = task_start(owner=request.user, **data)
+        return Response(
+            TaskSerializer(task).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            headers={"Location": reverse("task-detail", args=[task.pk])},
+        )
+
+    @extend_schema(summary="One task")
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return Response(TaskSerializer(task_get(task_id=pk, user=request.user)).data)
+
+    @extend_schema(
+        summary="The task's audit trail, in order, a page at a time",
+        parameters=[SeekQuerySerializer],
+        responses=AuditPageSerializer,
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def audit(self, request: Request, pk: str) -> Response:
+        query = _query(SeekQuerySerializer, request)
+        task = task_get(task_id=pk, user=request.user)
+        events = audit_events(task=task, after_seq=query.get("after", 0))
+        return seek_page(
+            request, events, key="seq", limit=query["limit"], serializer=AuditEventSerializer
+        )
+
+    @extend_schema(
+        summary="The task's checkpoints (its state after each step), in step order",
+        parameters=[SeekQuerySerializer],
+        responses=CheckpointPageSerializer,
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def checkpoints(self, request: Request, pk: str) -> Response:
+        query = _query(SeekQuerySerializer, request)
+        task = task_get(task_id=pk, user=request.user)
+        rows = task_checkpoints(task=task, after_step=query.get("after"))
+        return seek_page(
+            request, rows, key="step", limit=query["limit"], serializer=CheckpointSerializer
+        )
+
+    @extend_schema(
+        summary="Decide the approval a suspended task waits for",
+        request=ApproveSerializer,
+        responses={200: TaskSerializer, **errors(409)},
+    )
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str) -> Response:
+        data = _valid(ApproveSerializer, request.data)
+        task = task_approve(task_id=pk, user=request.user, **data)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        summary="Send a named event to a task (kept until the task waits for it)",
+        request=SignalSerializer,
+        responses={201: SignalOutSerializer, **errors(409)},
+    )
+    @action(detail=True, methods=["post"])
+    def signal(self, request: Request, pk: str) -> Response:
+        data = _valid(SignalSerializer, request.data)
+        signal = task_signal(task_id=pk, user=request.user, **data)
+        return Response(SignalOutSerializer(signal).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        summary="Cancel a task that has not ended",
+        request=None,
+        responses={200: TaskSerializer, **errors(409)},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        return Response(TaskSerializer(task_cancel(task_id=pk, user=request.user)).data)
+
+    @extend_schema(
+        summary="Run the task again from one of its checkpoints, as a new task",
+        description="The original task is left as it was; the new one links to it and its "
+        "audit trail starts with `replayed_from`.",
+        request=ReplaySerializer,
+        responses={201: TaskSerializer, **errors(503)},
+    )
+    @action(detail=True, methods=["post"])
+    def replay(self, request: Request, pk: str) -> Response:
+        data = _valid(ReplaySerializer, request.data)
+        task = task_replay(task_id=pk, user=request.user, from_step=data.get("from_step"))
+        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+
+class DeadLetterViewSet(viewsets.GenericViewSet):
+    """Tasks stopped until an operator acts: why, and the way back to work."""
+
+    serializer_class = DeadLetterSerializer
+    pagination_class = NewestFirstPagination
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return DeadLetter.objects.none()
+        return dead_letters_visible_to(self.request.user)
+
+    @extend_schema(
+        summary="Dead letters of your tasks (staff: all), newest first",
+        parameters=[DeadLetterQuerySerializer],
+        responses=DeadLetterSerializer(many=True),
+    )
+    def list(self, request: Request) -> Response:
+        query = _query(DeadLetterQuerySerializer, request)
+        letters = dead_letters_visible_to(
+            request.user, open=query["open"], task_id=query.get("task")
+        )
+        page = self.paginate_queryset(letters)
+        return self.get_paginated_response(DeadLetterSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Send the dead-lettered task back to work from its last checkpoint",
+        request=None,
+        responses={200: TaskSerializer, **errors(409)},
+    )
+    @action(detail=True, methods=["post"])
+    def requeue(self, request: Request, pk: str) -> Response:
+        letter = dead_letter_get(dead_letter_id=pk, user=request.user)
+        task = dead_letter_requeue(dead_letter_id=letter.pk, actor=user_actor(request.user))
+        return Response(TaskSerializer(task).data)
+
+
+@extend_schema(exclude=True)
+@api_view(["GET", "POST", "PUT", "PATCH", "DELETE"])
+@permission_classes([AllowAny])
+def not_found(request: Request, path: str = "") -> Response:
+    """Every other ``/api/...`` URL: a JSON 404 like the rest of the API, not a page."""
+    hint = ""
+    if not path.endswith("/"):
+        try:
+            if resolve(f"/api/{path}/").url_name != "api-not-found":
+                hint = f" (did you mean /api/{path}/ ?)"
+        except Resolver404:
+            pass
+    raise NotFound(f"no API endpoint /api/{path}{hint}")
+
+
+class BreakerListView(APIView):
+    """Every circuit breaker and its state (staff only: it describes the whole system)."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        summary="Circuit breakers",
+        responses={
+            200: BreakerSerializer(many=True),
+            503: OpenApiResponse(ErrorSerializer, description="Redis is unreachable."),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        try:
+            breakers = breaker_states()
+        except RedisError as exc:
+            raise Unavailable(f"circuit breaker state is unavailable: {exc}") from exc
+        return Response(BreakerSerializer(breakers, many=True).data)

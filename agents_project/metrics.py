@@ -1,0 +1,313 @@
+"""Prometheus metrics: the numbers RUNBOOK.md's monitoring checklist watches.
+
+Two sources:
+
+- **Observed in the worker**, where a step runs: ``agents_step_duration_seconds``
+  (histogram, by agent) and ``agents_step_failures_total`` (by agent and the tool that
+  failed, ``none`` when the agent's own code raised). A Celery prefork worker runs steps
+  in child processes, so these use prometheus-client's multiprocess mode: set
+  ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the worker starts, and every
+  child writes its values there.
+- **Read when Prometheus scrapes**, from the truth rather than from counters that could
+  drift: tasks by status, suspended tasks, the least recent progress of active tasks,
+  open dead letters, retries waiting, the work and dead-letter queue depths (a passive
+  ``queue_declare``: it creates nothing) and circuit-breaker states.
+
+Where to scrape:
+
+- ``GET /metrics`` on the web process: the scrape-time gauges, plus every worker's step
+  metrics found in ``PROMETHEUS_MULTIPROC_DIR`` when the workers share this host and
+  directory (without the directory: this process's own).
+- ``AGENTS_METRICS_PORT`` on each worker (when its directory is its own, e.g. one per
+  container): that worker's step metrics. Scrape one or the other, not both, or steps
+  are counted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import structlog
+from celery import bootsteps
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.utils.crypto import constant_time_compare
+from django.views.decorators.http import require_GET
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+logger = structlog.get_logger(__name__)
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if os.environ.get(MULTIPROC_DIR_ENV):
+    # prometheus-client writes there from the first observation; it must exist by then.
+    os.makedirs(os.environ[MULTIPROC_DIR_ENV], exist_ok=True)
+
+STEP_DURATION = Histogram(
+    "agents_step_duration_seconds",
+    "Time a committed step took: the agent's code and its tool calls, by agent.",
+    ["agent"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+STEP_FAILURES = Counter(
+    "agents_step_failures",
+    "Failed step attempts, by agent and by the tool that failed (none: the agent's code).",
+    ["agent", "tool"],
+)
+
+BREAKER_STATES = ("closed", "open", "half-open")
+
+
+# --- Observed in the worker (agents.engine calls these) ---------------------------------
+
+
+def step_committed(*, agent: str, duration_ms: float) -> None:
+    """A step's checkpoint committed after ``duration_ms`` of agent and tool time."""
+    try:
+        STEP_DURATION.labels(agent=agent).observe(duration_ms / 1000)
+    except Exception as exc:  # a metric must never fail a step
+        logger.warning("step metric not recorded", error=repr(exc))
+
+
+def step_failed(*, agent: str, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """A step attempt failed; ``events`` are its audit events so far (a failed tool call
+    ends with that tool's ``tool_result``)."""
+    try:
+        STEP_FAILURES.labels(agent=agent, tool=_failed_tool(events)).inc()
+    except Exception as exc:
+        logger.warning("step metric not recorded", error=repr(exc))
+
+
+def _failed_tool(events: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    for event_type, payload in reversed(events):
+        if event_type == "tool_result":
+            return str(payload.get("tool")) if not payload.get("ok") else "none"
+    return "none"
+
+
+# --- Read at scrape time ------------------------------------------------------------------
+
+
+class RuntimeCollector:
+    """Gauges computed from PostgreSQL, the broker and the breakers on every scrape.
+
+    A source that cannot be read is reported as ``agents_metrics_source_up{source}`` 0
+    and its gauges are left out, rather than failing the whole scrape.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "agents_metrics_source_up",
+            "1 if the source could be read for this scrape, else 0.",
+            labels=["source"],
+        )
+        for source, read in (
+            ("database", _database_metrics),
+            ("broker", _queue_metrics),
+            ("breakers", _breaker_metrics),
+        ):
+            started = time.monotonic()
+            try:
+                metrics = list(read())
+            except Exception as exc:
+                logger.warning("metrics source unavailable", source=source, error=repr(exc))
+                up.add_metric([source], 0)
+                continue
+            up.add_metric([source], 1)
+            logger.debug("metrics source read", source=source, seconds=time.monotonic() - started)
+            yield from metrics
+        yield up
+
+
+def _database_metrics() -> Iterable[Metric]:
+    from django.db.models import Count, Min
+    from django.utils import timezone
+
+    from agents.models import ACTIVE_STATUSES, AgentTask, Suspension, TaskStatus
+    from audit.models import DeadLetter
+
+    # order_by(): the models' default ordering would join the GROUP BY.
+    by_status = {
+        row["status"]: row["n"]
+        for row in AgentTask.objects.order_by().values("status").annotate(n=Count("pk"))
+    }
+    tasks = GaugeMetricFamily("agents_tasks", "Tasks in each status.", labels=["status"])
+    for status in TaskStatus.values:
+        tasks.add_metric([status], by_status.get(status, 0))
+    yield tasks
+
+    waits = {
+        row["kind"]: row["n"]
+        for row in Suspension.objects.filter(
+            resolved_at__isnull=True, task__status=TaskStatus.SUSPENDED
+        )
+        .order_by()
+        .values("kind")
+        .annotate(n=Count("pk"))
+    }
+    suspended = GaugeMetricFamily(
+        "agents_tasks_suspended",
+        "Suspended tasks, by what they wait for (approval, event, timer).",
+        labels=["kind"],
+    )
+    for kind in Suspension.Kind.values:
+        suspended.add_metric([kind], waits.get(kind, 0))
+    yield suspended
+
+    now = timezone.now()
+    # A task waiting out a retry backoff is not stuck (the stuck-task sweep agrees).
+    oldest = {
+        row["status"]: row["oldest"]
+        for row in AgentTask.objects.filter(status__in=ACTIVE_STATUSES, retry_at__isnull=True)
+        .order_by()
+        .values("status")
+        .annotate(oldest=Min("updated_at"))
+    }
+    idle = GaugeMetricFamily(
+        "agents_tasks_oldest_progress_seconds",
+        "Seconds since the least recently progressed task in each active status last "
+        "made progress, not counting tasks waiting for a retry (0 when there is none).",
+        labels=["status"],
+    )
+    for status in ACTIVE_STATUSES:
+        since = oldest.get(status)
+        idle.add_metric([status], (now - since).total_seconds() if since else 0.0)
+    yield idle
+
+    yield GaugeMetricFamily(
+        "agents_dead_letters_open",
+        "Dead-lettered tasks not requeued yet: each waits for an operator.",
+        value=DeadLetter.objects.filter(requeued_at__isnull=True).count(),
+    )
+    yield GaugeMetricFamily(
+        "agents_steps_awaiting_retry",
+        "Failed steps waiting for their backoff to pass before running again.",
+        value=AgentTask.objects.filter(retry_at__isnull=False).count(),
+    )
+
+
+def _queue_metrics() -> Iterable[Metric]:
+    from agents_project.celery import app
+    from agents_project.topology import dead_letter_queue
+
+    messages = GaugeMetricFamily(
+        "agents_queue_messages",
+        "Messages ready in the broker queue (work: steps to run; dead_letter: rejected steps).",
+        labels=["queue", "role"],
+    )
+    consumers = GaugeMetricFamily(
+        "agents_queue_consumers",
+        "Consumers (worker processes) attached to the broker queue.",
+        labels=["queue", "role"],
+    )
+    queues = [("work", settings.CELERY_TASK_QUEUES[0])]
+    if settings.BROKER_IS_AMQP:
+        queues.append(("dead_letter", dead_letter_queue(settings.AGENTS)))
+    with app.connection_for_read() as conn:
+        conn.connect()
+        for role, queue in queues:
+            # A channel per queue: a passive declare of a missing queue closes its channel.
+            channel = conn.channel()
+            try:
+                _, ready, attached = queue(channel).queue_declare(passive=True)
+            finally:
+                channel.close()
+            messages.add_metric([queue.name, role], ready)
+            consumers.add_metric([queue.name, role], attached)
+    return [messages, consumers]
+
+
+def _breaker_metrics() -> Iterable[Metric]:
+    from tools.selectors import breaker_states
+
+    state = GaugeMetricFamily(
+        "agents_circuit_breaker_state",
+        "1 for each circuit breaker's current state (closed, open, half-open), else 0.",
+        labels=["breaker", "state"],
+    )
+    failures = GaugeMetricFamily(
+        "agents_circuit_breaker_failures",
+        "Consecutive failures each circuit breaker has counted.",
+        labels=["breaker"],
+    )
+    for breaker in breaker_states():
+        for name in BREAKER_STATES:
+            state.add_metric([breaker.name, name], 1 if breaker.state == name else 0)
+        failures.add_metric([breaker.name], breaker.failures)
+    return [state, failures]
+
+
+# --- Exposition ---------------------------------------------------------------------------
+
+
+class _ThisProcess:
+    """This process's own metrics (the default registry), inside another registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
+
+
+def step_metrics_registry() -> CollectorRegistry:
+    """The step metrics: of every process writing to ``PROMETHEUS_MULTIPROC_DIR`` if it is
+    set, else of this process alone."""
+    registry = CollectorRegistry(auto_describe=False)
+    path = os.environ.get(MULTIPROC_DIR_ENV)
+    if path:
+        MultiProcessCollector(registry, path=path)
+    else:
+        registry.register(_ThisProcess())
+    return registry
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """``GET /metrics``: Prometheus text format. With ``AGENTS_METRICS_TOKEN`` set, only
+    for ``Authorization: Bearer <token>``."""
+    token = settings.METRICS_TOKEN
+    if token and not constant_time_compare(
+        request.headers.get("Authorization", ""), f"Bearer {token}"
+    ):
+        return HttpResponse("metrics need a bearer token\n", status=401, content_type="text/plain")
+    registry = step_metrics_registry()
+    registry.register(RuntimeCollector())
+    # The format the scraper asks for (OpenMetrics, text 1.0), else the classic text 0.0.4.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return HttpResponse(encode(registry), content_type=content_type)
+
+
+class ServeWorkerMetrics(bootsteps.StartStopStep):
+    """A worker serves its step metrics on ``AGENTS_METRICS_PORT`` (0: it does not).
+
+    With the prefork pool the steps run in child processes: without
+    ``PROMETHEUS_MULTIPROC_DIR`` their metrics are invisible here, and this says so.
+    """
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.server: Any = None
+
+    def start(self, worker: Any) -> None:
+        port = settings.METRICS_PORT
+        if not port:
+            return
+        if not os.environ.get(MULTIPROC_DIR_ENV):
+            logger.warning(
+                "PROMETHEUS_MULTIPROC_DIR is not set: steps run in pool processes and "
+                "their metrics will not be served",
+                port=port,
+            )
+        self.server, _ = start_http_server(port, registry=step_metrics_registry())
+        logger.info("worker metrics served", port=port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
