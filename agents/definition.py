@@ -172,6 +172,9 @@ class Agent:
       in order when it is loaded; one written by newer code is never touched.
     - ``max_retries``, ``step_time_limit``, ``step_soft_time_limit``: override the
       runtime's defaults (``settings.AGENTS``) for this agent.
+    - ``learned_limits``: take the step time limit (and the default task deadline) that
+      ``python manage.py suggest_timeouts --apply`` computed from this agent's history;
+      an explicit ``step_time_limit`` still wins.
     """
 
     name: ClassVar[str]
@@ -181,6 +184,7 @@ class Agent:
     max_retries: ClassVar[int | None] = None
     step_time_limit: ClassVar[float | None] = None
     step_soft_time_limit: ClassVar[float | None] = None
+    learned_limits: ClassVar[bool] = False
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

@@ -22,6 +22,7 @@ from django.utils import timezone
 from kombu.exceptions import KombuError
 
 from agents.definition import Agent
+from agents.timeouts import learned_limit
 from agents_project.errors import Backpressure
 
 logger = structlog.get_logger(__name__)
@@ -32,8 +33,12 @@ PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError)
 def step_time_limits(agent: Agent) -> tuple[float, float]:
     """(soft, hard) time limit of one step of ``agent``, in seconds."""
     conf = settings.AGENTS
-    hard = agent.step_time_limit or conf["STEP_TIME_LIMIT"]
-    soft = agent.step_soft_time_limit or min(conf["STEP_SOFT_TIME_LIMIT"], hard)
+    learned = learned_limit(agent)
+    hard = agent.step_time_limit or (learned and learned.step_time_limit) or conf["STEP_TIME_LIMIT"]
+    default_soft = (
+        hard * 0.8 if learned and not agent.step_time_limit else conf["STEP_SOFT_TIME_LIMIT"]
+    )
+    soft = agent.step_soft_time_limit or min(default_soft, hard)
     return soft, hard
 
 

@@ -23,6 +23,9 @@ make their side effects happen once.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import time
 import traceback
 from collections.abc import Mapping
@@ -32,7 +35,8 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from django.db import transaction
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connections, transaction
 from django.utils import timezone
 
 from agents import scheduling
@@ -55,13 +59,20 @@ from agents.faults import fault_point
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.retries import retry_or_dead_letter, schedule_retry, worker_loss_record
 from agents.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
+from agents_project import metrics
 from audit.models import EventType
 from audit.services import AuditBatch, process_actor
 from tools.runner import ToolRun, tools_run
 
 logger = structlog.get_logger(__name__)
 
-ACTOR = process_actor("worker")
+
+def _actor() -> str:
+    # Per call, not at import: pool processes are forked after this module is imported.
+    return process_actor("worker")
+
+
+DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 
 class StepResult(StrEnum):
@@ -74,18 +85,19 @@ class StepResult(StrEnum):
     TIMED_OUT = "timed_out"
 
 
-# Fields the commit of a step changes on the task row.
+# Fields the commit of a step changes on the task row (plus result, error and status
+# when the outcome ends or suspends the task).
 _ADVANCE_FIELDS = (
     "current_step",
     "attempt",
+    "retry_at",
     "worker_losses",
     "state_version",
     "audit_seq",
-    "result",
-    "error",
-    *TRANSITION_FIELDS,
+    "updated_at",
 )
-
+# The hot path never reads these (possibly large) fields under the row lock.
+_LARGE_FIELDS = ("input", "result")
 
 _OUTCOME_NAMES = {
     Continue: "continue",
@@ -110,21 +122,57 @@ def step_execute(
     moves it to the dead-letter queue.
     """
     with structlog.contextvars.bound_contextvars(task_id=str(task_id), step=step):
-        return _execute(task_id, step, redelivered, dict(message or {}))
+        waited, delay = 0.0, 0.5
+        retrying = False
+        while True:
+            try:
+                return _execute(task_id, step, redelivered, retrying, dict(message or {}))
+            except DATABASE_ERRORS as exc:
+                # The database is restarting or unreachable. Nothing can progress without
+                # it, so this step holds its message and waits, rather than failing a
+                # task over an outage. Re-running the step is safe (it is idempotent).
+                if waited >= settings.AGENTS["DATABASE_PATIENCE"]:
+                    raise
+                logger.warning("database unavailable; the step waits", error=repr(exc))
+                with contextlib.suppress(*DATABASE_ERRORS):
+                    connections.close_all()
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+                retrying = True
 
 
-def _execute(task_id: UUID, step: int, redelivered: bool, message: dict[str, Any]) -> StepResult:
+def _execute(
+    task_id: UUID, step: int, redelivered: bool, retrying: bool, message: dict[str, Any]
+) -> StepResult:
     task = _load(task_id)
     if task is None:
         logger.warning("step for unknown task dropped")
         return StepResult.STALE
     if task.current_step != step or task.status not in RUNNABLE:
+        if (redelivered or retrying) and task.current_step == step + 1 and task.status in RUNNABLE:
+            # This step committed, then its worker (or its connection) died before the
+            # message was acknowledged: the next step may never have been published.
+            # Publishing it again is safe, a duplicate is dropped; waiting for the
+            # stuck-task sweep would only be slower.
+            agent = registered_agents().get(task.agent_name)
+            if agent is not None:
+                step_publish_or_sweep(
+                    task_id=task_id, step=step + 1, agent=agent, deadline=task.deadline
+                )
         logger.info("stale delivery dropped", status=task.status, current_step=task.current_step)
         return StepResult.STALE
+    if task.retry_at is not None and task.retry_at > timezone.now():
+        # A duplicate delivery while the step waits out its backoff: the scheduler will
+        # publish it when the backoff has passed.
+        logger.info("early delivery dropped; a retry is pending", retry_at=str(task.retry_at))
+        return StepResult.STALE
     if task.deadline is not None and task.deadline <= timezone.now():
-        scheduling.task_time_out(task_id=task_id, actor=ACTOR)
+        scheduling.task_time_out(task_id=task_id, actor=_actor())
         return StepResult.TIMED_OUT
-    if redelivered and worker_loss_record(task_id=task_id, step=step, message=message, actor=ACTOR):
+    if redelivered and worker_loss_record(
+        task_id=task_id, step=step, message=message, actor=_actor()
+    ):
         return StepResult.DEAD_LETTERED
     agent = registered_agents().get(task.agent_name)
     if agent is None:
@@ -141,7 +189,7 @@ def _execute(task_id: UUID, step: int, redelivered: bool, message: dict[str, Any
         )
         return StepResult.REFUSED
     if task.status == TaskStatus.PENDING and not scheduling.task_begin(
-        task_id=task_id, actor=ACTOR
+        task_id=task_id, actor=_actor()
     ):
         return StepResult.STALE
 
@@ -151,7 +199,7 @@ def _execute(task_id: UUID, step: int, redelivered: bool, message: dict[str, Any
         task_id=task_id,
         step=step,
         attempt=task.attempt + 1,
-        input=task.input,
+        input=_task_input(task_id),
         state=state,
         tool_results=tuple(
             ToolResult(**r) for r in checkpoint.observations.get("tool_results", ())
@@ -169,12 +217,14 @@ def _execute(task_id: UUID, step: int, redelivered: bool, message: dict[str, Any
         results = tools_run(tool_run, outcome.calls) if isinstance(outcome, CallTools) else []
     except RetryLater as exc:
         return schedule_retry(
-            task_id=task_id, step=step, error=exc, delay=exc.delay, events=events, actor=ACTOR
+            task_id=task_id, step=step, error=exc, delay=exc.delay, events=events, actor=_actor()
         )
     except PermanentError as exc:
+        metrics.step_failed(agent=agent.name, events=events)
         return _fail(task_id, step, agent, state, exc, events)
     except Exception as exc:
         logger.warning("step attempt failed", error=repr(exc), attempt=ctx.attempt)
+        metrics.step_failed(agent=agent.name, events=events)
         return retry_or_dead_letter(
             task_id=task_id,
             step=step,
@@ -182,7 +232,7 @@ def _execute(task_id: UUID, step: int, redelivered: bool, message: dict[str, Any
             error=exc,
             events=events,
             message=message,
-            actor=ACTOR,
+            actor=_actor(),
         )
     duration_ms = round((time.monotonic() - started) * 1000, 3)
     return _commit(task_id, step, agent, state, outcome, results, events, duration_ms)
@@ -193,10 +243,22 @@ def _load(task_id: UUID) -> AgentTask | None:
     # publish creates nothing); a fast worker can get there first. Wait briefly.
     for delay in (0.0, 0.05, 0.1, 0.25, 0.5, 1.0):
         time.sleep(delay)
-        task = AgentTask.objects.filter(pk=task_id).first()
+        task = AgentTask.objects.filter(pk=task_id).defer(*_LARGE_FIELDS).first()
         if task is not None:
             return task
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_input(task_id: UUID) -> Any:
+    return AgentTask.objects.values_list("input", flat=True).get(pk=task_id)
+
+
+def _task_input(task_id: UUID) -> Any:
+    """The task's input, read once per worker process: it never changes after creation,
+    and re-reading a large input on every step was a third of the step's cost. Each
+    step gets its own copy, so an agent that modifies it affects nothing else."""
+    return copy.deepcopy(_cached_input(task_id))
 
 
 def _migrate(agent: Agent, checkpoint: Checkpoint, events: list[tuple[str, dict[str, Any]]]):
@@ -239,11 +301,11 @@ def _commit(
         observations["suspended"] = True
     publish_next = False
     with transaction.atomic():
-        task = AgentTask.objects.select_for_update().get(pk=task_id)
+        task = AgentTask.objects.select_for_update().defer(*_LARGE_FIELDS).get(pk=task_id)
         if task.current_step != step:
             logger.info("step already committed by another delivery; result dropped")
             return StepResult.STALE
-        audit = AuditBatch(task, actor=ACTOR)
+        audit = AuditBatch(task, actor=_actor())
         for event_type, payload in events:
             audit.add(event_type, payload, step=step)
         audit.add(EventType.STEP, {"outcome": kind, "duration_ms": duration_ms}, step=step)
@@ -255,6 +317,7 @@ def _commit(
             schema_version=agent.state_version,
         )
         proceed = task.status == TaskStatus.RUNNING
+        fields = list(_ADVANCE_FIELDS)
         if not proceed:
             # Cancelled or timed out while the step ran: keep its work, start nothing new.
             logger.info("step recorded after the task stopped", status=task.status)
@@ -263,22 +326,27 @@ def _commit(
         elif isinstance(outcome, Finish):
             task.result = outcome.result
             transition(task, TaskStatus.COMPLETED, audit=audit)
+            fields += ["result", *TRANSITION_FIELDS]
         elif isinstance(outcome, Fail):
             task.error = outcome.error
             transition(task, TaskStatus.FAILED, audit=audit, reason=outcome.error)
+            fields += ["error", *TRANSITION_FIELDS]
         elif isinstance(outcome, Suspend):
             publish_next = scheduling.suspension_open(
                 task=task, step=step, outcome=outcome, audit=audit
             )
+            fields += TRANSITION_FIELDS
         task.current_step = step + 1
         task.attempt = 0
+        task.retry_at = None
         task.worker_losses = 0
         task.state_version = agent.state_version
         task.updated_at = timezone.now()
         audit.flush()
-        task.save(update_fields=_ADVANCE_FIELDS)
+        task.save(update_fields=fields)
         fault_point("before_commit", step=step)
     fault_point("after_commit", step=step)
+    metrics.step_committed(agent=agent.name, duration_ms=duration_ms)
     if publish_next:
         step_publish_or_sweep(task_id=task_id, step=step + 1, agent=agent, deadline=task.deadline)
     fault_point("after_publish", step=step)
@@ -299,7 +367,7 @@ def _fail(
         task = AgentTask.objects.select_for_update().get(pk=task_id)
         if task.current_step != step or task.status != TaskStatus.RUNNING:
             return StepResult.STALE
-        audit = AuditBatch(task, actor=ACTOR)
+        audit = AuditBatch(task, actor=_actor())
         for event_type, payload in events:
             audit.add(event_type, payload, step=step)
         audit.add(
@@ -332,7 +400,7 @@ def _refuse(task_id: UUID, step: int, reason: str) -> None:
         last = task.audit_events.order_by("-seq").first()
         if last and last.type == EventType.SCHEMA_REFUSED and last.payload.get("reason") == reason:
             return
-        audit = AuditBatch(task, actor=ACTOR)
+        audit = AuditBatch(task, actor=_actor())
         audit.add(EventType.SCHEMA_REFUSED, {"reason": reason}, step=step)
         audit.flush()
         task.save(update_fields=("audit_seq",))

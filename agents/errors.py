@@ -6,7 +6,7 @@ An agent's step or a tool raises one of these; the step engine decides what happ
   exponential backoff and jitter, up to the agent's ``max_retries``; after the last
   attempt the task is dead-lettered.
 - ``RetryLater``: the step is retried after ``delay`` seconds without spending an
-  attempt (an open circuit breaker: waiting is the right answer, not failing).
+  attempt (``CircuitOpen``, an open circuit breaker: waiting is the right answer).
 - ``PermanentError``: retrying cannot help (bad arguments, a refused request); the task
   ends ``failed`` at once.
 """
@@ -36,6 +36,21 @@ class RetryLater(RetryableError):
     def __init__(self, message: str, *, delay: float) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class CircuitOpen(RetryLater):
+    """A tool's dependency is known to be down: its circuit breaker is open.
+
+    The step waits ``delay`` seconds (the breaker's remaining open time) without
+    spending an attempt, so an outage never burns a task's retries into the dead-letter
+    queue. See ``tools.breakers``.
+    """
+
+    def __init__(self, breaker: str, *, delay: float, reason: str = "is open") -> None:
+        super().__init__(
+            f"circuit breaker {breaker!r} {reason}; retry in {delay:.1f} s", delay=delay
+        )
+        self.breaker = breaker
 
 
 class PermanentError(StepError):

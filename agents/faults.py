@@ -8,6 +8,11 @@ number STEP) reaches POINT:
 - ``after_commit``: the checkpoint committed, the next step is not yet published;
 - ``after_publish``: the next step is published, this message is not yet acknowledged.
 
+With ``AGENTS_FAULT_ONCE_FILE=PATH`` the fault fires once across all processes: the
+first process to reach the point creates PATH (atomically) and dies; later ones carry on.
+With ``AGENTS_FAULT_LOG=PATH`` each death first appends its time to PATH (for
+``benchmarks/recovery.py``).
+
 Settings refuse it unless ``AGENTS_ENVIRONMENT=test``: it is never on in production.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from django.conf import settings
 
@@ -33,5 +39,16 @@ def fault_point(name: str, *, step: int) -> None:
     if not spec:
         return
     point, only_step = parse(spec)
-    if point == name and only_step in (None, step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if point != name or only_step not in (None, step):
+        return
+    once = os.environ.get("AGENTS_FAULT_ONCE_FILE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    log = os.environ.get("AGENTS_FAULT_LOG")
+    if log:
+        with open(log, "a") as out:
+            out.write(f"{time.time()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -51,6 +51,9 @@ class AgentTask(models.Model):
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     # Failed attempts of the current step, and times its worker died under it.
     attempt = models.PositiveIntegerField(default=0)
+    # When a failed step is due to run again (a database timer, never a broker-side
+    # delay: a long backoff holds no worker and survives any restart).
+    retry_at = models.DateTimeField(null=True, blank=True)
     worker_losses = models.PositiveIntegerField(default=0)
     # Sequence number of the last audit event written for this task.
     audit_seq = models.PositiveIntegerField(default=0)
@@ -76,6 +79,11 @@ class AgentTask(models.Model):
         indexes = [
             models.Index(fields=["status", "updated_at"], name="agent_task_status_updated"),
             models.Index(fields=["owner", "-created_at"], name="agent_task_owner_created"),
+            models.Index(
+                fields=["retry_at"],
+                condition=Q(retry_at__isnull=False),
+                name="agent_task_retry_at",
+            ),
             models.Index(
                 fields=["deadline"],
                 condition=Q(deadline__isnull=False, status__in=ACTIVE_STATUSES),
@@ -188,16 +196,16 @@ class Signal(models.Model):
         return f"signal {self.name} for {self.task_id}"
 
 
-class RetryTimer(models.Model):
-    """A failed step waiting for its backoff to pass; the scheduler publishes it again.
+class LearnedLimit(models.Model):
+    """Time limits computed from an agent's observed durations (``suggest_timeouts
+    --apply``); used by agents that opt in with ``learned_limits = True``."""
 
-    Kept in the database rather than as a broker-side ETA, so a long backoff holds no
-    worker and survives any restart.
-    """
-
-    task = models.OneToOneField(AgentTask, on_delete=models.CASCADE, related_name="retry_timer")
-    step = models.PositiveIntegerField()
-    fire_at = models.DateTimeField(db_index=True)
+    agent_name = models.CharField(max_length=100, unique=True)
+    step_time_limit = models.FloatField()
+    task_timeout = models.FloatField(null=True, blank=True)
+    step_samples = models.PositiveIntegerField()
+    task_samples = models.PositiveIntegerField()
+    computed_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
-        return f"retry of step {self.step} of {self.task_id} at {self.fire_at}"
+        return f"{self.agent_name}: step {self.step_time_limit:g} s"

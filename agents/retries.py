@@ -1,7 +1,7 @@
 """What happens to a step that did not succeed: retry later, or dead-letter.
 
 - A retryable failure schedules the same step again after an exponential backoff with
-  jitter, kept as a ``RetryTimer`` row that the scheduler fires (no broker-side ETA),
+  jitter, kept as the task's ``retry_at`` that the scheduler fires (no broker-side ETA),
   until the agent's ``max_retries`` (or a tool's, if lower) is spent.
 - The attempt after the last retry dead-letters the task: status ``dead_lettered``, a
   ``DeadLetter`` row with the reason, traceback, attempt count and original message,
@@ -27,10 +27,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from agents.dead_letter_queue import dead_letter_queue_remove
 from agents.definition import Agent, registered_agents
 from agents.dispatch import step_publish_after_commit
 from agents.errors import RetryableError
-from agents.models import AgentTask, RetryTimer, TaskStatus
+from agents.models import AgentTask, TaskStatus
 from agents.state_machine import TRANSITION_FIELDS, transition
 from agents_project.errors import Conflict, NotFound
 from audit.models import DeadLetter, EventType
@@ -142,12 +143,10 @@ def _retry_later(
         step=step,
     )
     now = timezone.now()
-    RetryTimer.objects.update_or_create(
-        task=task, defaults={"step": step, "fire_at": now + timedelta(seconds=delay)}
-    )
+    task.retry_at = now + timedelta(seconds=delay)
     task.updated_at = now
     audit.flush()
-    task.save(update_fields=("attempt", "audit_seq", "updated_at"))
+    task.save(update_fields=("attempt", "retry_at", "audit_seq", "updated_at"))
 
 
 def worker_loss_record(*, task_id: UUID, step: int, message: Mapping[str, Any], actor: str) -> bool:
@@ -233,12 +232,16 @@ def dead_letter_requeue(*, dead_letter_id: int, actor: str) -> AgentTask:
         letter.save(update_fields=("requeued_at", "requeued_by"))
         task.attempt = 0
         task.worker_losses = 0
+        task.retry_at = None
         audit = AuditBatch(task, actor=actor)
         audit.add(EventType.REQUEUED, {"dead_letter": letter.pk}, step=task.current_step)
         transition(task, TaskStatus.RUNNING, audit=audit, reason="requeued")
         audit.flush()
-        task.save(update_fields=("attempt", "worker_losses", "audit_seq", *TRANSITION_FIELDS))
+        task.save(
+            update_fields=("attempt", "worker_losses", "retry_at", "audit_seq", *TRANSITION_FIELDS)
+        )
         step_publish_after_commit(
             task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
         )
+        transaction.on_commit(lambda: dead_letter_queue_remove(task_id=task.pk))
     return task

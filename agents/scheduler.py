@@ -2,7 +2,7 @@
 
 Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default) it:
 
-- fires retry timers whose backoff has passed (publishes the step again);
+- publishes again the steps whose retry backoff has passed (``AgentTask.retry_at``);
 - wakes durable timers and ends approval and event waits whose timeout has passed;
 - ends tasks whose deadline has passed, wherever they are (``timed_out``);
 - publishes again the current step of any pending or running task that has made no
@@ -22,12 +22,13 @@ from datetime import timedelta
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from agents import scheduling
 from agents.definition import registered_agents
 from agents.dispatch import step_publish_after_commit
-from agents.models import ACTIVE_STATUSES, AgentTask, RetryTimer, Suspension
+from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
 from agents.state_machine import RUNNABLE
 from audit.models import EventType
 from audit.services import AuditBatch, process_actor
@@ -37,21 +38,25 @@ logger = structlog.get_logger(__name__)
 BATCH = 200
 
 
-def retry_timers_fire(*, actor: str) -> int:
+def retries_fire(*, actor: str) -> int:
+    """Publish the steps whose retry backoff has passed."""
     fired = 0
-    due = RetryTimer.objects.filter(fire_at__lte=timezone.now()).values_list("pk", "task_id")
-    for timer_id, task_id in list(due[:BATCH]):
+    due = AgentTask.objects.filter(retry_at__lte=timezone.now()).values_list("pk", flat=True)
+    for task_id in list(due[:BATCH]):
         with transaction.atomic():
-            # The task row first, as everywhere else: one lock order, no deadlocks.
-            task = AgentTask.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
-            timer = RetryTimer.objects.filter(pk=timer_id).first() if task else None
-            if task is None or timer is None:
+            task = (
+                AgentTask.objects.select_for_update(skip_locked=True)
+                .filter(pk=task_id, retry_at__lte=timezone.now())
+                .first()
+            )
+            if task is None:
                 continue
-            timer.delete()
+            task.retry_at = None
+            task.save(update_fields=("retry_at",))
             agent = registered_agents().get(task.agent_name)
-            if task.status in RUNNABLE and task.current_step == timer.step and agent is not None:
+            if task.status in RUNNABLE and agent is not None:
                 step_publish_after_commit(
-                    task_id=task.pk, step=timer.step, agent=agent, deadline=task.deadline
+                    task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
                 )
                 fired += 1
     return fired
@@ -73,6 +78,16 @@ def deadlines_enforce(*, actor: str) -> int:
     return sum(scheduling.task_time_out(task_id=pk, actor=actor) for pk in list(due[:BATCH]))
 
 
+def stuck_tasks(*, stuck_after: float | None = None) -> QuerySet[AgentTask]:
+    """Pending or running tasks with no progress for ``stuck_after`` seconds (default
+    ``AGENTS_STUCK_AFTER``) and no retry pending: their step message may be lost."""
+    stuck_after = settings.AGENTS["STUCK_AFTER"] if stuck_after is None else stuck_after
+    cutoff = timezone.now() - timedelta(seconds=stuck_after)
+    return AgentTask.objects.filter(
+        status__in=RUNNABLE, updated_at__lt=cutoff, retry_at__isnull=True
+    ).order_by("updated_at")
+
+
 def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> int:
     """Publish again the current step of runnable tasks with no progress for a while.
 
@@ -80,9 +95,7 @@ def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> in
     """
     stuck_after = settings.AGENTS["STUCK_AFTER"] if stuck_after is None else stuck_after
     cutoff = timezone.now() - timedelta(seconds=stuck_after)
-    stuck = AgentTask.objects.filter(
-        status__in=RUNNABLE, updated_at__lt=cutoff, retry_timer__isnull=True
-    ).values_list("pk", flat=True)
+    stuck = stuck_tasks(stuck_after=stuck_after).values_list("pk", flat=True)
     republished = 0
     for task_id in list(stuck[:BATCH]):
         with transaction.atomic():
@@ -115,7 +128,7 @@ def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> in
 def tick(*, actor: str) -> dict[str, int]:
     """One pass of the clock. Returns how many of each thing it did."""
     return {
-        "retries": retry_timers_fire(actor=actor),
+        "retries": retries_fire(actor=actor),
         "wakeups": suspensions_expire(actor=actor),
         "deadlines": deadlines_enforce(actor=actor),
         "republished": stuck_tasks_republish(actor=actor),

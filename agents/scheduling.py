@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from agents.definition import Resumption, Suspend, registered_agents
 from agents.dispatch import step_publish_after_commit
-from agents.models import ACTIVE_STATUSES, AgentTask, RetryTimer, Signal, Suspension, TaskStatus
+from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
 from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
 from agents_project.errors import Conflict, NotFound
@@ -32,7 +32,7 @@ from audit.services import AuditBatch, user_actor
 logger = structlog.get_logger(__name__)
 
 R = Suspension.Resolution
-_SAVE_FIELDS = ("audit_seq", "error", *TRANSITION_FIELDS)
+_SAVE_FIELDS = ("audit_seq", "error", "retry_at", *TRANSITION_FIELDS)
 
 
 def task_lock(*, task_id: UUID | str, user: AbstractBaseUser | None = None) -> AgentTask:
@@ -228,7 +228,7 @@ def task_cancel(
         suspension = _open_suspension_or_none(task)
         if suspension is not None:
             _resolve(suspension, R.CANCELLED)
-        RetryTimer.objects.filter(task=task).delete()
+        task.retry_at = None
         transition(task, TaskStatus.CANCELLED, audit=audit, reason=f"cancelled by {actor}")
         audit.flush()
         task.save(update_fields=_SAVE_FIELDS)
@@ -249,7 +249,7 @@ def task_time_out(*, task_id: UUID, actor: str) -> bool:
         suspension = _open_suspension_or_none(task)
         if suspension is not None:
             _resolve(suspension, R.TIMED_OUT)
-        RetryTimer.objects.filter(task=task).delete()
+        task.retry_at = None
         task.error = f"deadline {task.deadline.isoformat()} passed"
         transition(task, TaskStatus.TIMED_OUT, audit=audit, reason="deadline")
         audit.flush()

@@ -7,7 +7,7 @@ from uuid import UUID
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
-from agents.models import AgentTask, Checkpoint
+from agents.models import AgentTask, Checkpoint, Suspension, TaskStatus
 from agents_project.errors import NotFound
 
 
@@ -34,5 +34,30 @@ def task_get(*, task_id: UUID | str, user: AbstractBaseUser | None) -> AgentTask
     return task
 
 
-def task_checkpoints(*, task: AgentTask) -> QuerySet[Checkpoint]:
-    return Checkpoint.objects.filter(task=task).order_by("step")
+def task_list(
+    *, user: AbstractBaseUser | None, status: str | None = None, agent: str | None = None
+) -> QuerySet[AgentTask]:
+    """Tasks ``user`` may see, newest first, optionally of one status and one agent."""
+    tasks = tasks_visible_to(user).order_by("-created_at")
+    if status:
+        tasks = tasks.filter(status=status)
+    if agent:
+        tasks = tasks.filter(agent_name=agent)
+    return tasks
+
+
+def task_checkpoints(*, task: AgentTask, after_step: int | None = None) -> QuerySet[Checkpoint]:
+    """The task's checkpoints in step order, from the one after ``after_step`` if given."""
+    checkpoints = Checkpoint.objects.filter(task=task).order_by("step")
+    if after_step is not None:
+        checkpoints = checkpoints.filter(step__gt=after_step)
+    return checkpoints
+
+
+def task_open_suspension(*, task: AgentTask) -> Suspension | None:
+    """What a suspended task waits for (an approval, an event, a time), if it does."""
+    if task.status != TaskStatus.SUSPENDED:
+        return None
+    return Suspension.objects.filter(
+        task=task, step=task.current_step - 1, resolved_at__isnull=True
+    ).first()

@@ -19,6 +19,7 @@ from agents.definition import get_agent
 from agents.dispatch import step_publish
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
+from agents.timeouts import learned_limit
 from agents_project.errors import InvalidInput, NotFound
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
@@ -57,6 +58,8 @@ def task_start(
             f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters",
             field="idempotency_key",
         )
+    if timeout_seconds is None and (learned := learned_limit(definition)) is not None:
+        timeout_seconds = learned.task_timeout
     deadline = _deadline(timeout_seconds)
     if idempotency_key is not None:
         existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()

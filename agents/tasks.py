@@ -16,6 +16,9 @@ from agents.engine import StepResult, step_execute
     name="agents.run_step",
     acks_late=True,
     reject_on_worker_lost=True,
+    # Killed by its hard time limit: give the message back (Celery's default acks it),
+    # so the redelivery is counted like a lost worker and retried or dead-lettered.
+    acks_on_timeout=False,
     ignore_result=True,
 )
 def run_step(self: Task, task_id: str, step: int) -> str:
@@ -23,9 +26,10 @@ def run_step(self: Task, task_id: str, step: int) -> str:
 
     Safe to run twice (the engine drops a duplicate or stale delivery). Never retried by
     Celery: a failing step's retry is scheduled in the database with backoff. If this
-    process dies, the message goes back to the queue (acks late, reject on worker
-    lost); after ``AGENTS_MAX_WORKER_LOSSES`` such returns, or when the step's retries
-    are spent, the task is dead-lettered and the message rejected into the DLQ.
+    process dies or the step hits its hard time limit, the message goes back to the
+    queue (acks late, reject on worker lost, no ack on timeout); after
+    ``AGENTS_MAX_WORKER_LOSSES`` such returns, or when the step's retries are spent, the
+    task is dead-lettered and the message rejected into the DLQ.
     """
     request = self.request
     delivery: dict[str, Any] = request.delivery_info or {}

@@ -31,6 +31,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
     "agents",
     "tools",
     "audit",
@@ -103,6 +106,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# How long the worker waits for the result of a pool process that died before declaring
+# it lost and giving its message back. Steps publish no results, so waiting the default
+# 10 s only delays recovery.
+CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=1.0)
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
 if BROKER_IS_AMQP:
     # Wait for the broker's confirm on every publish: a step is only handed over once
@@ -139,10 +146,27 @@ AGENTS = {
     "SCHEDULER_INTERVAL": env.float("AGENTS_SCHEDULER_INTERVAL", default=1.0),
     # A pending or running task with no progress for this long is published again.
     "STUCK_AFTER": env.float("AGENTS_STUCK_AFTER", default=360.0),
+    # How long a step waits out a database outage (holding its message) before giving up
+    # and returning the message to the queue.
+    "DATABASE_PATIENCE": env.float("AGENTS_DATABASE_PATIENCE", default=120.0),
+    # Seconds a worker given SIGTERM lets running steps finish before it stops them (their
+    # messages go back to the queue; see agents_project/celery.py). Keep Kubernetes'
+    # terminationGracePeriodSeconds above it.
+    "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
     # Largest accepted task input, in bytes of JSON.
     "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
     # Python modules that define (register) agents, imported at start-up.
     "MODULES": env.list("AGENTS_MODULES", default=[]),
+    # Circuit breakers (tools/breakers.py): failures in a row that open one, and seconds
+    # it stays open before one trial call is let through.
+    "BREAKER_FAIL_MAX": env.int("AGENTS_BREAKER_FAIL_MAX", default=5),
+    "BREAKER_RESET_TIMEOUT": env.float("AGENTS_BREAKER_RESET_TIMEOUT", default=30.0),
+    # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
+    # first encrypts, every one decrypts (rotation). Required in production.
+    "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),
+    # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
+    "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
+    "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
     # development | test | production. Fault injection needs "test".
     "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
     # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.
@@ -152,6 +176,12 @@ if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
     raise ImproperlyConfigured(
         "AGENTS_FAULT_INJECTION kills worker processes on purpose; it is refused unless "
         "AGENTS_ENVIRONMENT=test"
+    )
+if AGENTS["ENVIRONMENT"] == "production" and not AGENTS["CREDENTIALS_KEYS"]:
+    raise ImproperlyConfigured(
+        "AGENTS_CREDENTIALS_KEY must be set in production: credentials are encrypted with "
+        "it, and the development key is derived from DJANGO_SECRET_KEY. Generate one with "
+        "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
     )
 
 # --- HTTP, static files, i18n ---------------------------------------------------------
@@ -186,3 +216,63 @@ LOGGING = {
 CELERY_TASK_QUEUES = (topology.work_queue(AGENTS, amqp=BROKER_IS_AMQP),)
 CELERY_TASK_DEFAULT_QUEUE = AGENTS["QUEUE"]
 CELERY_TASK_CREATE_MISSING_QUEUES = False
+
+# --- Operator API, console and metrics (agents/api/, agents/admin.py, metrics.py) -----
+
+REST_FRAMEWORK = {
+    # Token first: an unauthenticated request gets 401 with "WWW-Authenticate: Token".
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only (strict: no NaN or Infinity). DRF reads it through request.body, so
+    # DATA_UPLOAD_MAX_MEMORY_SIZE applies: a larger body is refused with 413.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "agents.api.pagination.NewestFirstPagination",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": ["agents.api.throttling.PerUserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env.str("API_THROTTLE_RATE", default="600/minute")},
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "agents.api.errors.exception_handler",
+    "PAGE_SIZE": 50,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agent runtime API",
+    "DESCRIPTION": "Start, follow and operate agent tasks. Errors share one shape: Error.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"TaskStatusEnum": "agents.models.TaskStatus"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "agents.api.schema.add_common_error_responses",
+    ],
+    # Swagger UI's assets come from this URL (a CDN by default; self-host on closed networks).
+    "SWAGGER_UI_DIST": env.str(
+        "SWAGGER_UI_DIST", default="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
+    ),
+}
+# A request body larger than this is refused (413) before it is parsed. It leaves room
+# for an input near AGENTS_MAX_INPUT_BYTES sent with \u escapes, so that such an input
+# gets the service's clearer 400 naming "input".
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int(
+    "DATA_UPLOAD_MAX_MEMORY_SIZE", default=4 * AGENTS["MAX_INPUT_BYTES"] + 64 * 1024
+)
+# Throttle counters must be shared by every web process: Redis when there is one.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "agents",
+        }
+    }
+# Worker processes serve their step metrics on this port (0: off); see metrics.py.
+METRICS_PORT = env.int("AGENTS_METRICS_PORT", default=0)
+# When set, GET /metrics needs "Authorization: Bearer <token>".
+METRICS_TOKEN = env.str("AGENTS_METRICS_TOKEN", default="")

@@ -1,11 +1,15 @@
-"""Reading the audit trail."""
+"""Reading the audit trail and the dead letters."""
 
 from __future__ import annotations
 
+from uuid import UUID
+
+from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
 from agents.models import AgentTask
-from audit.models import AuditEvent
+from agents_project.errors import NotFound
+from audit.models import AuditEvent, DeadLetter
 
 
 def audit_events(*, task: AgentTask, after_seq: int = 0) -> QuerySet[AuditEvent]:
@@ -14,3 +18,35 @@ def audit_events(*, task: AgentTask, after_seq: int = 0) -> QuerySet[AuditEvent]
     Served by the unique (task, seq) index: fast on tasks with many thousands of events.
     """
     return AuditEvent.objects.filter(task=task, seq__gt=after_seq).order_by("seq")
+
+
+def dead_letters_visible_to(
+    user: AbstractBaseUser | None, *, open: bool | None = None, task_id: UUID | None = None
+) -> QuerySet[DeadLetter]:
+    """Dead letters of the tasks ``user`` may see (staff and the system: all), newest first.
+
+    ``open``: True for letters not requeued yet (the partial index ``dead_letter_open``),
+    False for requeued ones, None for both.
+    """
+    letters = DeadLetter.objects.select_related("task").order_by("-created_at", "-id")
+    if user is not None and not user.is_staff:
+        letters = letters.filter(task__owner=user)
+    if open is not None:
+        letters = letters.filter(requeued_at__isnull=open)
+    if task_id is not None:
+        letters = letters.filter(task_id=task_id)
+    return letters
+
+
+def dead_letter_get(*, dead_letter_id: int | str, user: AbstractBaseUser | None) -> DeadLetter:
+    """One dead letter ``user`` may see; a malformed id, like another user's, is NotFound."""
+    try:
+        pk = int(dead_letter_id)
+    except (TypeError, ValueError):
+        raise NotFound(f"no dead letter {dead_letter_id}") from None
+    letter = None
+    if 0 < pk < 2**63:
+        letter = dead_letters_visible_to(user).filter(pk=pk).first()
+    if letter is None:
+        raise NotFound(f"no dead letter {dead_letter_id}")
+    return letter

@@ -17,9 +17,12 @@ if TYPE_CHECKING:
     from agents.models import AgentTask
 
 
+_HOST = socket.gethostname()
+
+
 def process_actor(role: str) -> str:
     """The actor name for work done by this process: ``<role>:<host>:<pid>``."""
-    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+    return f"{role}:{_HOST}:{os.getpid()}"
 
 
 def user_actor(user: Any) -> str:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from django.conf import settings
 
-from tests.helpers import purge_queues
+from tests.helpers import publishes_refused, purge_queues
 
 
 def _reachable(url: str, default_port: int) -> str | None:
@@ -64,6 +64,13 @@ def user(django_user_model):
 @pytest.fixture
 def other_user(django_user_model):
     return django_user_model.objects.create_user(username="bob", password="pw-bob")
+
+
+@pytest.fixture
+def broker_unreachable():
+    """This process's publishes are refused for the whole test."""
+    with publishes_refused():
+        yield
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,7 +15,7 @@ from django.db import connection
 from kombu import Connection
 
 from agents.engine import StepResult, step_execute
-from agents.models import RetryTimer
+from agents.models import AgentTask
 from agents.scheduler import tick
 from agents_project.topology import dead_letter_queue
 
@@ -40,7 +41,9 @@ def queue_depth(queue: Any = WORK_QUEUE) -> int:
         return count
 
 
-def run_until_idle(*, max_messages: int = 10_000, wait: float = 0.0) -> list[tuple[UUID, int, str]]:
+def run_until_idle(
+    *, max_messages: int = 10_000, wait: float = 0.0, wait_for_retries: bool = True
+) -> list[tuple[UUID, int, str]]:
     """Play the worker in-process: take step messages off the real queue and run them.
 
     Runs the scheduler whenever the queue is empty (so retry timers and wake-ups fire),
@@ -57,24 +60,53 @@ def run_until_idle(*, max_messages: int = 10_000, wait: float = 0.0) -> list[tup
             if message is None:
                 if any(tick(actor="scheduler:test").values()):
                     idle_since = time.monotonic()
-                elif not RetryTimer.objects.exists() and time.monotonic() - idle_since >= wait:
+                elif (
+                    not wait_for_retries
+                    or not AgentTask.objects.filter(retry_at__isnull=False).exists()
+                ) and time.monotonic() - idle_since >= wait:
                     return done
                 time.sleep(0.005)
                 continue
             idle_since = time.monotonic()
-            task_id, step = message.payload[0]
-            result = step_execute(
-                task_id=UUID(task_id),
-                step=step,
-                redelivered=bool(message.delivery_info.get("redelivered")),
-                message={"args": [task_id, step]},
-            )
-            if result == StepResult.DEAD_LETTERED:
-                message.reject(requeue=False)
-            else:
-                message.ack()
-            done.append((UUID(task_id), step, result.value))
+            task_id, step, result = deliver(message)
+            done.append((task_id, step, result.value))
     return done
+
+
+@contextlib.contextmanager
+def publishes_to(url: str) -> Iterator[None]:
+    """This process publishes its steps to the broker at ``url`` for a while."""
+    from agents_project.celery import app
+
+    original = app.conf.broker_write_url
+    app.conf.broker_write_url = url
+    app.amqp._producer_pool = None
+    try:
+        yield
+    finally:
+        app.conf.broker_write_url = original
+        app.amqp._producer_pool = None
+
+
+def publishes_refused() -> contextlib.AbstractContextManager[None]:
+    """This process's publishes go to a port where no broker listens: a real refusal."""
+    return publishes_to("amqp://guest:guest@127.0.0.1:1//")
+
+
+def deliver(message: Any) -> tuple[UUID, int, StepResult]:
+    """Run one step message as a worker would, and settle it with the broker."""
+    task_id, step = message.payload[0]
+    result = step_execute(
+        task_id=UUID(task_id),
+        step=step,
+        redelivered=bool(message.delivery_info.get("redelivered")),
+        message={"args": [task_id, step]},
+    )
+    if result == StepResult.DEAD_LETTERED:
+        message.reject(requeue=False)
+    else:
+        message.ack()
+    return UUID(task_id), step, result
 
 
 def wait_until(

@@ -6,7 +6,6 @@ import pytest
 
 from agents.models import AgentTask, Checkpoint
 from agents.services import task_replay, task_start
-from agents_project.celery import app
 from agents_project.errors import Backpressure, InvalidInput, NotFound
 from audit.models import AuditEvent
 from tests.helpers import queue_depth, run_until_idle
@@ -60,17 +59,6 @@ def test_an_idempotency_key_returns_the_existing_task(user, other_user):
     assert again.pk == first.pk and theirs.pk != first.pk
     assert AgentTask.objects.count() == 2
     assert queue_depth() == 2
-
-
-@pytest.fixture
-def broker_unreachable(settings):
-    """Point the Celery app at a port where no broker listens (a real refused connection)."""
-    original = app.conf.broker_write_url
-    app.conf.broker_write_url = "amqp://guest:guest@127.0.0.1:1//"
-    app.amqp._producer_pool = None
-    yield
-    app.conf.broker_write_url = original
-    app.amqp._producer_pool = None
 
 
 def test_when_the_broker_refuses_nothing_is_left_behind(user, broker_unreachable):

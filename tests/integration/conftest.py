@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Iterator
 
@@ -26,12 +28,16 @@ class Workers:
         process = start_worker(
             env=worker_env(**env),
             concurrency=concurrency,
-            hostname=f"{self.name}-{index}@%h",
+            hostname=f"{self.name}-{index}-{os.getpid()}@%h",
             output=log,
         )
         self.processes.append(process)
         self.logs.append((path, log))
         return process
+
+    def kill(self, index: int) -> None:
+        """``kill -9`` worker ``index``: its main process and every pool child."""
+        kill_worker_group(self.processes[index])
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -45,7 +51,8 @@ class Workers:
 
 @pytest.fixture
 def workers(request, transactional_db) -> Iterator[Workers]:
-    pool = Workers(request.node.name[:40])
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
+    pool = Workers(name[-60:])
     yield pool
     pool.stop_all()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:

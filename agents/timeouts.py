@@ -1,0 +1,123 @@
+"""Time limits learned from history instead of guessed.
+
+``duration_report`` reads what past steps and tasks took (the ``duration_ms`` of every
+``step`` audit event, and each finished task's run time), per agent and per step kind
+(the outcome: continue, call_tools, suspend, finish, fail), and recommends limits:
+the p99 with headroom (``HEADROOM`` times), rounded up, never below ``FLOOR`` seconds.
+Outliers are what limits are for, so the recommendation follows the tail of the
+distribution, not its maximum.
+
+``learned_limits_apply`` stores the per-agent recommendation; an agent that sets
+``learned_limits = True`` then gets it as its step time limit (and, for tasks started
+without ``timeout_seconds``, as their deadline).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.db.models import F
+
+from agents.definition import Agent
+from agents.models import AgentTask, LearnedLimit, TaskStatus
+from audit.models import AuditEvent, EventType
+
+HEADROOM = 1.5
+FLOOR = 1.0
+SAMPLE = 20_000
+TASK_KIND = "(whole task)"
+
+
+@dataclass(frozen=True)
+class DurationRow:
+    agent: str
+    kind: str
+    samples: int
+    p50: float
+    p95: float
+    p99: float
+    recommended: float
+
+
+def _row(agent: str, kind: str, seconds: list[float]) -> DurationRow:
+    if len(seconds) == 1:
+        p50 = p95 = p99 = seconds[0]
+    else:
+        cuts = statistics.quantiles(seconds, n=100, method="inclusive")
+        p50, p95, p99 = cuts[49], cuts[94], cuts[98]
+    return DurationRow(agent, kind, len(seconds), p50, p95, p99, recommend(p99))
+
+
+def recommend(p99: float) -> float:
+    """p99 with headroom, rounded up to a whole second (or a tenth below 10 s)."""
+    raw = max(p99 * HEADROOM, FLOOR)
+    return math.ceil(raw) if raw >= 10 else math.ceil(raw * 10) / 10
+
+
+def duration_report(*, agents: Iterable[str] | None = None) -> list[DurationRow]:
+    steps = AuditEvent.objects.filter(type=EventType.STEP).order_by("-id")
+    tasks = AgentTask.objects.filter(status=TaskStatus.COMPLETED, finished_at__isnull=False)
+    if agents:
+        steps = steps.filter(task__agent_name__in=list(agents))
+        tasks = tasks.filter(agent_name__in=list(agents))
+    by_kind: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for agent, payload in steps.values_list("task__agent_name", "payload")[:SAMPLE]:
+        if "duration_ms" in payload:
+            by_kind[(agent, payload.get("outcome", "?"))].append(payload["duration_ms"] / 1000)
+    whole: dict[str, list[float]] = defaultdict(list)
+    runs = tasks.annotate(took=F("finished_at") - F("created_at"))
+    for agent, took in runs.values_list("agent_name", "took")[:SAMPLE]:
+        whole[agent].append(took.total_seconds())
+    rows = [_row(agent, kind, values) for (agent, kind), values in sorted(by_kind.items())]
+    rows += [_row(agent, TASK_KIND, values) for agent, values in sorted(whole.items())]
+    return rows
+
+
+def learned_limits_apply(*, rows: list[DurationRow]) -> list[LearnedLimit]:
+    """Store, per agent, the largest step recommendation and the task recommendation."""
+    per_agent: dict[str, dict[str, DurationRow | list[DurationRow]]] = defaultdict(dict)
+    for row in rows:
+        if row.kind == TASK_KIND:
+            per_agent[row.agent]["task"] = row
+        else:
+            per_agent[row.agent].setdefault("steps", []).append(row)  # type: ignore[union-attr]
+    saved = []
+    for agent, found in per_agent.items():
+        steps = found.get("steps") or []
+        if not steps:
+            continue
+        task = found.get("task")
+        limit, _ = LearnedLimit.objects.update_or_create(
+            agent_name=agent,
+            defaults={
+                "step_time_limit": max(r.recommended for r in steps),  # type: ignore[union-attr]
+                "step_samples": sum(r.samples for r in steps),  # type: ignore[union-attr]
+                "task_timeout": task.recommended if task else None,  # type: ignore[union-attr]
+                "task_samples": task.samples if task else 0,  # type: ignore[union-attr]
+            },
+        )
+        saved.append(limit)
+    _cache.clear()
+    return saved
+
+
+# Per process: publishing a step must not cost a query for this.
+_cache: dict[str, tuple[float, LearnedLimit | None]] = {}
+_CACHE_SECONDS = 60.0
+
+
+def learned_limit(agent: Agent) -> LearnedLimit | None:
+    """The stored limits of an agent that opted in (``learned_limits``), else None."""
+    if not getattr(agent, "learned_limits", False):
+        return None
+    now = time.monotonic()
+    cached = _cache.get(agent.name)
+    if cached is None or now - cached[0] > _CACHE_SECONDS:
+        cached = (now, LearnedLimit.objects.filter(agent_name=agent.name).first())
+        _cache[agent.name] = cached
+    return cached[1]

@@ -1,0 +1,103 @@
+"""Scripted workloads for the recovery tests, and the check that nothing was lost or
+done twice. Usable in-process, or as ``python -m tests.integration.scenario`` against
+other servers (the database-restart test runs on a private PostgreSQL).
+
+    python -m tests.integration.scenario create N      -> prints task ids, one per line
+    python -m tests.integration.scenario check ID...   -> prints the problems found (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+SCRIPT: list[dict[str, Any]] = [
+    {"think": "start"},
+    {"tool": "ledger.append", "args": {"key": "first", "value": 1}},
+    {"sleep": 0.2},
+    {"tool": "ledger.append", "args": {"key": "second", "value": 2}},
+    {"tool": "calc", "args": {"expression": "1 + 1"}},
+    {"final": "done"},
+]
+
+
+def create(n: int, *, owner: Any = None, script: list[dict[str, Any]] = SCRIPT) -> list[str]:
+    from agents.services import service_user, task_start
+
+    owner = owner or service_user("recovery")
+    return [
+        str(task_start(owner=owner, agent="scripted", input={"script": script})[0].pk)
+        for _ in range(n)
+    ]
+
+
+def finished(ids: Iterable[str]) -> bool:
+    from agents.models import AgentTask
+
+    ids = list(ids)
+    done = AgentTask.objects.filter(pk__in=ids, status="completed").count()
+    return done == len(ids)
+
+
+def check(ids: Iterable[str], *, script: list[dict[str, Any]] = SCRIPT) -> list[str]:
+    """Every problem with the tasks: not completed, a step missing, doubled or out of
+    order, an audit gap, a side effect missing or done twice. Empty when all is well."""
+    from agents.models import AgentTask, Checkpoint
+    from audit.models import AuditEvent
+    from tools.models import LedgerEntry
+
+    ids = list(ids)
+    steps = len(script)
+    ledger_steps = [i + 1 for i, e in enumerate(script) if e.get("tool") == "ledger.append"]
+    problems = []
+    found = {str(t.pk): t for t in AgentTask.objects.filter(pk__in=ids)}
+    for task_id in ids:
+        task = found.get(task_id)
+        if task is None:
+            problems.append(f"{task_id}: lost")
+            continue
+        if task.status != "completed":
+            problems.append(f"{task_id}: {task.status} at step {task.current_step}")
+        checkpoints = list(
+            Checkpoint.objects.filter(task=task).order_by("step").values_list("step", flat=True)
+        )
+        if checkpoints != list(range(steps + 1)):
+            problems.append(f"{task_id}: checkpoints {checkpoints}")
+        trail = list(AuditEvent.objects.filter(task=task).order_by("seq"))
+        if [e.seq for e in trail] != list(range(1, len(trail) + 1)):
+            problems.append(f"{task_id}: audit sequence has gaps")
+        committed = [e.step for e in trail if e.type == "step"]
+        if committed != list(range(1, steps + 1)):
+            problems.append(f"{task_id}: committed steps {committed}")
+        numbered = [e.step for e in trail if e.step is not None]
+        if numbered != sorted(numbered):
+            problems.append(f"{task_id}: audit steps out of order")
+        keys = sorted(
+            LedgerEntry.objects.filter(task=task).values_list("idempotency_key", flat=True)
+        )
+        if keys != sorted(f"{task_id}:{s}:0" for s in ledger_steps):
+            problems.append(f"{task_id}: ledger rows {keys}")
+    return problems
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agents_project.settings")
+    import django
+
+    django.setup()
+    command, *rest = argv
+    if command == "create":
+        print("\n".join(create(int(rest[0]))))
+    elif command == "finished":
+        print(json.dumps(finished(rest)))
+    elif command == "check":
+        print(json.dumps(check(rest)))
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
