@@ -32,6 +32,7 @@ from agents.selectors import task_checkpoints, task_open_suspension
 from agents.services import task_replay
 from agents.state_machine import FINAL
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
+from audit.admin import ReadOnlyAdmin
 from audit.selectors import audit_events, dead_letters_visible_to
 from audit.services import user_actor
 from audit.timeline import describe
@@ -76,7 +77,7 @@ def open_dead_letter_id(task: AgentTask) -> int | None:
 
 
 @admin.register(AgentTask)
-class AgentTaskAdmin(admin.ModelAdmin):
+class AgentTaskAdmin(ReadOnlyAdmin):
     list_display = (
         "short_id",
         "agent_name",
@@ -184,16 +185,7 @@ class AgentTaskAdmin(admin.ModelAdmin):
         except ValueError:
             return queryset.filter(idempotency_key=term), False
 
-    # --- permissions: read-only, acting through services ---------------------------------
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    # --- permissions: read-only (ReadOnlyAdmin), acting through services ------------------
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         user = request.user
