@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -28,12 +29,17 @@ class Workers:
         process = start_worker(
             env=worker_env(**env),
             concurrency=concurrency,
-            hostname=f"{self.name}-{index}-{os.getpid()}@%h",
+            hostname=self.node_name(index),
             output=log,
         )
         self.processes.append(process)
         self.logs.append((path, log))
         return process
+
+    def node_name(self, index: int) -> str:
+        """Worker ``index``'s Celery node name, unique even across concurrent test runs
+        (a node name owns an exclusive control queue on the broker)."""
+        return f"{self.name}-{index}-{os.getpid()}@{socket.gethostname()}"
 
     def kill(self, index: int) -> None:
         """``kill -9`` worker ``index``: its main process and every pool child."""

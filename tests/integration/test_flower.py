@@ -56,7 +56,7 @@ def flower(transactional_db) -> Iterator[str]:
 
 def test_flower_lists_the_running_worker(workers, flower):
     workers.start(concurrency=1)
-    name_prefix = f"{workers.name}-0@"
+    node = workers.node_name(0)
 
     def listed() -> dict | None:
         try:
@@ -67,7 +67,7 @@ def test_flower_lists_the_running_worker(workers, flower):
             return None  # Flower is still starting
         if response.status_code != 200:
             return None
-        mine = {k: v for k, v in response.json().items() if k.startswith(name_prefix)}
+        mine = {k: v for k, v in response.json().items() if k == node}
         return mine or None
 
     mine = wait_until(listed, timeout=90, interval=1)
