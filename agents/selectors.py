@@ -61,3 +61,13 @@ def task_open_suspension(*, task: AgentTask) -> Suspension | None:
     return Suspension.objects.filter(
         task=task, step=task.current_step - 1, resolved_at__isnull=True
     ).first()
+
+
+def open_waits(*, kind: str | None = None) -> QuerySet[Suspension]:
+    """Suspended tasks' waits still open, oldest first, with their task."""
+    waits = Suspension.objects.filter(
+        resolved_at__isnull=True, task__status=TaskStatus.SUSPENDED
+    ).select_related("task", "task__owner")
+    if kind:
+        waits = waits.filter(kind=kind)
+    return waits.order_by("created_at")

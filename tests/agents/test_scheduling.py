@@ -311,3 +311,19 @@ def test_the_approve_and_signal_commands(user):
     assert "consumed by the waiting task" in out.getvalue()
     run_until_idle()
     assert status(task) == TaskStatus.COMPLETED
+
+
+def test_the_waits_command_lists_who_waits_for_what(user):
+    asking = start(user, {"approval": "ship it?"}, {"final": 1})
+    listening = start(user, {"wait_event": "payment"}, {"final": 1})
+    start(user, {"final": "not waiting"})
+    run_until_idle()
+    out = StringIO()
+    call_command("waits", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert str(asking.pk) in lines[0] and "ship it?" in lines[0] and "approval" in lines[0]
+    assert str(listening.pk) in lines[1] and "payment" in lines[1]
+    only = StringIO()
+    call_command("waits", "--kind", "event", stdout=only)
+    assert str(asking.pk) not in only.getvalue() and str(listening.pk) in only.getvalue()

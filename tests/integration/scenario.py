@@ -4,6 +4,8 @@ other servers (the database-restart test runs on a private PostgreSQL).
 
     python -m tests.integration.scenario create N      -> prints task ids, one per line
     python -m tests.integration.scenario check ID...   -> prints the problems found (JSON)
+    python -m tests.integration.scenario flood N       -> POSTs N tasks to the API; prints
+                                                          each answer's status, Retry-After
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def check(ids: Iterable[str], *, script: list[dict[str, Any]] = SCRIPT) -> list[
     return problems
 
 
+def flood(n: int) -> list[tuple[int, str | None]]:
+    """Create ``n`` tasks through the REST API, as one user, without any worker."""
+    from rest_framework.test import APIClient
+
+    from agents.services import service_user
+
+    client = APIClient(SERVER_NAME="localhost")
+    client.force_authenticate(service_user("flood"))
+    answers = []
+    for _ in range(n):
+        response = client.post(
+            "/api/tasks/", {"agent": "scripted", "input": {"script": [{"final": 1}]}}, format="json"
+        )
+        answers.append((response.status_code, response.headers.get("Retry-After")))
+    return answers
+
+
 def main(argv: list[str]) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agents_project.settings")
     import django
@@ -95,6 +114,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(finished(rest)))
     elif command == "check":
         print(json.dumps(check(rest)))
+    elif command == "flood":
+        print(json.dumps(flood(int(rest[0]))))
     else:
         raise SystemExit(f"unknown command {command}")
 
