@@ -25,7 +25,8 @@ from agents.dispatch import step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
 from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
-from agents_project.errors import Conflict, NotFound
+from agents.validation import json_value_check
+from agents_project.errors import Conflict, InvalidInput, NotFound
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
 
@@ -186,6 +187,9 @@ def task_signal(
     not (yet), the signal is kept and the first later wait for ``name`` consumes it.
     Each signal is consumed exactly once. ``Conflict`` if the task has ended.
     """
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise InvalidInput("must be a non-empty string of at most 200 characters", field="name")
+    json_value_check(payload, field="payload")
     actor = actor or user_actor(user)
     with transaction.atomic():
         task = task_lock(task_id=task_id, user=user)

@@ -3,13 +3,11 @@ retries and dead letters: ``agents.retries``; the step itself: ``agents.engine``
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
@@ -20,6 +18,7 @@ from agents.dispatch import step_publish
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
+from agents.validation import json_value_check
 from agents_project.errors import InvalidInput, NotFound
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
@@ -47,7 +46,7 @@ def task_start(
     if not isinstance(agent, str) or not agent:
         raise InvalidInput("must be the name of an agent", field="agent")
     definition = get_agent(agent)
-    _check_json(input, "input")
+    json_value_check(input, field="input")
     definition.validate_input(input)
     if idempotency_key is not None and (
         not isinstance(idempotency_key, str)
@@ -173,16 +172,6 @@ def service_user(username: str) -> AbstractBaseUser:
         user.set_unusable_password()
         user.save(update_fields=["password"])
     return user
-
-
-def _check_json(value: Any, field: str) -> None:
-    try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"must be JSON: {exc}", field=field) from None
-    limit = settings.AGENTS["MAX_INPUT_BYTES"]
-    if len(encoded.encode()) > limit:
-        raise InvalidInput(f"is larger than {limit} bytes", field=field)
 
 
 def _deadline(timeout_seconds: Any) -> Any:

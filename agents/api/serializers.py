@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from django.conf import settings
 from rest_framework import serializers
-from rest_framework.utils import json
 
 from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
+from agents.validation import json_value_check
+from agents_project.errors import InvalidInput
 from audit.models import AuditEvent, DeadLetter
 from audit.timeline import describe
 
@@ -55,44 +55,17 @@ class StrictNumberField(serializers.FloatField):
 
 
 class StorableJSONField(serializers.JSONField):
-    """Any JSON value PostgreSQL can store: no NUL character and no lone surrogate in
-    any string (``jsonb`` refuses both, which would otherwise surface as a 500).
-
-    ``sized``: also refuse a value larger than ``AGENTS_MAX_INPUT_BYTES`` as JSON.
-    """
-
-    def __init__(self, *, sized: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.sized = sized
+    """Any JSON value the database can store, no larger than ``AGENTS_MAX_INPUT_BYTES``
+    (``agents.validation``, the same check the services make), refused as a 400 naming
+    the field rather than surfacing as a database error."""
 
     def to_internal_value(self, data: Any) -> Any:
         value = super().to_internal_value(data)
-        problem = _unstorable(value)
-        if problem:
-            raise serializers.ValidationError(problem)
-        limit = settings.AGENTS["MAX_INPUT_BYTES"]
-        if self.sized and len(json.dumps(value).encode()) > limit:
-            raise serializers.ValidationError(f"is larger than {limit} bytes")
+        try:
+            json_value_check(value, field=self.field_name)
+        except InvalidInput as exc:
+            raise serializers.ValidationError(exc.message) from None
         return value
-
-
-def _unstorable(value: Any) -> str | None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            if "\x00" in item:
-                return "must not contain the NUL character (\\u0000)"
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "must not contain unpaired surrogates"
-    return None
 
 
 # --- Requests -----------------------------------------------------------------------------
@@ -114,8 +87,6 @@ class RequestSerializer(serializers.Serializer):
 
 class TaskCreateSerializer(RequestSerializer):
     agent = StrictCharField(max_length=100, help_text="The name of a registered agent.")
-    # The size limit is the service's (it names the field "input"); here only what
-    # the database could not store.
     input = StorableJSONField(help_text="The agent's input; its shape is the agent's own.")
     idempotency_key = StrictCharField(
         max_length=200,
@@ -142,7 +113,7 @@ class ApproveSerializer(RequestSerializer):
 
 class SignalSerializer(RequestSerializer):
     name = StrictCharField(max_length=200)
-    payload = StorableJSONField(sized=True, required=False, allow_null=True, default=None)
+    payload = StorableJSONField(required=False, allow_null=True, default=None)
 
 
 class ReplaySerializer(RequestSerializer):

@@ -32,6 +32,8 @@ SCRIPT = {"script": [{"think": "a"}, {"final": "b"}]}
         ({"agent": "scripted", "input": {"script": [{"wait": -1}]}}, "input.script[0].wait"),
         ({"agent": "scripted", "input": {"script": [{"final": float("nan")}]}}, "input"),
         ({"agent": "scripted", "input": {"script": [{"final": "x" * 300_000}]}}, "input"),
+        ({"agent": "scripted", "input": {"script": [{"final": "nul\x00"}]}}, "input"),
+        ({"agent": "scripted", "input": {"script": [{"final": "half \ud800"}]}}, "input"),
         ({"agent": "scripted", "input": SCRIPT, "timeout_seconds": -5}, "timeout_seconds"),
         ({"agent": "scripted", "input": SCRIPT, "timeout_seconds": "10"}, "timeout_seconds"),
         ({"agent": "scripted", "input": SCRIPT, "idempotency_key": ""}, "idempotency_key"),
