@@ -15,7 +15,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from django.contrib import admin, messages
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
@@ -66,9 +66,9 @@ def pretty_json(value: Any) -> str:
     return format_html('<pre class="agents-json">{}</pre>', text)
 
 
-def operator(request: HttpRequest) -> AbstractBaseUser:
+def operator(request: HttpRequest) -> User:
     """The signed-in user (every console view requires one)."""
-    return cast(AbstractBaseUser, request.user)
+    return cast(User, request.user)
 
 
 def open_dead_letter_id(task: AgentTask) -> int | None:

@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -36,7 +36,7 @@ R = Suspension.Resolution
 _SAVE_FIELDS = ("audit_seq", "error", "retry_at", *TRANSITION_FIELDS)
 
 
-def task_lock(*, task_id: UUID | str, user: AbstractBaseUser | None = None) -> AgentTask:
+def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
     """Lock and return the task, as ``user`` may see it (``None``: the system sees all).
 
     Another user's task is ``NotFound``, not forbidden: its existence is not disclosed.
@@ -115,21 +115,24 @@ def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: Audi
     return False
 
 
+_RESUMED_BY: dict[str, str] = {
+    R.APPROVED: "approval",
+    R.REJECTED: "approval",
+    R.SIGNALLED: "event",
+    R.WOKEN: "timer",
+    R.TIMED_OUT: "timeout",
+}
+_APPROVED: dict[str, bool] = {R.APPROVED: True, R.REJECTED: False}
+
+
 def resumption_for(*, task_id: UUID, step: int) -> Resumption | None:
     """What the step after a suspension sees of how the wait at ``step`` ended."""
     suspension = Suspension.objects.filter(task_id=task_id, step=step).first()
     if suspension is None or suspension.resolved_at is None:
         return None
-    kind = {
-        R.APPROVED: "approval",
-        R.REJECTED: "approval",
-        R.SIGNALLED: "event",
-        R.WOKEN: "timer",
-        R.TIMED_OUT: "timeout",
-    }.get(suspension.resolution, suspension.resolution)
     return Resumption(
-        kind=kind,
-        approved={R.APPROVED: True, R.REJECTED: False}.get(suspension.resolution),
+        kind=_RESUMED_BY.get(suspension.resolution, suspension.resolution),
+        approved=_APPROVED.get(suspension.resolution),
         payload=suspension.payload,
         comment=suspension.comment,
         decided_by=suspension.decided_by.get_username() if suspension.decided_by else "",
@@ -139,7 +142,7 @@ def resumption_for(*, task_id: UUID, step: int) -> Resumption | None:
 def task_approve(
     *,
     task_id: UUID | str,
-    user: AbstractBaseUser | None,
+    user: User | None,
     approved: bool,
     comment: str = "",
     actor: str | None = None,
@@ -176,7 +179,7 @@ def task_approve(
 def task_signal(
     *,
     task_id: UUID | str,
-    user: AbstractBaseUser | None,
+    user: User | None,
     name: str,
     payload: Any = None,
     actor: str | None = None,
@@ -218,9 +221,7 @@ def task_signal(
     return signal
 
 
-def task_cancel(
-    *, task_id: UUID | str, user: AbstractBaseUser | None, actor: str | None = None
-) -> AgentTask:
+def task_cancel(*, task_id: UUID | str, user: User | None, actor: str | None = None) -> AgentTask:
     """Cancel a task that has not ended. No further step starts; a step already running
     finishes its work, records its checkpoint, and stops there."""
     actor = actor or user_actor(user)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from agents.models import AgentTask, Checkpoint, Suspension, TaskStatus
@@ -19,7 +19,7 @@ def parse_task_id(value: UUID | str) -> UUID:
         raise NotFound(f"no task {value}") from None
 
 
-def tasks_visible_to(user: AbstractBaseUser | None) -> QuerySet[AgentTask]:
+def tasks_visible_to(user: User | None) -> QuerySet[AgentTask]:
     """Staff (and the system, ``None``) see every task; anyone else only their own."""
     tasks = AgentTask.objects.select_related("owner")
     if user is not None and not user.is_staff:
@@ -27,7 +27,7 @@ def tasks_visible_to(user: AbstractBaseUser | None) -> QuerySet[AgentTask]:
     return tasks
 
 
-def task_get(*, task_id: UUID | str, user: AbstractBaseUser | None) -> AgentTask:
+def task_get(*, task_id: UUID | str, user: User | None) -> AgentTask:
     task = tasks_visible_to(user).filter(pk=parse_task_id(task_id)).first()
     if task is None:
         raise NotFound(f"no task {task_id}")
@@ -35,7 +35,7 @@ def task_get(*, task_id: UUID | str, user: AbstractBaseUser | None) -> AgentTask
 
 
 def task_list(
-    *, user: AbstractBaseUser | None, status: str | None = None, agent: str | None = None
+    *, user: User | None, status: str | None = None, agent: str | None = None
 ) -> QuerySet[AgentTask]:
     """Tasks ``user`` may see, newest first, optionally of one status and one agent."""
     tasks = tasks_visible_to(user).order_by("-created_at")

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -28,7 +28,7 @@ MAX_IDEMPOTENCY_KEY = 200
 
 def task_start(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     agent: Any,
     input: Any,
     idempotency_key: Any = None,
@@ -108,9 +108,9 @@ def task_start(
 def task_replay(
     *,
     task_id: UUID | str,
-    user: AbstractBaseUser | None,
+    user: User | None,
     from_step: Any = None,
-    owner: AbstractBaseUser | None = None,
+    owner: User | None = None,
 ) -> AgentTask:
     """A new task that starts from a checkpoint of ``task_id``; the original is untouched.
 
@@ -165,7 +165,7 @@ def task_replay(
     return task
 
 
-def service_user(username: str) -> AbstractBaseUser:
+def service_user(username: str) -> User:
     """The account that owns tasks started from the command line (created on first use)."""
     user, created = get_user_model().objects.get_or_create(username=username)
     if created:

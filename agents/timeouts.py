@@ -80,25 +80,23 @@ def duration_report(*, agents: Iterable[str] | None = None) -> list[DurationRow]
 
 def learned_limits_apply(*, rows: list[DurationRow]) -> list[LearnedLimit]:
     """Store, per agent, the largest step recommendation and the task recommendation."""
-    per_agent: dict[str, dict[str, DurationRow | list[DurationRow]]] = defaultdict(dict)
+    steps: dict[str, list[DurationRow]] = defaultdict(list)
+    tasks: dict[str, DurationRow] = {}
     for row in rows:
         if row.kind == TASK_KIND:
-            per_agent[row.agent]["task"] = row
+            tasks[row.agent] = row
         else:
-            per_agent[row.agent].setdefault("steps", []).append(row)  # type: ignore[union-attr]
+            steps[row.agent].append(row)
     saved = []
-    for agent, found in per_agent.items():
-        steps = found.get("steps") or []
-        if not steps:
-            continue
-        task = found.get("task")
+    for agent, kinds in steps.items():
+        task = tasks.get(agent)
         limit, _ = LearnedLimit.objects.update_or_create(
             agent_name=agent,
             defaults={
-                "step_time_limit": max(r.recommended for r in steps),  # type: ignore[union-attr]
-                "step_samples": sum(r.samples for r in steps),  # type: ignore[union-attr]
-                "task_timeout": task.recommended if task else None,  # type: ignore[union-attr]
-                "task_samples": task.samples if task else 0,  # type: ignore[union-attr]
+                "step_time_limit": max(r.recommended for r in kinds),
+                "step_samples": sum(r.samples for r in kinds),
+                "task_timeout": task.recommended if task else None,
+                "task_samples": task.samples if task else 0,
             },
         )
         saved.append(limit)

@@ -108,9 +108,9 @@ class PromptLostProcessCheck(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Hub", "celery.worker.components:Pool"}
 
     def start(self, worker: Any) -> None:
-        pool = getattr(worker.pool, "_pool", None)
-        if worker.hub is not None and hasattr(pool, "maintain_pool"):
-            worker.hub.call_repeatedly(0.5, pool.maintain_pool)
+        maintain = getattr(getattr(worker.pool, "_pool", None), "maintain_pool", None)
+        if worker.hub is not None and maintain is not None:
+            worker.hub.call_repeatedly(0.5, maintain)
 
 
 @signals.worker_shutting_down.connect

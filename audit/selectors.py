@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from agents.models import AgentTask
@@ -21,7 +21,7 @@ def audit_events(*, task: AgentTask, after_seq: int = 0) -> QuerySet[AuditEvent]
 
 
 def dead_letters_visible_to(
-    user: AbstractBaseUser | None, *, open: bool | None = None, task_id: UUID | None = None
+    user: User | None, *, open: bool | None = None, task_id: UUID | None = None
 ) -> QuerySet[DeadLetter]:
     """Dead letters of the tasks ``user`` may see (staff and the system: all), newest first.
 
@@ -38,7 +38,7 @@ def dead_letters_visible_to(
     return letters
 
 
-def dead_letter_get(*, dead_letter_id: int | str, user: AbstractBaseUser | None) -> DeadLetter:
+def dead_letter_get(*, dead_letter_id: int | str, user: User | None) -> DeadLetter:
     """One dead letter ``user`` may see; a malformed id, like another user's, is NotFound."""
     try:
         pk = int(dead_letter_id)

@@ -25,7 +25,7 @@ from uuid import UUID
 import structlog
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models import Q, QuerySet
@@ -77,7 +77,7 @@ def credential_decrypt(ciphertext: str) -> str:
 
 def credential_set(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     name: Any,
     value: Any,
     task_id: UUID | str | None = None,
@@ -125,7 +125,7 @@ def credential_set(
 
 
 def credential_delete(
-    *, owner: AbstractBaseUser, name: str, task_id: UUID | str | None = None, actor: str
+    *, owner: User, name: str, task_id: UUID | str | None = None, actor: str
 ) -> None:
     """Delete the credential; ``NotFound`` if there is none by that name and scope."""
     credentials = Credential.objects.filter(owner_id=owner.pk, name=name)
@@ -183,7 +183,7 @@ def credentials_for_task(*, task_id: UUID, owner_id: int) -> dict[str, str]:
     return credentials
 
 
-def credential_list(*, owner: AbstractBaseUser | None = None) -> QuerySet[Credential]:
+def credential_list(*, owner: User | None = None) -> QuerySet[Credential]:
     """Credentials by name and scope, without their values (``None``: every owner's)."""
     credentials = Credential.objects.select_related("owner").defer("ciphertext")
     if owner is not None:

@@ -13,7 +13,7 @@ import sys
 from typing import IO, Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
 from agents_project.errors import ApplicationError
@@ -78,7 +78,7 @@ class Command(BaseCommand):
             raise CommandError(f"{field}{exc.message}") from exc
 
 
-def _user(username: str) -> AbstractBaseUser:
+def _user(username: str) -> User:
     user = get_user_model().objects.filter(username=username).first()
     if user is None:
         raise CommandError(f"no user {username!r}")
