@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,27 @@ def purge_queues() -> None:
             bound = queue(channel)
             bound.declare()
             bound.purge()
+
+
+@contextlib.contextmanager
+def private_queues(label: str) -> Iterator[dict[str, str]]:
+    """Queue and exchange names of this test's own (as ``AGENTS_*`` variables for a
+    worker or a subprocess), deleted from the broker afterwards."""
+    prefix = f"{label}-{uuid.uuid4().hex[:8]}"
+    names = {
+        "AGENTS_QUEUE": f"{prefix}.steps",
+        "AGENTS_DEAD_LETTER_EXCHANGE": f"{prefix}.dlx",
+        "AGENTS_DEAD_LETTER_QUEUE": f"{prefix}.dead",
+    }
+    try:
+        yield names
+    finally:
+        with broker() as conn:
+            channel = conn.default_channel
+            channel.queue_delete(names["AGENTS_QUEUE"])
+            channel.queue_delete(names["AGENTS_DEAD_LETTER_QUEUE"])
+            channel.exchange_delete(names["AGENTS_QUEUE"])
+            channel.exchange_delete(names["AGENTS_DEAD_LETTER_EXCHANGE"])
 
 
 def queue_depth(queue: Any = WORK_QUEUE) -> int:

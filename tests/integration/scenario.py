@@ -14,7 +14,10 @@ import json
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT: list[dict[str, Any]] = [
     {"think": "start"},
@@ -100,6 +103,21 @@ def flood(n: int) -> list[tuple[int, str | None]]:
         )
         answers.append((response.status_code, response.headers.get("Retry-After")))
     return answers
+
+
+def run(env: dict[str, str], *args: str) -> str:
+    """``python -m tests.integration.scenario ARGS`` with ``env``; its output."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "tests.integration.scenario", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
 
 
 def main(argv: list[str]) -> None:

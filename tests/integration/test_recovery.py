@@ -12,16 +12,14 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from kombu import Connection
 
 from agents.faults import POINTS
 from agents.models import Checkpoint
-from tests.helpers import wait_until, worker_env
+from tests.helpers import private_queues, wait_until, worker_env
 from tests.integration import scenario
 from tests.integration.servers import private_postgres, private_rabbitmq
 
@@ -62,18 +60,6 @@ def test_kill_9_of_a_whole_worker_with_many_tasks_in_flight(workers):
     assert scenario.check(ids) == []
 
 
-def _scenario(env: dict[str, str], *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "tests.integration.scenario", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-
-
 def test_a_rabbitmq_restart_mid_run_loses_nothing(workers):
     with private_rabbitmq() as rabbit:
         env = worker_env(
@@ -83,21 +69,18 @@ def test_a_rabbitmq_restart_mid_run_loses_nothing(workers):
             AGENTS_STEP_SOFT_TIME_LIMIT="3",
         )
         workers.start(concurrency=4, **env)
-        ids = _scenario(env, "create", "20").split()
+        ids = scenario.run(env, "create", "20").split()
         wait_until(lambda: progress(ids) >= 30, timeout=60)
         rabbit.restart()
         wait_until(lambda: scenario.finished(ids), timeout=150)
     assert scenario.check(ids) == []
 
 
-def test_a_postgresql_restart_mid_run_loses_nothing(workers, settings):
-    names = uuid.uuid4().hex[:8]
-    with private_postgres() as pg:
+def test_a_postgresql_restart_mid_run_loses_nothing(workers):
+    with private_postgres() as pg, private_queues("pgrestart") as names:
         env = worker_env(
+            **names,
             DATABASE_URL=pg.url,
-            AGENTS_QUEUE=f"pgrestart-{names}.steps",
-            AGENTS_DEAD_LETTER_EXCHANGE=f"pgrestart-{names}.dlx",
-            AGENTS_DEAD_LETTER_QUEUE=f"pgrestart-{names}.dead",
             AGENTS_STUCK_AFTER="5",
             AGENTS_STEP_TIME_LIMIT="4",
             AGENTS_STEP_SOFT_TIME_LIMIT="3",
@@ -110,13 +93,12 @@ def test_a_postgresql_restart_mid_run_loses_nothing(workers, settings):
             timeout=120,
         )
         workers.start(concurrency=4, **env)
-        ids = _scenario(env, "create", "20").split()
+        ids = scenario.run(env, "create", "20").split()
 
         def count(sql: str) -> int:
             try:
-                with psycopg.connect(
-                    pg.url.replace("postgres://", "postgresql://"), connect_timeout=2
-                ) as db:
+                url = pg.url.replace("postgres://", "postgresql://")
+                with psycopg.connect(url, connect_timeout=2) as db:
                     return db.execute(sql).fetchone()[0]
             except psycopg.OperationalError:
                 return -1
@@ -127,12 +109,6 @@ def test_a_postgresql_restart_mid_run_loses_nothing(workers, settings):
             lambda: count("select count(*) from agents_agenttask where status = 'completed'") == 20,
             timeout=150,
         )
-        problems = json.loads(_scenario(env, "check", *ids))
+        problems = json.loads(scenario.run(env, "check", *ids))
         workers.stop_all()
-    with Connection(settings.CELERY_BROKER_URL) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(f"pgrestart-{names}.steps")
-        channel.queue_delete(f"pgrestart-{names}.dead")
-        channel.exchange_delete(f"pgrestart-{names}.steps")
-        channel.exchange_delete(f"pgrestart-{names}.dlx")
     assert problems == []

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 
 import pytest
-from kombu import Connection
 
-from tests.helpers import wait_until
+from tests.helpers import private_queues, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +28,11 @@ def _queues() -> dict[str, dict]:
     return {row["name"]: row for row in rows}
 
 
-def test_a_worker_declares_a_quorum_work_queue_with_dead_lettering(workers, settings):
-    suffix = uuid.uuid4().hex[:8]
-    names = {
-        "AGENTS_QUEUE": f"topology-{suffix}.steps",
-        "AGENTS_DEAD_LETTER_EXCHANGE": f"topology-{suffix}.dlx",
-        "AGENTS_DEAD_LETTER_QUEUE": f"topology-{suffix}.dead",
-        "AGENTS_DELIVERY_LIMIT": "7",
-        "AGENTS_QUEUE_MAX_LENGTH": "12345",
-    }
-    workers.start(concurrency=1, **names)
-    try:
+def test_a_worker_declares_a_quorum_work_queue_with_dead_lettering(workers):
+    with private_queues("topology") as names:
+        workers.start(
+            concurrency=1, **names, AGENTS_DELIVERY_LIMIT="7", AGENTS_QUEUE_MAX_LENGTH="12345"
+        )
         queues = wait_until(
             lambda: (
                 (q := _queues())
@@ -50,29 +42,22 @@ def test_a_worker_declares_a_quorum_work_queue_with_dead_lettering(workers, sett
             ),
             timeout=60,
         )
-        work = queues[names["AGENTS_QUEUE"]]
-        assert work["type"] == "quorum"
-        assert work["durable"] is True
-        arguments = {name: value for name, _, value in work["arguments"]}
-        assert arguments["x-dead-letter-exchange"] == names["AGENTS_DEAD_LETTER_EXCHANGE"]
-        assert arguments["x-dead-letter-routing-key"] == names["AGENTS_DEAD_LETTER_QUEUE"]
-        assert arguments["x-dead-letter-strategy"] == "at-least-once"
-        assert arguments["x-delivery-limit"] == 7
-        assert arguments["x-max-length"] == 12345
-        assert arguments["x-overflow"] == "reject-publish"
-        dead = queues[names["AGENTS_DEAD_LETTER_QUEUE"]]
-        assert dead["type"] == "quorum" and dead["durable"] is True
         bindings = _rabbitmqctl("list_bindings", "source_name", "destination_name", "routing_key")
-        assert {
-            "source_name": names["AGENTS_DEAD_LETTER_EXCHANGE"],
-            "destination_name": names["AGENTS_DEAD_LETTER_QUEUE"],
-            "routing_key": names["AGENTS_DEAD_LETTER_QUEUE"],
-        } in bindings
-    finally:
         workers.stop_all()
-        with Connection(settings.CELERY_BROKER_URL) as conn:
-            channel = conn.default_channel
-            for key in ("AGENTS_QUEUE", "AGENTS_DEAD_LETTER_QUEUE"):
-                channel.queue_delete(names[key])
-            channel.exchange_delete(names["AGENTS_DEAD_LETTER_EXCHANGE"])
-            channel.exchange_delete(names["AGENTS_QUEUE"])
+    work = queues[names["AGENTS_QUEUE"]]
+    assert work["type"] == "quorum"
+    assert work["durable"] is True
+    arguments = {name: value for name, _, value in work["arguments"]}
+    assert arguments["x-dead-letter-exchange"] == names["AGENTS_DEAD_LETTER_EXCHANGE"]
+    assert arguments["x-dead-letter-routing-key"] == names["AGENTS_DEAD_LETTER_QUEUE"]
+    assert arguments["x-dead-letter-strategy"] == "at-least-once"
+    assert arguments["x-delivery-limit"] == 7
+    assert arguments["x-max-length"] == 12345
+    assert arguments["x-overflow"] == "reject-publish"
+    dead = queues[names["AGENTS_DEAD_LETTER_QUEUE"]]
+    assert dead["type"] == "quorum" and dead["durable"] is True
+    assert {
+        "source_name": names["AGENTS_DEAD_LETTER_EXCHANGE"],
+        "destination_name": names["AGENTS_DEAD_LETTER_QUEUE"],
+        "routing_key": names["AGENTS_DEAD_LETTER_QUEUE"],
+    } in bindings
