@@ -36,6 +36,8 @@ ECHO = textwrap.dedent(
                              routing_key="pong", declare=[pong])
             message.ack()
         with conn.Consumer(ping, callbacks=[handle], prefetch_count=1):
+            producer.publish({"ready": name}, exchange=pong.exchange, routing_key="pong",
+                             declare=[pong])
             while True:
                 try:
                     conn.drain_events(timeout=30)
@@ -81,6 +83,7 @@ def test_three_hundred_hops_between_two_processes(tmp_path):
         PONG(conn.default_channel).declare()
         echo = _echo(url, "echo")
         try:
+            assert _collect(conn, 1) == [{"ready": "echo"}]
             started = time.monotonic()
             for n in range(300):
                 producer.publish(
@@ -104,6 +107,9 @@ def test_a_burst_is_consumed_once_by_competing_processes(tmp_path):
         PONG(conn.default_channel).declare()
         echoes = [_echo(url, "a"), _echo(url, "b")]
         try:
+            # Both consume before the burst starts, so both can take part in it.
+            ready = _collect(conn, 2)
+            assert sorted(r["ready"] for r in ready) == ["a", "b"]
             for n in range(400):
                 producer.publish(
                     {"n": n}, exchange=PING.exchange, routing_key="ping", declare=[PING]
