@@ -21,7 +21,8 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import KombuError
 
-from agents.definition import Agent
+from agents.definition import Agent, registered_agents
+from agents.models import AgentTask
 from agents.timeouts import learned_limit
 from agents_project.errors import Backpressure
 
@@ -82,6 +83,20 @@ def step_publish_or_sweep(*, task_id: UUID, step: int, agent: Agent, deadline=No
             task_id=str(task_id),
             step=step,
         )
+
+
+def current_step_publish_after_commit(*, task: AgentTask) -> bool:
+    """Publish the task's current step once the transaction commits. False when this
+    process does not know the task's agent: then a worker that does will find the task
+    in its stuck-task sweep."""
+    agent = registered_agents().get(task.agent_name)
+    if agent is None:
+        logger.error("agent not registered here; step not published", agent=task.agent_name)
+        return False
+    step_publish_after_commit(
+        task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
+    )
+    return True
 
 
 def step_publish_after_commit(*, task_id: UUID, step: int, agent: Agent, deadline=None) -> None:

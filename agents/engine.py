@@ -57,7 +57,12 @@ from agents.dispatch import step_publish_or_sweep
 from agents.errors import PermanentError, RetryLater
 from agents.faults import fault_point
 from agents.models import AgentTask, Checkpoint, TaskStatus
-from agents.retries import retry_or_dead_letter, schedule_retry, worker_loss_record
+from agents.retries import (
+    retry_or_dead_letter,
+    schedule_retry,
+    task_lock_if_current,
+    worker_loss_record,
+)
 from agents.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
 from agents_project import metrics
 from audit.models import EventType
@@ -221,7 +226,7 @@ def _execute(
         )
     except PermanentError as exc:
         metrics.step_failed(agent=agent.name, events=events)
-        return _fail(task_id, step, agent, state, exc, events)
+        return _fail(task_id, step, exc, events)
     except Exception as exc:
         logger.warning("step attempt failed", error=repr(exc), attempt=ctx.attempt)
         metrics.step_failed(agent=agent.name, events=events)
@@ -241,12 +246,14 @@ def _execute(
 def _load(task_id: UUID) -> AgentTask | None:
     # Task creation publishes step 1 just before its transaction commits (so a refused
     # publish creates nothing); a fast worker can get there first. Wait briefly.
-    for delay in (0.0, 0.05, 0.1, 0.25, 0.5, 1.0):
-        time.sleep(delay)
-        task = AgentTask.objects.filter(pk=task_id).defer(*_LARGE_FIELDS).first()
+    tasks = AgentTask.objects.filter(pk=task_id).defer(*_LARGE_FIELDS)
+    task = tasks.first()
+    for delay in (0.05, 0.1, 0.25, 0.5, 1.0):
         if task is not None:
-            return task
-    return None
+            break
+        time.sleep(delay)
+        task = tasks.first()
+    return task
 
 
 @functools.lru_cache(maxsize=256)
@@ -306,8 +313,7 @@ def _commit(
             logger.info("step already committed by another delivery; result dropped")
             return StepResult.STALE
         audit = AuditBatch(task, actor=_actor())
-        for event_type, payload in events:
-            audit.add(event_type, payload, step=step)
+        audit.add_all(events, step=step)
         audit.add(EventType.STEP, {"outcome": kind, "duration_ms": duration_ms}, step=step)
         Checkpoint.objects.create(
             task=task,
@@ -354,22 +360,16 @@ def _commit(
 
 
 def _fail(
-    task_id: UUID,
-    step: int,
-    agent: Agent,
-    state: Any,
-    error: PermanentError,
-    events: list[tuple[str, dict[str, Any]]],
+    task_id: UUID, step: int, error: PermanentError, events: list[tuple[str, dict[str, Any]]]
 ) -> StepResult:
     """A permanent error: the task ends ``failed``; what the step did is still recorded."""
     logger.warning("step failed permanently", error=str(error))
     with transaction.atomic():
-        task = AgentTask.objects.select_for_update().get(pk=task_id)
-        if task.current_step != step or task.status != TaskStatus.RUNNING:
+        task = task_lock_if_current(task_id=task_id, step=step)
+        if task is None:
             return StepResult.STALE
         audit = AuditBatch(task, actor=_actor())
-        for event_type, payload in events:
-            audit.add(event_type, payload, step=step)
+        audit.add_all(events, step=step)
         audit.add(
             EventType.STEP_FAILED,
             {
@@ -377,7 +377,7 @@ def _fail(
                 "error_type": type(error).__name__,
                 "permanent": True,
                 "attempt": task.attempt + 1,
-                "traceback": traceback.format_exc(),
+                "traceback": "".join(traceback.format_exception(error)),
             },
             step=step,
         )

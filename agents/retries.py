@@ -71,7 +71,7 @@ def schedule_retry(
     from agents.engine import StepResult
 
     with transaction.atomic():
-        task = _lock_if_current(task_id, step)
+        task = task_lock_if_current(task_id=task_id, step=step)
         if task is None:
             return StepResult.STALE
         _retry_later(task, step=step, error=error, delay=delay, events=events, actor=actor)
@@ -92,7 +92,7 @@ def retry_or_dead_letter(
     from agents.engine import StepResult
 
     with transaction.atomic():
-        task = _lock_if_current(task_id, step)
+        task = task_lock_if_current(task_id=task_id, step=step)
         if task is None:
             return StepResult.STALE
         task.attempt += 1
@@ -106,7 +106,8 @@ def retry_or_dead_letter(
                 actor=actor,
             )
             return StepResult.RETRY
-        audit = _audit_with(task, actor, events, step)
+        audit = AuditBatch(task, actor=actor)
+        audit.add_all(events, step=step)
         _dead_letter(
             task,
             audit,
@@ -121,7 +122,8 @@ def retry_or_dead_letter(
     return StepResult.DEAD_LETTERED
 
 
-def _lock_if_current(task_id: UUID, step: int) -> AgentTask | None:
+def task_lock_if_current(*, task_id: UUID, step: int) -> AgentTask | None:
+    """Lock the task; None if ``step`` is no longer its current, running step."""
     task = AgentTask.objects.select_for_update().get(pk=task_id)
     if task.current_step != step or task.status != TaskStatus.RUNNING:
         return None
@@ -131,7 +133,8 @@ def _lock_if_current(task_id: UUID, step: int) -> AgentTask | None:
 def _retry_later(
     task: AgentTask, *, step: int, error: BaseException, delay: float, events: Events, actor: str
 ) -> None:
-    audit = _audit_with(task, actor, events, step)
+    audit = AuditBatch(task, actor=actor)
+    audit.add_all(events, step=step)
     audit.add(
         EventType.STEP_FAILED,
         {
@@ -175,13 +178,6 @@ def worker_loss_record(*, task_id: UUID, step: int, message: Mapping[str, Any], 
     if dead:
         logger.error("step dead-lettered: it keeps killing workers", losses=task.worker_losses)
     return dead
-
-
-def _audit_with(task: AgentTask, actor: str, events: Events, step: int) -> AuditBatch:
-    audit = AuditBatch(task, actor=actor)
-    for event_type, payload in events:
-        audit.add(event_type, payload, step=step)
-    return audit
 
 
 def _dead_letter(

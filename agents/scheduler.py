@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from agents import scheduling
 from agents.definition import registered_agents
-from agents.dispatch import step_publish_after_commit
+from agents.dispatch import current_step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
 from agents.state_machine import RUNNABLE
 from audit.models import EventType
@@ -38,7 +38,7 @@ logger = structlog.get_logger(__name__)
 BATCH = 200
 
 
-def retries_fire(*, actor: str) -> int:
+def retries_fire() -> int:
     """Publish the steps whose retry backoff has passed."""
     fired = 0
     due = AgentTask.objects.filter(retry_at__lte=timezone.now()).values_list("pk", flat=True)
@@ -53,11 +53,7 @@ def retries_fire(*, actor: str) -> int:
                 continue
             task.retry_at = None
             task.save(update_fields=("retry_at",))
-            agent = registered_agents().get(task.agent_name)
-            if task.status in RUNNABLE and agent is not None:
-                step_publish_after_commit(
-                    task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
-                )
+            if task.status in RUNNABLE and current_step_publish_after_commit(task=task):
                 fired += 1
     return fired
 
@@ -104,8 +100,7 @@ def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> in
                 .filter(pk=task_id, status__in=RUNNABLE, updated_at__lt=cutoff)
                 .first()
             )
-            agent = registered_agents().get(task.agent_name) if task else None
-            if task is None or agent is None:
+            if task is None or task.agent_name not in registered_agents():
                 continue
             task.updated_at = timezone.now()
             audit = AuditBatch(task, actor=actor)
@@ -116,9 +111,7 @@ def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> in
             )
             audit.flush()
             task.save(update_fields=("updated_at", "audit_seq"))
-            step_publish_after_commit(
-                task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
-            )
+            current_step_publish_after_commit(task=task)
             republished += 1
     if republished:
         logger.warning("stuck tasks published again", count=republished)
@@ -128,7 +121,7 @@ def stuck_tasks_republish(*, actor: str, stuck_after: float | None = None) -> in
 def tick(*, actor: str) -> dict[str, int]:
     """One pass of the clock. Returns how many of each thing it did."""
     return {
-        "retries": retries_fire(actor=actor),
+        "retries": retries_fire(),
         "wakeups": suspensions_expire(actor=actor),
         "deadlines": deadlines_enforce(actor=actor),
         "republished": stuck_tasks_republish(actor=actor),

@@ -20,8 +20,8 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
-from agents.definition import Resumption, Suspend, registered_agents
-from agents.dispatch import step_publish_after_commit
+from agents.definition import Resumption, Suspend
+from agents.dispatch import current_step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
 from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
@@ -215,7 +215,7 @@ def task_signal(
         ):
             _signal_consume(signal, suspension, audit, step=suspension.step)
             transition(task, TaskStatus.RUNNING, audit=audit, reason=R.SIGNALLED)
-            _publish_next(task)
+            current_step_publish_after_commit(task=task)
         audit.flush()
         task.save(update_fields=_SAVE_FIELDS)
     return signal
@@ -335,7 +335,7 @@ def _resolve(suspension: Suspension, resolution: str) -> None:
 def _resume(task: AgentTask, suspension: Suspension, resolution: str, audit: AuditBatch) -> None:
     _resolve(suspension, resolution)
     transition(task, TaskStatus.RUNNING, audit=audit, reason=resolution)
-    _publish_next(task)
+    current_step_publish_after_commit(task=task)
 
 
 def _signal_consume(
@@ -351,15 +351,4 @@ def _signal_consume(
         EventType.SIGNAL_CONSUMED,
         {"signal": signal.pk, "name": signal.name, "payload": signal.payload},
         step=step,
-    )
-
-
-def _publish_next(task: AgentTask) -> None:
-    agent = registered_agents().get(task.agent_name)
-    if agent is None:
-        # Left to the stuck-task sweep of a worker that knows the agent.
-        logger.error("agent not registered here; step not published", agent=task.agent_name)
-        return
-    step_publish_after_commit(
-        task_id=task.pk, step=task.current_step, agent=agent, deadline=task.deadline
     )

@@ -62,6 +62,11 @@ class AuditBatch:
             )
         )
 
+    def add_all(self, events: Iterable[tuple[str, dict[str, Any]]], *, step: int) -> None:
+        """Add events collected while a step ran (``(type, payload)`` pairs)."""
+        for event_type, payload in events:
+            self.add(event_type, payload, step=step)
+
     def __len__(self) -> int:
         return len(self._events)
 
