@@ -25,8 +25,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from redis import RedisError
 
+from agents.core.dead_letters import dead_letter_requeue
 from agents.models import AgentTask
-from agents.retries import dead_letter_requeue
 from agents.scheduling import task_approve, task_cancel
 from agents.selectors import task_checkpoints, task_open_suspension
 from agents.services import task_replay

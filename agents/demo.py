@@ -15,8 +15,8 @@ from collections.abc import Callable
 from django.conf import settings
 from django.core.management import call_command
 
+from agents.core.scheduler import stuck_tasks_republish
 from agents.models import ACTIVE_STATUSES, AgentTask, TaskStatus
-from agents.scheduler import stuck_tasks_republish
 from agents.scheduling import task_approve
 from agents.services import service_user, task_start
 from agents.state_machine import FINAL
@@ -65,7 +65,7 @@ def demo_run(*, out: Out) -> AgentTask:
             task = _unfinished(owner)
             if task is not None:
                 out(f"Resuming task {task.pk}, left {task.status} at step {task.current_step}")
-                stuck_tasks_republish(actor=process_actor("demo"), stuck_after=0)
+                stuck_tasks_republish(actor=process_actor("demo"), include_queued=True)
             else:
                 task, _ = task_start(owner=owner, agent="scripted", input={"script": SCRIPT})
                 out(f"Started task {task.pk}")

@@ -55,6 +55,20 @@ class AgentTask(models.Model):
     # delay: a long backoff holds no worker and survives any restart).
     retry_at = models.DateTimeField(null=True, blank=True)
     worker_losses = models.PositiveIntegerField(default=0)
+    # The lease on the current step (``agents.core.leases``): who runs it, until when
+    # (the database's clock; renewed by a heartbeat while the step runs), and the
+    # fencing token of the latest holder, which every write of a step's result checks.
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    fence = models.PositiveBigIntegerField(default=0)
+    # Messages for the current step that can still be delivered (published and not yet
+    # consumed, or held by the lease's holder, which RabbitMQ redelivers if it dies).
+    # The stuck-task sweep only publishes a step when this is 0 and no lease is live.
+    in_flight = models.IntegerField(default=0)
+    # Set when a worker refused the step (its agent unknown here, or the checkpoint
+    # newer than its code): only a worker whose agent has at least this state version
+    # takes the step again, so refusals do not loop.
+    needs_state_version = models.PositiveIntegerField(null=True, blank=True)
     # Sequence number of the last audit event written for this task.
     audit_seq = models.PositiveIntegerField(default=0)
     replayed_from = models.ForeignKey(
@@ -79,6 +93,11 @@ class AgentTask(models.Model):
         indexes = [
             models.Index(fields=["status", "updated_at"], name="agent_task_status_updated"),
             models.Index(fields=["owner", "-created_at"], name="agent_task_owner_created"),
+            models.Index(
+                fields=["updated_at"],
+                condition=Q(status__in=("pending", "running"), in_flight__lte=0),
+                name="agent_task_sweepable",
+            ),
             models.Index(
                 fields=["retry_at"],
                 condition=Q(retry_at__isnull=False),

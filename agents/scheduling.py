@@ -2,7 +2,9 @@
 
 A suspended task holds no worker and no broker message: its wait is a ``Suspension``
 row, and whatever ends the wait (a decision, a signal, the scheduler's clock) resumes
-it by publishing its next step after the transaction that records the ending commits.
+it by publishing its next step inside the transaction that records the ending (a
+refused publish rolls the ending back: ``Backpressure``). Times are the database's
+(``agents.core.clock``).
 
 Every operation here locks the task row first and checks the task's state under the
 lock, so two operations racing on one task (approve and cancel, two approvals, a
@@ -18,10 +20,10 @@ from uuid import UUID
 import structlog
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.utils import timezone
 
+from agents.core import clock
+from agents.core.dispatch import current_step_publish
 from agents.definition import Resumption, Suspend
-from agents.dispatch import current_step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
 from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
@@ -33,7 +35,7 @@ from audit.services import AuditBatch, user_actor
 logger = structlog.get_logger(__name__)
 
 R = Suspension.Resolution
-_SAVE_FIELDS = ("audit_seq", "error", "retry_at", *TRANSITION_FIELDS)
+_SAVE_FIELDS = ("audit_seq", "error", "retry_at", "in_flight", *TRANSITION_FIELDS)
 
 
 def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
@@ -69,7 +71,7 @@ def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: Audi
     Returns True if the wait is already over (a signal for it arrived earlier): then the
     task stays ``running`` and the caller publishes the next step.
     """
-    now = timezone.now()
+    now = clock.now()
     if outcome.approval is not None:
         kind = Suspension.Kind.APPROVAL
     elif outcome.event is not None:
@@ -215,7 +217,7 @@ def task_signal(
         ):
             _signal_consume(signal, suspension, audit, step=suspension.step)
             transition(task, TaskStatus.RUNNING, audit=audit, reason=R.SIGNALLED)
-            current_step_publish_after_commit(task=task)
+            current_step_publish(task=task)
         audit.flush()
         task.save(update_fields=_SAVE_FIELDS)
     return signal
@@ -247,7 +249,7 @@ def task_time_out(*, task_id: UUID, actor: str) -> bool:
         if (
             task.status not in ACTIVE_STATUSES
             or task.deadline is None
-            or task.deadline > timezone.now()
+            or task.deadline > clock.now()
         ):
             return False
         audit = AuditBatch(task, actor=actor)
@@ -327,7 +329,7 @@ def _open_suspension(task: AgentTask, kind: str) -> Suspension:
 
 
 def _resolve(suspension: Suspension, resolution: str) -> None:
-    suspension.resolved_at = timezone.now()
+    suspension.resolved_at = clock.now()
     suspension.resolution = resolution
     suspension.save()
 
@@ -335,13 +337,13 @@ def _resolve(suspension: Suspension, resolution: str) -> None:
 def _resume(task: AgentTask, suspension: Suspension, resolution: str, audit: AuditBatch) -> None:
     _resolve(suspension, resolution)
     transition(task, TaskStatus.RUNNING, audit=audit, reason=resolution)
-    current_step_publish_after_commit(task=task)
+    current_step_publish(task=task)
 
 
 def _signal_consume(
     signal: Signal, suspension: Suspension, audit: AuditBatch, *, step: int
 ) -> None:
-    now = timezone.now()
+    now = clock.now()
     signal.consumed_at = now
     signal.consumed_at_step = step
     signal.save(update_fields=("consumed_at", "consumed_at_step"))

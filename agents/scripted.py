@@ -27,8 +27,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from django.utils import timezone
-
+from agents.core.clock import now as db_now
 from agents.definition import (
     Agent,
     CallTools,
@@ -117,7 +116,7 @@ class Scripted(Agent):
                 default=entry.get("default"),
             )
         if kind == "wait":
-            return Suspend(state=state, until=timezone.now() + timedelta(seconds=value))
+            return Suspend(state=state, until=db_now() + timedelta(seconds=value))
         if kind == "sleep":
             time.sleep(value)
             return Continue(state=state)

@@ -11,10 +11,11 @@ from uuid import UUID
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
+from agents.core import clock
+from agents.core.dispatch import step_publish
+from agents.core.leases import task_creation_lock
 from agents.definition import get_agent
-from agents.dispatch import step_publish
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
@@ -40,7 +41,10 @@ def task_start(
     Every argument is checked before anything is written (``InvalidInput`` names the
     field). The task, its initial checkpoint and its ``created`` event are written in
     one transaction, and step 1 is published before it commits: if the broker refuses
-    (``Backpressure``), nothing is left behind. With an ``idempotency_key`` already
+    (``Backpressure``), nothing is left behind. A worker that receives step 1 before
+    the commit waits for it on an advisory lock the transaction holds (keyed by the
+    task id, ``agents.core.leases``), so no stall between publish and commit can make
+    it drop the step. With an ``idempotency_key`` already
     used by this owner, the existing task is returned and nothing new is created.
     """
     if not isinstance(agent, str) or not agent:
@@ -74,7 +78,9 @@ def task_start(
                 state_version=definition.state_version,
                 deadline=deadline,
                 idempotency_key=idempotency_key,
+                in_flight=1,
             )
+            task_creation_lock(task_id=task.pk)
             Checkpoint.objects.create(
                 task=task,
                 step=0,
@@ -95,7 +101,7 @@ def task_start(
             )
             audit.flush()
             task.save(update_fields=("audit_seq",))
-            step_publish(task_id=task.pk, step=1, agent=definition, deadline=deadline)
+            step_publish(task_id=task.pk, step=1, agent=definition)
     except IntegrityError:
         # Two requests with one idempotency key raced; the other one created it.
         existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
@@ -145,7 +151,9 @@ def task_replay(
             current_step=checkpoint.step + 1,
             replayed_from=original,
             replayed_from_step=checkpoint.step,
+            in_flight=1,
         )
+        task_creation_lock(task_id=task.pk)
         Checkpoint.objects.create(
             task=task,
             step=checkpoint.step,
@@ -185,4 +193,4 @@ def _deadline(timeout_seconds: Any) -> Any:
         or timeout_seconds > 366 * 86400
     ):
         raise InvalidInput("must be a number of seconds above 0", field="timeout_seconds")
-    return timezone.now() + timedelta(seconds=timeout_seconds)
+    return clock.now() + timedelta(seconds=timeout_seconds)

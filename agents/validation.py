@@ -40,3 +40,42 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list | tuple):
         for item in value:
             yield from _strings(item)
+
+
+def json_path_check(value: Any, *, path: str) -> None:
+    """Refuse with ``PermanentError`` a value a step wants stored that PostgreSQL's jsonb
+    would refuse inside the commit, naming where it is (``state.items[3]``,
+    ``tool_results[0].value.name``): not JSON (NaN or infinity, a set, bytes, any other
+    object, a key that is not a string), a NUL character, or an unpaired surrogate.
+    Walks the value iteratively, so no depth makes it recurse."""
+    from agents.errors import PermanentError
+
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if item is None or isinstance(item, bool | int):
+            continue
+        if isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise PermanentError(f"{where}: {item!r} is not a JSON number")
+        elif isinstance(item, str):
+            _text_check(item, where, PermanentError)
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+        elif isinstance(item, dict):
+            for key, v in item.items():
+                if not isinstance(key, str):
+                    raise PermanentError(f"{where}: key {key!r} is not a string")
+                _text_check(key, f"{where} (key {key[:40]!r})", PermanentError)
+                stack.append((f"{where}.{key}", v))
+        else:
+            raise PermanentError(f"{where}: a {type(item).__name__} is not JSON")
+
+
+def _text_check(text: str, where: str, error: type[Exception]) -> None:
+    if "\x00" in text:
+        raise error(f"{where}: contains a NUL character, which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{where}: contains an unpaired surrogate (not valid Unicode)") from None

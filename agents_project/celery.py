@@ -3,7 +3,7 @@
 Configured from Django settings (the ``CELERY_`` namespace). A worker also:
 
 - declares the dead-letter exchange and queue on RabbitMQ before it consumes;
-- runs the scheduler (``agents.scheduler``) in a thread of its main process, so timers,
+- runs the scheduler (``agents.core.scheduler``) in a thread of its main process, so timers,
   retries, deadlines and the stuck-task sweep need no extra process to deploy;
 - on SIGTERM, lets running steps finish within ``AGENTS_SHUTDOWN_GRACE`` seconds;
 - serves ``/healthz`` and ``/readyz`` on ``AGENTS_WORKER_HEALTH_PORT`` when it is set;
@@ -12,6 +12,7 @@ Configured from Django settings (the ``CELERY_`` namespace). A worker also:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -60,7 +61,7 @@ class RunScheduler(bootsteps.StartStopStep):
 
         if settings.AGENTS["SCHEDULER_INTERVAL"] <= 0:
             return
-        from agents.scheduler import Scheduler
+        from agents.core.scheduler import Scheduler
 
         self.scheduler = Scheduler()
         self.scheduler.start()
@@ -118,8 +119,11 @@ def _bound_the_warm_shutdown(sig: str, how: str, exitcode: int, **kwargs: Any) -
     """SIGTERM (what Kubernetes and ``docker stop`` send) starts Celery's warm shutdown:
     take no more messages, let running steps finish, exit 0 as soon as they have. Left
     alone it would wait for a step however long it runs; after ``AGENTS_SHUTDOWN_GRACE``
-    seconds this turns it into a cold shutdown, which stops the steps still running and
-    gives their messages back to the queue (nothing is lost: no checkpoint committed).
+    seconds this hands the leases of the steps still running back (so their redelivery
+    starts at once and is not counted as a lost worker), then turns the shutdown into a
+    cold one, which stops those steps and gives their messages back to the queue
+    (nothing is lost: no checkpoint committed, and the fence keeps the stopping copies
+    from committing).
 
     Celery's own "soft shutdown" is not used: it always waits the whole timeout, even
     when the running steps finish at once.
@@ -129,10 +133,22 @@ def _bound_the_warm_shutdown(sig: str, how: str, exitcode: int, **kwargs: Any) -
     from django.conf import settings
 
     grace = settings.AGENTS["SHUTDOWN_GRACE"]
-    pid = os.getpid()
-    timer = threading.Timer(grace, os.kill, args=(pid, signal.SIGQUIT))
+    node = str(kwargs.get("sender") or "")
+    timer = threading.Timer(grace, _hand_back_and_stop, args=(node, os.getpid()))
     timer.daemon = True
     timer.start()
+
+
+def _hand_back_and_stop(node: str, pid: int) -> None:
+    from agents.core.leases import leases_hand_back
+
+    try:
+        if node:
+            leases_hand_back(node=node)
+    except Exception:  # the database may be away: the leases then expire on their own
+        logging.getLogger(__name__).exception("could not hand the leases back")
+    finally:
+        os.kill(pid, signal.SIGQUIT)
 
 
 app.steps["worker"].add(DeclareDeadLetterTopology)

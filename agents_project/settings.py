@@ -143,12 +143,19 @@ AGENTS = {
     "MAX_RETRIES": env.int("AGENTS_MAX_RETRIES", default=5),
     "RETRY_BACKOFF": env.float("AGENTS_RETRY_BACKOFF", default=1.0),
     "RETRY_BACKOFF_MAX": env.float("AGENTS_RETRY_BACKOFF_MAX", default=600.0),
-    # A step whose message came back this many times (its worker died) is dead-lettered.
+    # A step whose process died (or hit its hard time limit) this many times is
+    # dead-lettered; a broker reconnect or a graceful shutdown does not count.
     "MAX_WORKER_LOSSES": env.int("AGENTS_MAX_WORKER_LOSSES", default=3),
+    # Seconds a step's lease lives without a heartbeat (renewed every sixth of it while
+    # the step runs): how long a step whose process died on another machine waits to be
+    # taken over (on the same machine the death is seen at once).
+    "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
+    # Bytes of task inputs each worker process keeps in memory.
+    "INPUT_CACHE_BYTES": env.int("AGENTS_INPUT_CACHE_BYTES", default=32 * 1024 * 1024),
+    # Seconds between two drains of RabbitMQ's dead-letter queue into DeadLetter rows.
+    "DLQ_RECONCILE_INTERVAL": env.float("AGENTS_DLQ_RECONCILE_INTERVAL", default=10.0),
     # Scheduler loop run by every worker: timers, deadlines, and the stuck-task sweep.
     "SCHEDULER_INTERVAL": env.float("AGENTS_SCHEDULER_INTERVAL", default=1.0),
-    # A pending or running task with no progress for this long is published again.
-    "STUCK_AFTER": env.float("AGENTS_STUCK_AFTER", default=360.0),
     # How long a step waits out a database outage (holding its message) before giving up
     # and returning the message to the queue.
     "DATABASE_PATIENCE": env.float("AGENTS_DATABASE_PATIENCE", default=120.0),

@@ -15,7 +15,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from agents.retries import dead_letter_requeue
+from agents.core.dead_letters import dead_letter_requeue
 from agents_project.errors import ApplicationError
 from audit.models import AuditEvent, DeadLetter
 from audit.services import user_actor

@@ -15,9 +15,10 @@ from django.conf import settings
 from django.db import connection
 from kombu import Connection
 
-from agents.engine import StepResult, step_execute
+from agents.core.engine import step_execute
+from agents.core.results import StepResult
+from agents.core.scheduler import tick
 from agents.models import AgentTask
-from agents.scheduler import tick
 from agents_project.topology import dead_letter_queue
 
 WORK_QUEUE = settings.CELERY_TASK_QUEUES[0]
@@ -121,11 +122,12 @@ def deliver(message: Any) -> tuple[UUID, int, StepResult]:
     result = step_execute(
         task_id=UUID(task_id),
         step=step,
-        redelivered=bool(message.delivery_info.get("redelivered")),
         message={"args": [task_id, step]},
     )
     if result == StepResult.DEAD_LETTERED:
         message.reject(requeue=False)
+    elif result == StepResult.REQUEUE:
+        message.reject(requeue=True)
     else:
         message.ack()
     return UUID(task_id), step, result

@@ -41,8 +41,8 @@ from agents.api.serializers import (
     TaskQuerySerializer,
     TaskSerializer,
 )
+from agents.core.dead_letters import dead_letter_requeue
 from agents.models import AgentTask
-from agents.retries import dead_letter_requeue
 from agents.scheduling import task_approve, task_cancel, task_signal
 from agents.selectors import task_checkpoints, task_get, task_list, tasks_visible_to
 from agents.services import task_replay, task_start

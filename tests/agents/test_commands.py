@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from io import StringIO
 
 import pytest
@@ -22,13 +21,12 @@ def test_resume_stuck_lists_and_republishes_a_task_whose_message_was_lost(user):
     with publishes_refused():
         run_until_idle(max_messages=1)
     assert queue_depth() == 0
-    time.sleep(0.2)
     listing = StringIO()
-    call_command("resume_stuck", "--older-than", "0.1", "--dry-run", stdout=listing)
+    call_command("resume_stuck", "--dry-run", stdout=listing)
     assert str(task.pk) in listing.getvalue()
     assert queue_depth() == 0, "a dry run publishes nothing"
     out = StringIO()
-    call_command("resume_stuck", "--older-than", "0.1", stdout=out)
+    call_command("resume_stuck", stdout=out)
     assert "1 task(s)" in out.getvalue()
     run_until_idle()
     assert AgentTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents.engine import StepResult, step_execute
+from agents.core.engine import step_execute
+from agents.core.results import StepResult
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.services import task_start
 from audit.models import AuditEvent, DeadLetter

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.faults import parse
+from agents.core.faults import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,8 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
-from agents.engine import StepResult, step_execute
+from agents.core.engine import step_execute
+from agents.core.results import StepResult
 from agents.models import AgentTask, Checkpoint, Signal, Suspension, TaskStatus
 from agents.scheduling import task_approve, task_cancel, task_signal
 from agents.services import task_start
@@ -198,7 +199,7 @@ def test_any_unfinished_task_can_be_cancelled_and_runs_nothing_more(user, where,
 def test_a_step_running_during_a_cancel_finishes_and_stops_at_its_checkpoint(user):
     task = start(user, {"tool": "ledger.append", "args": {"key": "k", "value": 1}}, {"final": 1})
     # The cancel lands while step 1 runs: between the step's work and its commit.
-    from agents import engine
+    from agents.core import engine
 
     original = engine.tools_run
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from agents.core.engine import step_execute
+from agents.core.results import StepResult
 from agents.definition import _REGISTRY, Agent, Continue, Finish, StepContext, register
-from agents.engine import StepResult, step_execute
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.services import task_start
 from audit.models import AuditEvent

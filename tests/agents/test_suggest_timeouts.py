@@ -7,8 +7,8 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
+from agents.core.dispatch import step_time_limits
 from agents.definition import _REGISTRY, Agent, Finish, register
-from agents.dispatch import step_time_limits
 from agents.models import LearnedLimit
 from agents.services import task_start
 from agents.timeouts import duration_report, recommend

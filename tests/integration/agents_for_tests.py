@@ -1,13 +1,24 @@
-"""Agents that only the timeout tests need, loaded into their workers with
+"""Agents that only the integration tests need, loaded into their workers with
 ``AGENTS_MODULES=tests.integration.agents_for_tests``."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from agents.definition import Agent, Continue, Finish, StepContext, register
+from agents.definition import (
+    Agent,
+    CallTools,
+    Continue,
+    Finish,
+    StepContext,
+    ToolCall,
+    register,
+)
+from agents.scripted import Scripted
+from tools.registry import Arg, tool
 
 
 @register
@@ -46,3 +57,53 @@ class Stubborn(Agent):
             except SoftTimeLimitExceeded:
                 continue
         return Finish(result="never")
+
+
+def _copy_log(line: str) -> None:
+    """Append ``line`` to ``AGENTS_COPY_LOG`` (one write, so lines from processes
+    running at once never interleave)."""
+    path = os.environ.get("AGENTS_COPY_LOG")
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")
+
+
+@register
+class Recorded(Scripted):
+    """The scripted agent, recording when each copy of each step starts and ends (with
+    its process id) in ``AGENTS_COPY_LOG``, so a test can check that no two copies of a
+    step ever ran at once."""
+
+    name = "recorded"
+
+    def step(self, ctx: StepContext):
+        _copy_log(f"start {ctx.task_id} {ctx.step} {os.getpid()} {time.time():.6f}")
+        try:
+            return super().step(ctx)
+        finally:
+            _copy_log(f"end {ctx.task_id} {ctx.step} {os.getpid()} {time.time():.6f}")
+
+
+@register
+class Poison(Agent):
+    """Returns what PostgreSQL would refuse to store: ``input["kind"]`` says what."""
+
+    name = "poison"
+
+    def step(self, ctx: StepContext):
+        kind = ctx.input["kind"]
+        if kind == "nan":
+            return Continue(state={"items": [1, 2, 3, float("nan")]})
+        if kind == "set":
+            return Continue(state={"items": [1, 2, 3, {4}]})
+        if kind == "nul":
+            return Finish(result={"text": "a\x00b"})
+        if ctx.step == 1:
+            return CallTools([ToolCall("test.echo", {"text": "safe"})], state={})
+        return Finish(result="unreachable")
+
+
+@tool("test.echo", args={"text": Arg(str)}, replace=True)
+def echo(ctx, args):
+    """Answers with a NUL character in its value, as a binary HTTP body would."""
+    return {"body": args["text"] + "\x00"}

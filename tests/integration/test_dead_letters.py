@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
+from agents.core.dead_letters import dead_letter_requeue
 from agents.models import AgentTask, TaskStatus
-from agents.retries import dead_letter_requeue
 from agents.services import task_start
 from agents_project.topology import dead_letter_queue
 from audit.models import AuditEvent, DeadLetter

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agents.faults import POINTS
+from agents.core.faults import POINTS
 from agents.models import Checkpoint
 from tests.helpers import private_queues, wait_until, worker_env
 from tests.integration import scenario

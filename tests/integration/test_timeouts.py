@@ -91,7 +91,7 @@ def test_a_task_never_outlives_its_deadline(workers, user, script):
 def test_a_queued_task_times_out_with_no_worker_at_all(user, settings):
     import time
 
-    from agents.scheduler import tick
+    from agents.core.scheduler import tick
 
     task, _ = task_start(
         owner=user, agent="scripted", input={"script": [{"final": 1}]}, timeout_seconds=0.5

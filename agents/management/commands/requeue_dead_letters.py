@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.retries import dead_letter_requeue
+from agents.core.dead_letters import dead_letter_requeue
 from agents.selectors import parse_task_id
 from agents_project.errors import ApplicationError
 from audit.selectors import dead_letters_visible_to

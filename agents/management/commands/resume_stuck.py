@@ -1,4 +1,4 @@
-"""``python manage.py resume_stuck [--older-than SECONDS] [--dry-run]``."""
+"""``python manage.py resume_stuck [--include-queued] [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -6,31 +6,33 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from agents.scheduler import stuck_tasks, stuck_tasks_republish
+from agents.core.scheduler import stuck_tasks, stuck_tasks_republish
 from audit.services import process_actor
 
 
 class Command(BaseCommand):
     help = (
-        "List pending or running tasks without progress for a while (their step message "
-        "may be lost) and publish their current step again. Safe: a duplicate is dropped."
+        "List runnable tasks that nothing will run (no live lease, no message left, no "
+        "retry pending) and publish their current step now, without waiting for the "
+        "scheduler's sweep. --include-queued also takes the steps whose message is "
+        "counted as queued: after a queue was purged or lost. Safe: a duplicate is dropped."
     )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "--older-than",
-            type=float,
-            default=None,
-            help="seconds without progress (default: AGENTS_STUCK_AFTER)",
+            "--include-queued",
+            action="store_true",
+            help="also publish steps whose message should still be in the queue",
         )
         parser.add_argument("--dry-run", action="store_true", help="only list them")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        older_than = options["older_than"]
-        tasks = list(stuck_tasks(stuck_after=older_than)[:1000])
+        include_queued = options["include_queued"]
+        tasks = list(stuck_tasks(include_queued=include_queued)[:1000])
         for task in tasks:
             self.stdout.write(
                 f"{task.pk}  {task.agent_name:<16} {task.status:<8} step {task.current_step}"
+                f"  queued messages {task.in_flight}"
                 f"  last progress {task.updated_at:%Y-%m-%d %H:%M:%S}"
             )
         if not tasks:
@@ -38,5 +40,7 @@ class Command(BaseCommand):
             return
         if options["dry_run"]:
             return
-        count = stuck_tasks_republish(actor=process_actor("operator"), stuck_after=older_than)
+        count = stuck_tasks_republish(
+            actor=process_actor("operator"), include_queued=include_queued
+        )
         self.stdout.write(f"Published the current step of {count} task(s) again.")

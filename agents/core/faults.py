@@ -4,9 +4,11 @@ Set ``AGENTS_FAULT_INJECTION=POINT`` or ``POINT@STEP`` in a worker's environment
 that worker's process kills itself with SIGKILL when a step (every step, or only step
 number STEP) reaches POINT:
 
-- ``before_commit``: the step ran, its checkpoint transaction is open, not committed;
-- ``after_commit``: the checkpoint committed, the next step is not yet published;
-- ``after_publish``: the next step is published, this message is not yet acknowledged.
+- ``before_commit``: the step ran, its checkpoint is written in an open transaction,
+  the next step is not published;
+- ``after_publish``: the next step is published, its transaction not yet committed
+  (the next step's delivery is then dropped as stale, and this one runs again);
+- ``after_commit``: the checkpoint committed, this message is not yet acknowledged.
 
 With ``AGENTS_FAULT_ONCE_FILE=PATH`` the fault fires once across all processes: the
 first process to reach the point creates PATH (atomically) and dies; later ones carry on.

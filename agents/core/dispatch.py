@@ -1,0 +1,105 @@
+"""Handing a step to the broker.
+
+Every publish happens inside the transaction that makes the step runnable, after the
+task row is locked and before the commit (an outbox without the extra table): a crash
+between the two can lose nothing, because either both happen or the step's message
+arrives for a step that is not current and is dropped. A worker that receives the
+message before the commit waits on the row lock (``agents.core.leases``).
+
+- ``step_publish`` publishes now and raises ``Backpressure`` if the broker refuses
+  (down, or the queue at its length limit); its caller's transaction then rolls back,
+  so a refused publish changes nothing (task creation, resume, requeue).
+- ``step_publish_in_commit`` is the step engine's: its transaction also records the
+  step's checkpoint, which must not be lost to a broker outage, so a refused publish
+  leaves the step to the stuck-task sweep instead (``in_flight`` back to 0).
+- ``current_step_publish`` is for services that resume a task (``agents.scheduling``).
+
+Messages are sent by task name, so this module imports no task and no engine.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import structlog
+from amqp.exceptions import AMQPError, MessageNacked
+from django.conf import settings
+from kombu.exceptions import KombuError
+
+from agents.definition import Agent, registered_agents
+from agents.models import AgentTask
+from agents.timeouts import learned_limit
+from agents_project.celery import app
+from agents_project.errors import Backpressure
+
+logger = structlog.get_logger(__name__)
+
+PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError)
+RUN_STEP = "agents.run_step"
+
+
+def step_time_limits(agent: Agent) -> tuple[float, float]:
+    """(soft, hard) time limit of one step of ``agent``, in seconds. The task's deadline
+    is enforced when the step runs (``agents.core.leases.deadline_alarm``), on the
+    database's clock, not here: a message may wait in the queue for any time."""
+    conf = settings.AGENTS
+    learned = learned_limit(agent)
+    hard = agent.step_time_limit or (learned and learned.step_time_limit) or conf["STEP_TIME_LIMIT"]
+    default_soft = (
+        hard * 0.8 if learned and not agent.step_time_limit else conf["STEP_SOFT_TIME_LIMIT"]
+    )
+    soft = agent.step_soft_time_limit or min(default_soft, hard)
+    return soft, hard
+
+
+def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
+    """Publish the message that runs ``step`` of the task; ``Backpressure`` if refused.
+
+    Safe to call twice for the same step: the engine drops the second delivery.
+    """
+    soft, hard = step_time_limits(agent)
+    try:
+        app.send_task(
+            RUN_STEP,
+            args=(str(task_id), step),
+            soft_time_limit=soft,
+            time_limit=hard,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except PUBLISH_ERRORS as exc:
+        logger.warning("step publish refused", task_id=str(task_id), step=step, error=repr(exc))
+        raise Backpressure("the work queue cannot take more work now") from exc
+
+
+def step_publish_in_commit(*, task: AgentTask, agent: Agent) -> None:
+    """Publish the task's current step from inside the step's commit (row locked, saved
+    with ``in_flight = 1``). If the broker refuses, the commit still goes ahead with
+    ``in_flight = 0``, and the stuck-task sweep publishes the step when it can."""
+    try:
+        step_publish(task_id=task.pk, step=task.current_step, agent=agent)
+    except Backpressure:
+        logger.error(
+            "step not published; the stuck-task sweep will publish it",
+            task_id=str(task.pk),
+            step=task.current_step,
+        )
+        task.in_flight = 0
+        AgentTask.objects.filter(pk=task.pk).update(in_flight=0)
+
+
+def current_step_publish(*, task: AgentTask) -> bool:
+    """Publish the task's current step now, inside the caller's transaction (task row
+    locked), and count it in ``task.in_flight`` (the caller saves ``in_flight``).
+
+    Raises ``Backpressure`` if the broker refuses: the caller's transaction rolls back.
+    False when this process does not know the task's agent: then a worker that does
+    publishes it in its stuck-task sweep.
+    """
+    agent = registered_agents().get(task.agent_name)
+    if agent is None:
+        logger.error("agent not registered here; step not published", agent=task.agent_name)
+        return False
+    step_publish(task_id=task.pk, step=task.current_step, agent=agent)
+    task.in_flight = max(task.in_flight, 0) + 1
+    return True

@@ -1,0 +1,472 @@
+"""The step engine: run one step of one task, durably, as its only live copy.
+
+A delivery of ``(task id, step)`` goes through:
+
+1. the claim (``agents.core.leases``): one read of the task and the previous step's
+   checkpoint, then the lease, taken with a compare-and-swap on the fencing token. A
+   delivery for a step that is not current, a duplicate of a step a live copy holds,
+   or an early copy of a step waiting out its backoff is dropped here;
+2. the deadline and, when this delivery took over the lease of a holder that died,
+   the count of lost workers: either may end the task here;
+3. the checkpoint of the previous step, migrated if older code wrote it; a step this
+   worker cannot run (agent unknown, checkpoint newer than its code) is refused and
+   parked until a worker that can run it sweeps it;
+4. the agent's ``step``, then the tools it asked for, each with the idempotency key
+   ``task id : step : call index``; no database transaction is open meanwhile, a
+   heartbeat renews the lease, and an alarm stops the step at the task's deadline;
+5. the outcome is checked (every value JSON that PostgreSQL accepts) before anything
+   is written;
+6. one transaction: lock the task row, check the fence and the deadline, insert the
+   checkpoint and every audit event, advance the task (its status only through the
+   state machine), publish the next step, commit. The message is published before the
+   commit, so no crash can lose it; a worker that receives it first waits on the row
+   lock, and if the commit fails the message finds its step not current and is dropped.
+
+Anything raised at any of these points is a step error: audited, counted as an
+attempt, and retried, failed or dead-lettered by one policy (``agents.core.retries``).
+A database outage is not a step error: the step waits for the database, holding its
+message, and gives the message back if the outage outlasts ``AGENTS_DATABASE_PATIENCE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+from uuid import UUID
+
+import structlog
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db.models import TextField
+from django.db.models.functions import Cast
+
+from agents import scheduling
+from agents.core import clock, dispatch
+from agents.core.faults import fault_point
+from agents.core.leases import (
+    Claim,
+    DeadlineReached,
+    Verdict,
+    deadline_alarm,
+    lease_claim,
+    lease_held,
+    lease_owner_name,
+    lease_release_values,
+)
+from agents.core.results import StepResult
+from agents.core.retries import (
+    retry_or_dead_letter,
+    safe_text,
+    schedule_retry,
+    step_fail,
+    step_refuse,
+    task_lock_if_current,
+    worker_loss_record,
+)
+from agents.definition import (
+    Agent,
+    CallTools,
+    Continue,
+    Fail,
+    Finish,
+    Outcome,
+    Resumption,
+    StepContext,
+    Suspend,
+    ToolResult,
+    registered_agents,
+)
+from agents.errors import PermanentError, RetryLater
+from agents.models import AgentTask, Checkpoint, TaskStatus
+from agents.state_machine import TRANSITION_FIELDS, transition
+from agents.validation import json_path_check
+from agents_project import metrics
+from audit.models import EventType
+from audit.services import AuditBatch, process_actor
+from tools.runner import ToolRun, tools_run
+
+logger = structlog.get_logger(__name__)
+
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+# Fields the commit of a step changes on the task row (plus result, error and status
+# when the outcome ends or suspends the task).
+_ADVANCE_FIELDS = (
+    "current_step",
+    "attempt",
+    "retry_at",
+    "worker_losses",
+    "state_version",
+    "audit_seq",
+    "updated_at",
+    "lease_owner",
+    "lease_expires_at",
+    "in_flight",
+    "needs_state_version",
+)
+
+_OUTCOME_NAMES = {
+    Continue: "continue",
+    CallTools: "call_tools",
+    Suspend: "suspend",
+    Finish: "finish",
+    Fail: "fail",
+}
+
+
+def _actor() -> str:
+    # Per call, not at import: pool processes are forked after this module is imported.
+    return process_actor("worker")
+
+
+def step_execute(
+    *,
+    task_id: UUID,
+    step: int,
+    message: Mapping[str, Any] | None = None,
+    node: str = "local",
+) -> StepResult:
+    """Run ``step`` of the task once, as its only live copy. Safe to call any number of
+    times, concurrently, for the same step: at most one call runs the agent's code at a
+    time, and only a call that holds the lease commits.
+
+    ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``).
+    Retries are scheduled in the database (``agents.core.retries``), not by raising. A
+    ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
+    dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
+    than ``AGENTS_DATABASE_PATIENCE`` seconds).
+    """
+    owner = lease_owner_name(node)
+    with structlog.contextvars.bound_contextvars(task_id=str(task_id), step=step):
+        waited, delay = 0.0, 0.5
+        while True:
+            try:
+                return _execute(task_id, step, dict(message or {}), owner)
+            except DATABASE_ERRORS as exc:
+                # The database is restarting or unreachable. Nothing can progress without
+                # it, so this step holds its message and waits, rather than failing a
+                # task over an outage. Running the claim again is safe: this delivery
+                # owns its lease under ``owner`` and takes it back.
+                if waited >= settings.AGENTS["DATABASE_PATIENCE"]:
+                    logger.error("database unavailable too long; message given back")
+                    return StepResult.REQUEUE
+                logger.warning("database unavailable; the step waits", error=repr(exc))
+                with contextlib.suppress(*DATABASE_ERRORS):
+                    connections.close_all()
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
+
+_DROPPED = {
+    Verdict.STALE: "stale delivery dropped",
+    Verdict.DUPLICATE: "duplicate delivery dropped; a live copy holds the step",
+    Verdict.EARLY: "early delivery dropped; a retry is pending",
+    Verdict.UNKNOWN: "delivery for an unknown task dropped",
+}
+
+
+def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> StepResult:
+    claim = lease_claim(task_id=task_id, step=step, owner=owner)
+    if claim.verdict in _DROPPED:
+        logger.info(_DROPPED[claim.verdict])
+        return StepResult.STALE
+    if claim.verdict == Verdict.OVERDUE:
+        scheduling.task_time_out(task_id=task_id, actor=_actor())
+        return StepResult.TIMED_OUT
+    task, fence = claim.task, claim.fence
+    assert task is not None
+    if claim.took_over and worker_loss_record(
+        task_id=task_id, step=step, fence=fence, message=message, actor=_actor()
+    ):
+        return StepResult.DEAD_LETTERED
+    agent = registered_agents().get(task.agent_name)
+    if agent is None:
+        step_refuse(
+            task_id=task_id,
+            step=step,
+            fence=fence,
+            needs_state_version=0,
+            reason=f"agent {task.agent_name!r} is not registered in this worker",
+            actor=_actor(),
+        )
+        return StepResult.REFUSED
+    with lease_held(task_id=task_id, fence=fence, owner=owner):
+        try:
+            return _run(claim, agent, step, message)
+        except DeadlineReached:
+            scheduling.task_time_out(task_id=task_id, actor=_actor())
+            return StepResult.TIMED_OUT
+        except DATABASE_ERRORS:
+            raise
+        except Exception as exc:
+            # Anything raised outside the agent's own code (loading, migrating,
+            # checking, committing) is a failed attempt like any other.
+            logger.warning("step failed outside the agent's code", error=repr(exc))
+            metrics.step_failed(agent=agent.name, events=[])
+            return retry_or_dead_letter(
+                task_id=task_id,
+                step=step,
+                fence=fence,
+                agent=agent,
+                error=exc,
+                events=[],
+                message=message,
+                actor=_actor(),
+            )
+
+
+def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> StepResult:
+    task, checkpoint, fence = claim.task, claim.checkpoint, claim.fence
+    assert task is not None
+    task_id = task.pk
+    if checkpoint is None:
+        raise PermanentError(f"task {task_id} has no checkpoint {step - 1}")
+    if checkpoint.schema_version > agent.state_version:
+        step_refuse(
+            task_id=task_id,
+            step=step,
+            fence=fence,
+            needs_state_version=checkpoint.schema_version,
+            reason=(
+                f"checkpoint {step - 1} has state schema version {checkpoint.schema_version};"
+                f" this worker's {agent.name} knows up to {agent.state_version}. The task is "
+                "left untouched until a worker with newer code takes it."
+            ),
+            actor=_actor(),
+        )
+        return StepResult.REFUSED
+    if task.status == TaskStatus.PENDING and not scheduling.task_begin(
+        task_id=task_id, actor=_actor()
+    ):
+        return StepResult.STALE
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    state = _migrate(agent, checkpoint, events)
+    ctx = StepContext(
+        task_id=task_id,
+        step=step,
+        attempt=task.attempt + 1,
+        input=_task_input(task_id),
+        state=state,
+        tool_results=tuple(
+            ToolResult(**r) for r in checkpoint.observations.get("tool_results", ())
+        ),
+        resumed=_resumption(task_id, step - 1, checkpoint),
+    )
+    started = time.monotonic()
+    tool_run = ToolRun(task_id=task_id, owner_id=task.owner_id, step=step, events=events)
+    try:
+        with deadline_alarm(task.deadline):
+            outcome = agent.step(ctx)
+            if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):
+                raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")
+            if outcome.reasoning:
+                events.append((EventType.REASONING, {"text": outcome.reasoning}))
+            results = tools_run(tool_run, outcome.calls) if isinstance(outcome, CallTools) else []
+            _check_storable(outcome, state, results, events)
+    except DeadlineReached:
+        raise
+    except RetryLater as exc:
+        return schedule_retry(
+            task_id=task_id,
+            step=step,
+            fence=fence,
+            error=exc,
+            delay=exc.delay,
+            events=events,
+            actor=_actor(),
+        )
+    except PermanentError as exc:
+        metrics.step_failed(agent=agent.name, events=events)
+        return step_fail(
+            task_id=task_id, step=step, fence=fence, error=exc, events=events, actor=_actor()
+        )
+    except Exception as exc:
+        logger.warning("step attempt failed", error=repr(exc), attempt=ctx.attempt)
+        metrics.step_failed(agent=agent.name, events=events)
+        return retry_or_dead_letter(
+            task_id=task_id,
+            step=step,
+            fence=fence,
+            agent=agent,
+            error=exc,
+            events=events,
+            message=message,
+            actor=_actor(),
+        )
+    duration_ms = round((time.monotonic() - started) * 1000, 3)
+    return _commit(task_id, step, fence, agent, state, outcome, results, events, duration_ms)
+
+
+def _check_storable(
+    outcome: Outcome,
+    state: Any,
+    results: list[ToolResult],
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """Refuse, before the commit, what PostgreSQL would refuse inside it (NaN, a set,
+    a NUL character, an unpaired surrogate), naming where it is. The same check as the
+    API's (``agents.validation``); raises ``PermanentError``."""
+    if outcome.state is not None:
+        json_path_check(outcome.state, path="state")
+    else:
+        json_path_check(state, path="state")
+    for index, result in enumerate(results):
+        json_path_check(result.value, path=f"tool_results[{index}].value")
+        json_path_check(result.error, path=f"tool_results[{index}].error")
+    if isinstance(outcome, Finish):
+        json_path_check(outcome.result, path="result")
+    if isinstance(outcome, Fail):
+        json_path_check(outcome.error, path="error")
+    if isinstance(outcome, Suspend):
+        json_path_check(outcome.default, path="default")
+    for index, (event_type, payload) in enumerate(events):
+        json_path_check(payload, path=f"events[{index}]({event_type})")
+
+
+class _InputCache:
+    """Task inputs by task id, least recently used first out, bounded in bytes
+    (``AGENTS_INPUT_CACHE_BYTES`` per process): an input never changes after creation,
+    and re-reading a large one on every step was a third of the step's cost."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[UUID, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, task_id: UUID) -> Any:
+        if task_id in self._items:
+            self._items.move_to_end(task_id)
+            return self._items[task_id][0]
+        raw = (
+            AgentTask.objects.annotate(raw=Cast("input", TextField()))
+            .values_list("raw", flat=True)
+            .get(pk=task_id)
+        )
+        value = _decode(raw)
+        size = len(raw)
+        limit = settings.AGENTS["INPUT_CACHE_BYTES"]
+        if size <= limit // 4:
+            self._items[task_id] = (value, size)
+            self._bytes += size
+            while self._bytes > limit:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+        return value
+
+
+def _decode(raw: Any) -> Any:
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+_inputs = _InputCache()
+
+
+def _task_input(task_id: UUID) -> Any:
+    """The task's input; each step gets its own copy, so an agent that modifies it
+    affects nothing else."""
+    return copy.deepcopy(_inputs.get(task_id))
+
+
+def _migrate(agent: Agent, checkpoint: Checkpoint, events: list[tuple[str, dict[str, Any]]]):
+    state = checkpoint.state
+    version = checkpoint.schema_version
+    while version < agent.state_version:
+        state = agent.migrations[version](state)
+        events.append(
+            (
+                EventType.STATE_MIGRATED,
+                {"from_version": version, "to_version": version + 1, "checkpoint": checkpoint.step},
+            )
+        )
+        version += 1
+    return state
+
+
+def _resumption(task_id: UUID, step: int, checkpoint: Checkpoint) -> Resumption | None:
+    if "suspended" not in checkpoint.observations:
+        return None
+    return scheduling.resumption_for(task_id=task_id, step=step)
+
+
+def _commit(
+    task_id: UUID,
+    step: int,
+    fence: int,
+    agent: Agent,
+    state: Any,
+    outcome: Outcome,
+    results: list[ToolResult],
+    events: list[tuple[str, dict[str, Any]]],
+    duration_ms: float,
+) -> StepResult:
+    kind = _OUTCOME_NAMES[type(outcome)]
+    new_state = state if outcome.state is None else outcome.state
+    observations: dict[str, Any] = {}
+    if results:
+        observations["tool_results"] = [asdict(r) for r in results]
+    if isinstance(outcome, Suspend):
+        observations["suspended"] = True
+    with transaction.atomic():
+        task = task_lock_if_current(task_id=task_id, step=step, fence=fence, statuses=None)
+        if task is None:
+            logger.info("lease lost before the commit; result dropped")
+            return StepResult.STALE
+        now = clock.now()
+        if task.deadline is not None and task.deadline <= now:
+            raise DeadlineReached(f"deadline {task.deadline.isoformat()} passed")
+        audit = AuditBatch(task, actor=_actor())
+        audit.add_all(events, step=step)
+        audit.add(EventType.STEP, {"outcome": kind, "duration_ms": duration_ms}, step=step)
+        Checkpoint.objects.create(
+            task=task,
+            step=step,
+            state=new_state,
+            observations=observations,
+            schema_version=agent.state_version,
+        )
+        publish_next = False
+        fields = list(_ADVANCE_FIELDS)
+        if task.status != TaskStatus.RUNNING:
+            # Cancelled or timed out while the step ran: keep its work, start nothing new.
+            logger.info("step recorded after the task stopped", status=task.status)
+        elif isinstance(outcome, Continue | CallTools):
+            publish_next = True
+        elif isinstance(outcome, Finish):
+            task.result = outcome.result
+            transition(task, TaskStatus.COMPLETED, audit=audit)
+            fields += ["result", *TRANSITION_FIELDS]
+        elif isinstance(outcome, Fail):
+            task.error = safe_text(outcome.error)
+            transition(task, TaskStatus.FAILED, audit=audit, reason=task.error)
+            fields += ["error", *TRANSITION_FIELDS]
+        elif isinstance(outcome, Suspend):
+            publish_next = scheduling.suspension_open(
+                task=task, step=step, outcome=outcome, audit=audit
+            )
+            fields += TRANSITION_FIELDS
+        task.current_step = step + 1
+        task.attempt = 0
+        task.retry_at = None
+        task.worker_losses = 0
+        task.state_version = agent.state_version
+        task.updated_at = now
+        task.in_flight = 1 if publish_next else 0
+        task.needs_state_version = None
+        for name, value in lease_release_values().items():
+            setattr(task, name, value)
+        audit.flush()
+        task.save(update_fields=fields)
+        fault_point("before_commit", step=step)
+        if publish_next:
+            dispatch.step_publish_in_commit(task=task, agent=agent)
+        fault_point("after_publish", step=step)
+    fault_point("after_commit", step=step)
+    metrics.step_committed(agent=agent.name, duration_ms=duration_ms)
+    return StepResult.COMMITTED

@@ -1,0 +1,336 @@
+"""Leases: at most one live copy of a step.
+
+A delivery of ``(task, step)`` may run the step only while it holds the task's lease:
+
+- **Claim.** The delivery reads the task and its latest checkpoint (one query), then
+  takes the lease with a compare-and-swap on the fencing token: ``UPDATE ... SET
+  fence = fence + 1, lease_owner = me, lease_expires_at = now + LEASE_TTL WHERE fence =
+  <the fence it read>``. Every time is the database's (``agents.core.clock``).
+- **Heartbeat.** While the step runs, a thread of the process renews the lease every
+  ``LEASE_TTL / 6`` seconds, so a healthy step keeps it however long it runs (up to its
+  hard time limit, when the process is killed and the renewals stop).
+- **Fence.** The step's result is written only if the fencing token is still the one
+  this copy took: a copy that lost its lease cannot commit (``agents.core.engine``).
+- **A delivery that finds the lease held** waits until the lease is either renewed
+  (its holder is alive: the delivery is a duplicate, dropped) or expires (the holder
+  died: take over). A holder on this machine whose process is gone is recognised at
+  once; elsewhere it takes up to ``LEASE_TTL``. A take-over of an expired lease is the
+  only thing counted as a lost worker: a broker reconnect that redelivers a running
+  step finds its holder alive, and a graceful shutdown hands its leases back
+  (``leases_hand_back``) before it stops its pool.
+- **Negative answers are confirmed under the row lock.** A plain read may see a task
+  a moment before the transaction that published this message commits (the message is
+  published inside that transaction, so it can arrive first); before dropping a
+  delivery as stale, the claim reads again after waiting for any writer of the row.
+
+``in_flight`` counts the messages of the current step that can still arrive. A
+delivery dropped as a duplicate of the current step takes one off, so the stuck-task
+sweep knows when no message is left (``agents.core.scheduler``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from uuid import UUID
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
+
+from agents.core import clock
+from agents.models import AgentTask, Checkpoint
+from agents.state_machine import RUNNABLE
+
+logger = structlog.get_logger(__name__)
+
+_HOST = socket.gethostname()
+# A claim re-reads the task at most this many times when a concurrent write changed it.
+_CLAIM_ATTEMPTS = 5
+# How often a delivery that found the lease held looks at it again, in seconds.
+_WATCH_INTERVAL = 0.1
+# The hot path never reads these (possibly large) fields.
+LARGE_FIELDS = ("task__input", "task__result")
+
+
+def lease_ttl() -> float:
+    """Seconds a lease lives without a renewal (``AGENTS_LEASE_TTL``)."""
+    return settings.AGENTS["LEASE_TTL"]
+
+
+def lease_owner_name(node: str) -> str:
+    """``node/host:pid/nonce``: unique per delivery; ``node`` (the Celery node name) lets
+    a shutting-down worker hand back its own leases, ``host:pid`` lets a delivery on the
+    same machine see that a holder's process is gone."""
+    return f"{node}/{_HOST}:{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+class Verdict(StrEnum):
+    CLAIMED = "claimed"
+    STALE = "stale"  # not the current step, or the task cannot run: drop
+    DUPLICATE = "duplicate"  # a live copy holds the step: drop
+    EARLY = "early"  # a retry backoff is pending: the scheduler will publish it
+    UNKNOWN = "unknown"  # no such task (its creation was rolled back)
+    OVERDUE = "overdue"  # the task's deadline has passed
+
+
+@dataclass
+class Claim:
+    """What a delivery learned: the verdict and, when claimed, the task as read (its
+    large fields deferred), the checkpoint of the previous step, the fencing token, and
+    whether the claim took over the expired lease of a holder that died."""
+
+    verdict: Verdict
+    task: AgentTask | None = None
+    checkpoint: Checkpoint | None = None
+    fence: int = 0
+    took_over: bool = False
+
+
+def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
+    """Take the lease on ``step`` of the task for ``owner``, or say why not.
+
+    Waits at most about ``LEASE_TTL`` seconds (for a holder's lease to be renewed or to
+    expire). Never raises for a task in the wrong state; database errors propagate.
+    """
+    confirmed = False
+    for _ in range(_CLAIM_ATTEMPTS):
+        task, checkpoint = _read(task_id, step, confirm=confirmed)
+        verdict = _verdict(task, step)
+        if verdict is not None:
+            if confirmed:
+                if verdict in (Verdict.DUPLICATE, Verdict.EARLY):
+                    _in_flight_drop(task_id, step)
+                return Claim(verdict, task)
+            confirmed = True
+            continue
+        assert task is not None
+        now = clock.now()
+        if task.deadline is not None and task.deadline <= now:
+            return Claim(Verdict.OVERDUE, task)
+        held = task.lease_expires_at is not None and task.lease_owner != owner
+        if held and task.lease_expires_at > now and not _holder_gone(task.lease_owner):
+            if not _wait_for_holder(task_id, task.fence, task.lease_expires_at):
+                _in_flight_drop(task_id, step)
+                return Claim(Verdict.DUPLICATE, task)
+            continue
+        took_over = held
+        fence = task.fence + 1
+        taken = AgentTask.objects.filter(pk=task_id, fence=task.fence, current_step=step).update(
+            fence=fence,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_ttl()),
+            retry_at=None,
+            worker_losses=F("worker_losses") + int(took_over),
+        )
+        if taken:
+            task.fence = fence
+            task.lease_owner = owner
+            task.worker_losses += int(took_over)
+            task.retry_at = None
+            return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over)
+    return Claim(Verdict.DUPLICATE, None)
+
+
+def _read(task_id: UUID, step: int, *, confirm: bool) -> tuple[AgentTask | None, Checkpoint | None]:
+    if confirm:
+        with transaction.atomic():
+            # Task creation holds this lock until it commits (``agents.services``).
+            task_creation_lock(task_id=task_id)
+            # Wait for any transaction writing the row: it may be the one that published
+            # this message.
+            AgentTask.objects.filter(pk=task_id).update(fence=F("fence"))
+            return _read(task_id, step, confirm=False)
+    checkpoint = (
+        Checkpoint.objects.select_related("task")
+        .defer(*LARGE_FIELDS)
+        .filter(task_id=task_id, step=step - 1)
+        .first()
+    )
+    if checkpoint is not None:
+        return checkpoint.task, checkpoint
+    return AgentTask.objects.defer("input", "result").filter(pk=task_id).first(), None
+
+
+def task_creation_lock(*, task_id: UUID) -> None:
+    """Take, until the current transaction ends, the advisory lock of a task's creation:
+    the creating transaction holds it from before it publishes step 1 until it commits,
+    and a claim that finds no task takes it before concluding the task does not exist.
+    PostgreSQL only; on SQLite the claim waits on the database's write lock instead."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [str(task_id)])
+
+
+def _verdict(task: AgentTask | None, step: int) -> Verdict | None:
+    if task is None:
+        return Verdict.UNKNOWN
+    if task.current_step != step or task.status not in RUNNABLE:
+        return Verdict.STALE
+    if task.retry_at is not None and task.retry_at > clock.now():
+        return Verdict.EARLY
+    return None
+
+
+def _wait_for_holder(task_id: UUID, fence: int, expires_at: datetime) -> bool:
+    """Watch a held lease. True when it expired or was released (take it over); False
+    when its holder renewed it, ended the step or another copy took it (drop)."""
+    deadline = time.monotonic() + lease_ttl() + 1.0
+    while time.monotonic() < deadline:
+        row = (
+            AgentTask.objects.filter(pk=task_id)
+            .values("fence", "lease_expires_at", "lease_owner")
+            .first()
+        )
+        if row is None or row["fence"] != fence:
+            return False
+        if row["lease_expires_at"] is None:
+            return True
+        if row["lease_expires_at"] > expires_at:
+            return False
+        if row["lease_expires_at"] <= clock.now() or _holder_gone(row["lease_owner"]):
+            return True
+        time.sleep(_WATCH_INTERVAL)
+    return False
+
+
+def _holder_gone(owner: str) -> bool:
+    """True if ``owner`` ran on this machine and its process no longer exists."""
+    try:
+        host, pid = owner.split("/")[1].rsplit(":", 1)
+        if host != _HOST or int(pid) == os.getpid():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError, PermissionError, OSError):
+        return False
+    return False
+
+
+def _in_flight_drop(task_id: UUID, step: int) -> None:
+    """One message of the current step was consumed without running it."""
+    AgentTask.objects.filter(pk=task_id, current_step=step).update(
+        in_flight=Greatest(F("in_flight") - 1, 0)
+    )
+
+
+def lease_release_values() -> dict[str, object]:
+    """The fields that end a lease, for a write that also ends the step's delivery."""
+    return {"lease_owner": "", "lease_expires_at": None}
+
+
+def leases_hand_back(*, node: str) -> int:
+    """Release every lease held by processes of the Celery node ``node``: called by a
+    worker whose graceful shutdown ran out of time, just before it stops its pool, so
+    the redelivered steps start at once and are not counted as lost workers. Bumping
+    the fence keeps the stopping copies from renewing or committing. Returns how many."""
+    return AgentTask.objects.filter(lease_owner__startswith=f"{node}/").update(
+        lease_owner="", lease_expires_at=None, fence=F("fence") + 1
+    )
+
+
+class _Heartbeat:
+    """One thread per process renewing the lease of the step this process runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: tuple[UUID, int, str] | None = None
+        self._wake = threading.Event()
+        self._pid = 0
+        self.lost = False
+
+    def hold(self, task_id: UUID, fence: int, owner: str) -> None:
+        with self._lock:
+            self._held = (task_id, fence, owner)
+            self.lost = False
+        if self._pid != os.getpid():
+            # First use in this process (pool children are forked): start the thread.
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="agents-lease-heartbeat", daemon=True).start()
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(lease_ttl() / 6)
+            with self._lock:
+                held = self._held
+            if held is None:
+                # Hold no connection while idle (most steps end before the first beat).
+                connection.close()
+                continue
+            try:
+                # The owner too: once the step's commit released the lease (same fence),
+                # a late beat must not bring it back.
+                renewed = AgentTask.objects.filter(
+                    pk=held[0], fence=held[1], lease_owner=held[2]
+                ).update(
+                    lease_expires_at=clock.now() + timedelta(seconds=lease_ttl())
+                )
+            except Exception as exc:  # the database may be away; try again next beat
+                logger.warning("lease renewal failed", task_id=str(held[0]), error=repr(exc))
+                with contextlib.suppress(Exception):
+                    connection.close()
+                continue
+            if not renewed:
+                with self._lock:
+                    if self._held == held:
+                        self.lost = True
+                        self._held = None
+                logger.warning("lease lost while the step ran", task_id=str(held[0]))
+
+
+_heartbeat = _Heartbeat()
+
+
+@contextlib.contextmanager
+def lease_held(*, task_id: UUID, fence: int, owner: str) -> Iterator[None]:
+    """Renew ``owner``'s lease ``(task_id, fence)`` in the background while the block
+    runs."""
+    _heartbeat.hold(task_id, fence, owner)
+    try:
+        yield
+    finally:
+        _heartbeat.release()
+
+
+class DeadlineReached(Exception):  # noqa: N818 (a condition, not a failure of ours)
+    """The task's deadline passed while its step ran."""
+
+
+@contextlib.contextmanager
+def deadline_alarm(deadline: datetime | None) -> Iterator[None]:
+    """Raise ``DeadlineReached`` in the running step when the task's deadline (on the
+    database's clock) passes. Uses ``SIGALRM``, which Celery's prefork pool leaves
+    alone (its own time limits are signalled by the pool's main process); in a thread
+    other than the main one (no signals there) the commit's deadline check still holds.
+    """
+    if deadline is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    remaining = max((deadline - clock.now()).total_seconds(), 0.001)
+
+    def _raise(signum: int, frame: object) -> None:
+        raise DeadlineReached(f"deadline {deadline.isoformat()} passed")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, remaining)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,204 @@
+"""The scheduler: the runtime's clock, run by every worker (``agents_project.celery``).
+
+Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clock:
+
+- publishes again the steps whose retry backoff has passed (``AgentTask.retry_at``);
+- wakes durable timers and ends approval and event waits whose timeout has passed;
+- ends tasks whose deadline has passed, wherever they are (``timed_out``);
+- sweeps: publishes the current step of any runnable task that has no live lease, no
+  message that can still arrive (``in_flight`` 0) and no retry pending. That is a step
+  whose publish the broker refused, or whose last message was consumed as a duplicate
+  while its holder then died. It never looks at the time since the last commit, so a
+  long step or a long queue is never copied; and it selects only rows this worker can
+  act on (agents it knows, at a state version it can run), so rows it cannot act on
+  never fill its batch;
+- every ``AGENTS_DLQ_RECONCILE_INTERVAL`` seconds, drains RabbitMQ's dead-letter queue
+  into ``DeadLetter`` rows (``agents.core.dead_letters``).
+
+All state is in the database, so a restarted scheduler carries on where any other left
+off; several workers running it at once is safe, because every action locks the task
+row and re-checks it, skipping rows another scheduler holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from functools import reduce
+from operator import or_
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q, QuerySet
+
+from agents import scheduling
+from agents.core import clock
+from agents.core.dead_letters import dead_letter_queue_reconcile
+from agents.core.dispatch import current_step_publish
+from agents.definition import registered_agents
+from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
+from agents.state_machine import RUNNABLE
+from agents_project.errors import Backpressure
+from audit.models import EventType
+from audit.services import AuditBatch, process_actor
+
+logger = structlog.get_logger(__name__)
+
+BATCH = 200
+
+
+def retries_fire() -> int:
+    """Publish the steps whose retry backoff has passed."""
+
+    def fire(task: AgentTask) -> None:
+        task.retry_at = None
+        current_step_publish(task=task)
+        task.save(update_fields=("retry_at", "in_flight"))
+
+    return _each_locked(
+        AgentTask.objects.filter(retry_at__lte=clock.now(), status__in=RUNNABLE), fire
+    )
+
+
+def suspensions_expire(*, actor: str) -> int:
+    due = Suspension.objects.filter(
+        resolved_at__isnull=True, wake_at__lte=clock.now()
+    ).values_list("pk", flat=True)
+    return sum(
+        scheduling.suspension_expire(suspension_id=pk, actor=actor) for pk in list(due[:BATCH])
+    )
+
+
+def deadlines_enforce(*, actor: str) -> int:
+    due = AgentTask.objects.filter(
+        deadline__isnull=False, deadline__lte=clock.now(), status__in=ACTIVE_STATUSES
+    ).values_list("pk", flat=True)
+    return sum(scheduling.task_time_out(task_id=pk, actor=actor) for pk in list(due[:BATCH]))
+
+
+def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
+    """Runnable tasks whose current step nothing will run: no retry pending, no live
+    lease and no message that can still arrive; limited to the agents this process
+    knows, at a state version it can run. ``include_queued`` drops the lease and message
+    conditions (an operator's ``resume_stuck --include-queued`` after a queue was purged,
+    or the demo after its worker was killed with its embedded broker's message)."""
+    agents = registered_agents()
+    if not agents:
+        return AgentTask.objects.none()
+    now = clock.now()
+    runnable_here = reduce(
+        or_,
+        (
+            Q(agent_name=name)
+            & (Q(needs_state_version__isnull=True) | Q(needs_state_version__lte=a.state_version))
+            for name, a in agents.items()
+        ),
+    )
+    tasks = AgentTask.objects.filter(runnable_here, status__in=RUNNABLE, retry_at__isnull=True)
+    if not include_queued:
+        tasks = tasks.filter(in_flight__lte=0).filter(
+            Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+        )
+    return tasks.order_by("updated_at")
+
+
+def stuck_tasks_republish(*, actor: str, include_queued: bool = False) -> int:
+    """Publish the current step of every task ``stuck_tasks`` finds, counting the new
+    message in ``in_flight``. Safe however often it runs: every candidate is locked
+    and checked again, and a duplicate message is dropped by the engine.
+
+    ``include_queued`` also publishes steps whose message is counted as still queued:
+    for an operator who purged or lost a queue (``resume_stuck --include-queued``).
+    """
+
+    def republish(task: AgentTask) -> None:
+        audit = AuditBatch(task, actor=actor)
+        audit.add(
+            EventType.REPUBLISHED,
+            {"reason": "no live copy and no message left", "in_flight": task.in_flight},
+            step=task.current_step,
+        )
+        if include_queued:
+            task.in_flight = 0
+        current_step_publish(task=task)
+        audit.flush()
+        task.save(update_fields=("audit_seq", "in_flight"))
+
+    republished = _each_locked(stuck_tasks(include_queued=include_queued), republish)
+    if republished:
+        logger.warning("stuck tasks published again", count=republished)
+    return republished
+
+
+def _each_locked(candidates: QuerySet[AgentTask], act: Callable[[AgentTask], None]) -> int:
+    """Apply ``act`` to up to ``BATCH`` of ``candidates``, each locked in its own
+    transaction, and return how many. Rows another process holds are skipped, not
+    waited for; the condition is checked again under the lock. Stops at the first
+    refused publish (the broker is full or away: the next tick tries again)."""
+    done = 0
+    for task_id in list(candidates.values_list("pk", flat=True)[:BATCH]):
+        try:
+            with transaction.atomic():
+                task = (
+                    candidates.select_for_update(skip_locked=True, of=("self",))
+                    .defer("input", "result")
+                    .filter(pk=task_id)
+                    .first()
+                )
+                if task is None:
+                    continue
+                act(task)
+                done += 1
+        except Backpressure:
+            break
+    return done
+
+
+def tick(*, actor: str) -> dict[str, int]:
+    """One pass of the clock. Returns how many of each thing it did."""
+    return {
+        "retries": retries_fire(),
+        "wakeups": suspensions_expire(actor=actor),
+        "deadlines": deadlines_enforce(actor=actor),
+        "republished": stuck_tasks_republish(actor=actor),
+    }
+
+
+class Scheduler:
+    """Runs ``tick`` every ``interval`` seconds in a thread until ``stop`` is called."""
+
+    def __init__(self, *, interval: float | None = None) -> None:
+        self.interval = settings.AGENTS["SCHEDULER_INTERVAL"] if interval is None else interval
+        self.actor = process_actor("scheduler")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reconciled_at = float("-inf")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="agents-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        logger.info("scheduler started", interval=self.interval)
+        while not self._stop.wait(self.interval):
+            try:
+                tick(actor=self.actor)
+                every = settings.AGENTS["DLQ_RECONCILE_INTERVAL"]
+                if every > 0 and time.monotonic() - self._reconciled_at >= every:
+                    self._reconciled_at = time.monotonic()
+                    dead_letter_queue_reconcile(actor=self.actor)
+            except Exception:
+                # The database or the broker may be restarting: try again next tick.
+                logger.exception("scheduler tick failed")
+            finally:
+                # Hold no connection between ticks: this thread lives in the worker's
+                # main process, which forks pool children, and a child must not
+                # inherit a live connection that belongs to this thread.
+                connection.close()
