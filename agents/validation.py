@@ -79,3 +79,26 @@ def _text_check(text: str, where: str, error: type[Exception]) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise error(f"{where}: contains an unpaired surrogate (not valid Unicode)") from None
+
+
+def json_storable(value: Any, *, depth: int = 0) -> Any:
+    """A copy of ``value`` that PostgreSQL's jsonb stores, for recording what went
+    wrong: NUL characters and unpaired surrogates replaced by U+FFFD, NaN and infinities
+    by None, sets and tuples by lists, other objects by their ``repr``, keys made
+    strings, and nesting below 64 levels cut to ``"..."``."""
+    if depth > 64:
+        return "..."
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {
+            json_storable(str(k), depth=depth + 1): json_storable(v, depth=depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_storable(v, depth=depth + 1) for v in value]
+    return json_storable(repr(value), depth=depth + 1)

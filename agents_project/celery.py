@@ -12,10 +12,12 @@ Configured from Django settings (the ``CELERY_`` namespace). A worker also:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -119,11 +121,10 @@ def _bound_the_warm_shutdown(sig: str, how: str, exitcode: int, **kwargs: Any) -
     """SIGTERM (what Kubernetes and ``docker stop`` send) starts Celery's warm shutdown:
     take no more messages, let running steps finish, exit 0 as soon as they have. Left
     alone it would wait for a step however long it runs; after ``AGENTS_SHUTDOWN_GRACE``
-    seconds this hands the leases of the steps still running back (so their redelivery
-    starts at once and is not counted as a lost worker), then turns the shutdown into a
-    cold one, which stops those steps and gives their messages back to the queue
-    (nothing is lost: no checkpoint committed, and the fence keeps the stopping copies
-    from committing).
+    seconds it stops the steps still running, hands their leases back (so their
+    redelivery starts at once and is not counted as a lost worker), and turns the
+    shutdown into a cold one, which gives their messages back to the queue (nothing is
+    lost: no checkpoint committed).
 
     Celery's own "soft shutdown" is not used: it always waits the whole timeout, even
     when the running steps finish at once.
@@ -140,14 +141,32 @@ def _bound_the_warm_shutdown(sig: str, how: str, exitcode: int, **kwargs: Any) -
 
 
 def _hand_back_and_stop(node: str, pid: int) -> None:
+    """Stop the steps still running, hand their leases back, then shut down cold.
+
+    The order keeps one live copy at a time: the pool processes are frozen (SIGSTOP)
+    before their leases are released, and killed after, so no redelivered copy can
+    start while this worker's copy still runs.
+    """
+    from billiard.process import active_children
+
     from agents.core.leases import leases_hand_back
 
+    children = [child.pid for child in active_children() if child.pid]
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGSTOP)
+    logging.getLogger(__name__).warning(
+        "pool frozen for shutdown at %.6f: pids %s", time.time(), sorted(children)
+    )
     try:
         if node:
             leases_hand_back(node=node)
     except Exception:  # the database may be away: the leases then expire on their own
         logging.getLogger(__name__).exception("could not hand the leases back")
     finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         os.kill(pid, signal.SIGQUIT)
 
 

@@ -278,9 +278,7 @@ class _Heartbeat:
                 # a late beat must not bring it back.
                 renewed = AgentTask.objects.filter(
                     pk=held[0], fence=held[1], lease_owner=held[2]
-                ).update(
-                    lease_expires_at=clock.now() + timedelta(seconds=lease_ttl())
-                )
+                ).update(lease_expires_at=clock.now() + timedelta(seconds=lease_ttl()))
             except Exception as exc:  # the database may be away; try again next beat
                 logger.warning("lease renewal failed", task_id=str(held[0]), error=repr(exc))
                 with contextlib.suppress(Exception):

@@ -39,6 +39,7 @@ from agents.definition import Agent
 from agents.errors import RetryableError
 from agents.models import AgentTask, TaskStatus
 from agents.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
+from agents.validation import json_storable
 from audit.models import AuditEvent, DeadLetter, EventType
 from audit.services import AuditBatch
 
@@ -51,8 +52,13 @@ _RELEASE_FIELDS = ("lease_owner", "lease_expires_at", "in_flight")
 def safe_text(text: Any) -> str:
     """``text`` as a string PostgreSQL stores: NUL characters and unpaired surrogates
     replaced by U+FFFD."""
-    value = str(text).replace("\x00", "\ufffd")
-    return value.encode("utf-8", "replace").decode("utf-8")
+    return json_storable(str(text))
+
+
+def _storable(events: Events) -> Events:
+    """The step's events, made storable: a failure is recorded even when what the step
+    produced is what the database refused."""
+    return [(kind, json_storable(payload)) for kind, payload in events]
 
 
 def _error_text(error: BaseException) -> str:
@@ -140,7 +146,7 @@ def retry_or_dead_letter(
             )
             return StepResult.RETRY
         audit = AuditBatch(task, actor=actor)
-        audit.add_all(events, step=step)
+        audit.add_all(_storable(events), step=step)
         dead_letter_record(
             task,
             audit,
@@ -161,7 +167,7 @@ def _retry_later(
     task: AgentTask, *, step: int, error: BaseException, delay: float, events: Events, actor: str
 ) -> None:
     audit = AuditBatch(task, actor=actor)
-    audit.add_all(events, step=step)
+    audit.add_all(_storable(events), step=step)
     audit.add(
         EventType.STEP_FAILED,
         {
@@ -190,7 +196,7 @@ def step_fail(
         if task is None:
             return StepResult.STALE
         audit = AuditBatch(task, actor=actor)
-        audit.add_all(events, step=step)
+        audit.add_all(_storable(events), step=step)
         audit.add(
             EventType.STEP_FAILED,
             {
@@ -306,4 +312,3 @@ def dead_letter_record(
     for name, value in lease_release_values().items():
         setattr(task, name, value)
     transition(task, TaskStatus.DEAD_LETTERED, audit=audit, reason=reason)
-

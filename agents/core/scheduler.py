@@ -63,9 +63,9 @@ def retries_fire() -> int:
 
 
 def suspensions_expire(*, actor: str) -> int:
-    due = Suspension.objects.filter(
-        resolved_at__isnull=True, wake_at__lte=clock.now()
-    ).values_list("pk", flat=True)
+    due = Suspension.objects.filter(resolved_at__isnull=True, wake_at__lte=clock.now()).values_list(
+        "pk", flat=True
+    )
     return sum(
         scheduling.suspension_expire(suspension_id=pk, actor=actor) for pk in list(due[:BATCH])
     )
