@@ -119,9 +119,10 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
         now = clock.now()
         if task.deadline is not None and task.deadline <= now:
             return Claim(Verdict.OVERDUE, task)
-        held = task.lease_expires_at is not None and task.lease_owner != owner
-        if held and task.lease_expires_at > now and not _holder_gone(task.lease_owner):
-            if not _wait_for_holder(task_id, task.fence, task.lease_expires_at):
+        expires = task.lease_expires_at
+        held = expires is not None and task.lease_owner != owner
+        if held and expires is not None and expires > now and not _holder_gone(task.lease_owner):
+            if not _wait_for_holder(task_id, task.fence, expires):
                 _in_flight_drop(task_id, step)
                 return Claim(Verdict.DUPLICATE, task)
             continue

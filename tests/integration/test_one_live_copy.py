@@ -259,3 +259,23 @@ def test_fifty_long_steps_on_three_workers_under_kills_drops_and_deploys(workers
     assert scenario.check(ids, script=ledger_script) == []
     assert copies.overlaps(copy_log, deaths) == []
     assert not AgentTask.objects.filter(status=TaskStatus.DEAD_LETTERED).exists()
+    cut_short = [c for runs in copies.read(copy_log).values() for c in runs if c.end is None]
+    assert cut_short, "the faults hit steps while they ran"
+    assert AuditEvent.objects.filter(type="worker_lost").exists(), "a takeover was counted"
+
+
+def test_the_overlap_check_finds_two_copies_at_once(tmp_path):
+    """The evidence above can fail: two live copies of one step are reported."""
+    log = tmp_path / "copies.log"
+    log.write_text(
+        "start t 1 10 100.0\nstart t 1 11 100.5\nend t 1 10 101.0\nend t 1 11 102.0\n"
+        "start t 2 12 103.0\n"
+        "start t 2 13 104.0\nend t 2 13 105.0\n"
+    )
+    deaths = copies.Deaths()
+    deaths.add(104.5, {12})
+    problems = copies.overlaps(log, deaths)
+    assert len(problems) == 2, problems
+    deaths = copies.Deaths()
+    deaths.add(103.5, {12})
+    assert len(copies.overlaps(log, deaths)) == 1
