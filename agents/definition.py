@@ -175,6 +175,13 @@ class Agent:
     - ``learned_limits``: take the step time limit (and the default task deadline) that
       ``python manage.py suggest_timeouts --apply`` computed from this agent's history;
       an explicit ``step_time_limit`` still wins.
+    - ``steps_per_delivery`` and ``commit_every``, the checkpoint policy. By default each
+      step is one delivery and one commit. An agent whose steps are cheap may let up to
+      ``steps_per_delivery`` consecutive steps run in one delivery (a step that calls
+      tools, suspends or ends the task ends the run), committing their checkpoints (one
+      per step, as always) every ``commit_every`` steps, each group in one transaction.
+      The trade-off: after a crash, the steps since the last commit run again.
+      ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
     """
 
     name: ClassVar[str]
@@ -185,6 +192,8 @@ class Agent:
     step_time_limit: ClassVar[float | None] = None
     step_soft_time_limit: ClassVar[float | None] = None
     learned_limits: ClassVar[bool] = False
+    steps_per_delivery: ClassVar[int] = 1
+    commit_every: ClassVar[int] = 1
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

@@ -114,6 +114,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # 10 s only delays recovery.
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=1.0)
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+CELERY_DB_REUSE_MAX = 1000
 if BROKER_IS_AMQP:
     # Wait for the broker's confirm on every publish: a step is only handed over once
     # RabbitMQ has taken responsibility for it.
@@ -150,6 +151,8 @@ AGENTS = {
     # the step runs): how long a step whose process died on another machine waits to be
     # taken over (on the same machine the death is seen at once).
     "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
+    # Per agent name, {"steps_per_delivery": N, "commit_every": K}: see Agent's docstring.
+    "CHECKPOINT_POLICY": env.json("AGENTS_CHECKPOINT_POLICY", default={}),
     # Bytes of task inputs each worker process keeps in memory.
     "INPUT_CACHE_BYTES": env.int("AGENTS_INPUT_CACHE_BYTES", default=32 * 1024 * 1024),
     # Seconds between two drains of RabbitMQ's dead-letter queue into DeadLetter rows.

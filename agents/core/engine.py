@@ -36,13 +36,13 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import UUID
 
 import structlog
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db import InterfaceError, OperationalError, connection, connections, transaction
 from django.db.models import TextField
 from django.db.models.functions import Cast
 
@@ -110,6 +110,8 @@ _ADVANCE_FIELDS = (
     "in_flight",
     "needs_state_version",
 )
+
+_RELEASE_FIELDS = ("lease_owner", "lease_expires_at", "in_flight")
 
 _OUTCOME_NAMES = {
     Continue: "continue",
@@ -212,7 +214,7 @@ def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> S
             metrics.step_failed(agent=agent.name, events=[])
             return retry_or_dead_letter(
                 task_id=task_id,
-                step=step,
+                step=task.current_step,
                 fence=fence,
                 agent=agent,
                 error=exc,
@@ -260,20 +262,102 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
         ),
         resumed=_resumption(task_id, step - 1, checkpoint),
     )
+    per_delivery, commit_every = checkpoint_policy(agent)
+    done: list[_Done] = []
+    while True:
+        try:
+            record = _step_once(agent, ctx, task.owner_id, task.deadline, events)
+        except DeadlineReached:
+            if done:
+                _commit_part(task, fence, agent, done)
+            raise
+        except Exception as exc:
+            # The steps of this delivery before this one succeeded: keep them first.
+            if done and _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
+                return StepResult.STALE
+            return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
+        done.append(record)
+        if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
+            return _commit(task_id, fence, agent, done, hand_on=True)
+        if len(done) >= commit_every:
+            if _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
+                return StepResult.STALE
+            done = []
+        events = []
+        ctx = StepContext(
+            task_id=task_id,
+            step=ctx.step + 1,
+            attempt=1,
+            input=_task_input(task_id),
+            state=record.state,
+        )
+
+
+def _commit_part(task: AgentTask, fence: int, agent: Agent, done: list[_Done]) -> StepResult:
+    """Commit some steps of a delivery that goes on (keeping its lease and message), and
+    note on ``task`` where it now is, for a failure recorded later."""
+    result = _commit(task.pk, fence, agent, done, hand_on=False)
+    if result == StepResult.COMMITTED:
+        task.current_step = done[-1].step + 1
+    return result
+
+
+def checkpoint_policy(agent: Agent) -> tuple[int, int]:
+    """``(steps_per_delivery, commit_every)`` for ``agent``: its class attributes, or
+    ``AGENTS_CHECKPOINT_POLICY[agent.name]``. Both at least 1; ``commit_every`` at most
+    ``steps_per_delivery``."""
+    override = settings.AGENTS["CHECKPOINT_POLICY"].get(agent.name, {})
+    per_delivery = max(int(override.get("steps_per_delivery", agent.steps_per_delivery)), 1)
+    commit_every = max(int(override.get("commit_every", agent.commit_every)), 1)
+    return per_delivery, min(commit_every, per_delivery)
+
+
+@dataclass
+class _Done:
+    """One step that ran and passed its checks, waiting for its commit."""
+
+    step: int
+    state: Any
+    outcome: Outcome
+    results: list[ToolResult]
+    events: list[tuple[str, dict[str, Any]]]
+    duration_ms: float
+
+
+def _step_once(
+    agent: Agent,
+    ctx: StepContext,
+    owner_id: int,
+    deadline: Any,
+    events: list[tuple[str, dict[str, Any]]],
+) -> _Done:
+    """Run the agent's step and its tools, and check the outcome can be stored."""
     started = time.monotonic()
-    tool_run = ToolRun(task_id=task_id, owner_id=task.owner_id, step=step, events=events)
-    try:
-        with deadline_alarm(task.deadline):
-            outcome = agent.step(ctx)
-            if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):
-                raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")
-            if outcome.reasoning:
-                events.append((EventType.REASONING, {"text": outcome.reasoning}))
-            results = tools_run(tool_run, outcome.calls) if isinstance(outcome, CallTools) else []
-            _check_storable(outcome, state, results, events)
-    except DeadlineReached:
-        raise
-    except RetryLater as exc:
+    tool_run = ToolRun(task_id=ctx.task_id, owner_id=owner_id, step=ctx.step, events=events)
+    with deadline_alarm(deadline):
+        outcome = agent.step(ctx)
+        if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):
+            raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")
+        if outcome.reasoning:
+            events.append((EventType.REASONING, {"text": outcome.reasoning}))
+        results = tools_run(tool_run, outcome.calls) if isinstance(outcome, CallTools) else []
+        _check_storable(outcome, ctx.state, results, events)
+    new_state = ctx.state if outcome.state is None else outcome.state
+    duration_ms = round((time.monotonic() - started) * 1000, 3)
+    return _Done(ctx.step, new_state, outcome, results, events, duration_ms)
+
+
+def _step_failed(
+    task_id: UUID,
+    step: int,
+    fence: int,
+    agent: Agent,
+    exc: Exception,
+    events: list[tuple[str, dict[str, Any]]],
+    message: dict[str, Any],
+) -> StepResult:
+    """Classify a failed step by its error's type (``agents.errors``)."""
+    if isinstance(exc, RetryLater):
         return schedule_retry(
             task_id=task_id,
             step=step,
@@ -283,26 +367,22 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
             events=events,
             actor=_actor(),
         )
-    except PermanentError as exc:
-        metrics.step_failed(agent=agent.name, events=events)
+    metrics.step_failed(agent=agent.name, events=events)
+    if isinstance(exc, PermanentError):
         return step_fail(
             task_id=task_id, step=step, fence=fence, error=exc, events=events, actor=_actor()
         )
-    except Exception as exc:
-        logger.warning("step attempt failed", error=repr(exc), attempt=ctx.attempt)
-        metrics.step_failed(agent=agent.name, events=events)
-        return retry_or_dead_letter(
-            task_id=task_id,
-            step=step,
-            fence=fence,
-            agent=agent,
-            error=exc,
-            events=events,
-            message=message,
-            actor=_actor(),
-        )
-    duration_ms = round((time.monotonic() - started) * 1000, 3)
-    return _commit(task_id, step, fence, agent, state, outcome, results, events, duration_ms)
+    logger.warning("step attempt failed", error=repr(exc))
+    return retry_or_dead_letter(
+        task_id=task_id,
+        step=step,
+        fence=fence,
+        agent=agent,
+        error=exc,
+        events=events,
+        message=message,
+        actor=_actor(),
+    )
 
 
 def _check_storable(
@@ -396,25 +476,132 @@ def _resumption(task_id: UUID, step: int, checkpoint: Checkpoint) -> Resumption 
 
 
 def _commit(
-    task_id: UUID,
-    step: int,
-    fence: int,
-    agent: Agent,
-    state: Any,
-    outcome: Outcome,
-    results: list[ToolResult],
-    events: list[tuple[str, dict[str, Any]]],
-    duration_ms: float,
+    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
 ) -> StepResult:
-    kind = _OUTCOME_NAMES[type(outcome)]
-    new_state = state if outcome.state is None else outcome.state
+    """Write the checkpoints and audit events of ``done`` (consecutive steps, all but the
+    last a ``Continue``) in one transaction, fenced, and advance the task past them.
+
+    ``hand_on``: this delivery ends here, so release the lease and publish the next step
+    (inside the transaction). Otherwise the delivery goes on (a batch of steps, or a
+    failure of the next step to record) and keeps its lease and its message.
+    Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if the lease was lost.
+    """
+    last = done[-1].outcome
+    if connection.vendor == "postgresql" and (
+        not hand_on or isinstance(last, Continue | CallTools)
+    ):
+        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on)
+        if result is not None:
+            return result
+    return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
+
+
+def _observations(record: _Done) -> dict[str, Any]:
     observations: dict[str, Any] = {}
-    if results:
-        observations["tool_results"] = [asdict(r) for r in results]
-    if isinstance(outcome, Suspend):
+    if record.results:
+        observations["tool_results"] = [asdict(r) for r in record.results]
+    if isinstance(record.outcome, Suspend):
         observations["suspended"] = True
+    return observations
+
+
+def _checkpoints_and_events(
+    task: AgentTask, agent: Agent, done: list[_Done], audit: AuditBatch
+) -> None:
+    Checkpoint.objects.bulk_create(
+        Checkpoint(
+            task_id=task.pk,
+            step=record.step,
+            state=record.state,
+            observations=_observations(record),
+            schema_version=agent.state_version,
+        )
+        for record in done
+    )
+    for record in done:
+        audit.add_all(record.events, step=record.step)
+        audit.add(
+            EventType.STEP,
+            {"outcome": _OUTCOME_NAMES[type(record.outcome)], "duration_ms": record.duration_ms},
+            step=record.step,
+        )
+
+
+def _committed(agent: Agent, done: list[_Done]) -> StepResult:
+    fault_point("after_commit", step=done[-1].step)
+    for record in done:
+        metrics.step_committed(agent=agent.name, duration_ms=record.duration_ms)
+    return StepResult.COMMITTED
+
+
+def _commit_advance(
+    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+) -> StepResult | None:
+    """The hot path (PostgreSQL, the task only moves on): one fenced ``UPDATE ...
+    RETURNING`` advances the task and reserves the audit sequence numbers, then one
+    INSERT for the checkpoints and one for the events. None: not applicable (lease
+    lost, deadline passed); the general path finds out which."""
+    events = sum(len(record.events) + 1 for record in done)
+    now = clock.now()
+    release = (
+        ", lease_owner = '', lease_expires_at = NULL,"
+        " in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END"
+        if hand_on
+        else ""
+    )
     with transaction.atomic():
-        task = task_lock_if_current(task_id=task_id, step=step, fence=fence, statuses=None)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""
+                UPDATE {AgentTask._meta.db_table}
+                   SET current_step = %(next)s, attempt = 0, retry_at = NULL,
+                       worker_losses = 0, state_version = %(version)s,
+                       audit_seq = audit_seq + %(events)s, updated_at = %(now)s,
+                       needs_state_version = NULL{release}
+                 WHERE id = %(id)s AND fence = %(fence)s AND current_step = %(first)s
+                   AND (deadline IS NULL OR deadline > %(now)s)
+             RETURNING status, audit_seq, deadline
+                """,
+                {
+                    "id": task_id,
+                    "fence": fence,
+                    "first": done[0].step,
+                    "next": done[-1].step + 1,
+                    "version": agent.state_version,
+                    "events": events,
+                    "now": now,
+                },
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        status, audit_seq, deadline = row
+        task = AgentTask(
+            id=task_id,
+            agent_name=agent.name,
+            status=status,
+            current_step=done[-1].step + 1,
+            audit_seq=audit_seq - events,
+            deadline=deadline,
+        )
+        audit = AuditBatch(task, actor=_actor())
+        _checkpoints_and_events(task, agent, done, audit)
+        audit.flush()
+        fault_point("before_commit", step=done[-1].step)
+        if hand_on and status == TaskStatus.RUNNING:
+            dispatch.step_publish_in_commit(task=task, agent=agent)
+        fault_point("after_publish", step=done[-1].step)
+    return _committed(agent, done)
+
+
+def _commit_general(
+    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+) -> StepResult:
+    """Every outcome, on every database: lock the row, check, write, transition."""
+    outcome = done[-1].outcome
+    step = done[-1].step
+    with transaction.atomic():
+        task = task_lock_if_current(task_id=task_id, step=done[0].step, fence=fence, statuses=None)
         if task is None:
             logger.info("lease lost before the commit; result dropped")
             return StepResult.STALE
@@ -422,18 +609,12 @@ def _commit(
         if task.deadline is not None and task.deadline <= now:
             raise DeadlineReached(f"deadline {task.deadline.isoformat()} passed")
         audit = AuditBatch(task, actor=_actor())
-        audit.add_all(events, step=step)
-        audit.add(EventType.STEP, {"outcome": kind, "duration_ms": duration_ms}, step=step)
-        Checkpoint.objects.create(
-            task=task,
-            step=step,
-            state=new_state,
-            observations=observations,
-            schema_version=agent.state_version,
-        )
+        _checkpoints_and_events(task, agent, done, audit)
         publish_next = False
         fields = list(_ADVANCE_FIELDS)
-        if task.status != TaskStatus.RUNNING:
+        if not hand_on:
+            fields = [f for f in fields if f not in _RELEASE_FIELDS]
+        elif task.status != TaskStatus.RUNNING:
             # Cancelled or timed out while the step ran: keep its work, start nothing new.
             logger.info("step recorded after the task stopped", status=task.status)
         elif isinstance(outcome, Continue | CallTools):
@@ -457,16 +638,15 @@ def _commit(
         task.worker_losses = 0
         task.state_version = agent.state_version
         task.updated_at = now
-        task.in_flight = 1 if publish_next else 0
         task.needs_state_version = None
-        for name, value in lease_release_values().items():
-            setattr(task, name, value)
+        if hand_on:
+            task.in_flight = 1 if publish_next else 0
+            for name, value in lease_release_values().items():
+                setattr(task, name, value)
         audit.flush()
         task.save(update_fields=fields)
         fault_point("before_commit", step=step)
         if publish_next:
             dispatch.step_publish_in_commit(task=task, agent=agent)
         fault_point("after_publish", step=step)
-    fault_point("after_commit", step=step)
-    metrics.step_committed(agent=agent.name, duration_ms=duration_ms)
-    return StepResult.COMMITTED
+    return _committed(agent, done)

@@ -31,6 +31,7 @@ sweep knows when no message is left (``agents.core.scheduler``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -103,7 +104,14 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
 
     Waits at most about ``LEASE_TTL`` seconds (for a holder's lease to be renewed or to
     expire). Never raises for a task in the wrong state; database errors propagate.
+    On PostgreSQL the common case (the step current, its lease free, no retry pending,
+    the deadline ahead) is one ``UPDATE ... RETURNING``; anything else takes the
+    general path below.
     """
+    if connection.vendor == "postgresql":
+        claim = _claim_free_lease(task_id, step, owner)
+        if claim is not None:
+            return claim
     confirmed = False
     for _ in range(_CLAIM_ATTEMPTS):
         task, checkpoint = _read(task_id, step, confirm=confirmed)
@@ -116,6 +124,9 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
             confirmed = True
             continue
         assert task is not None
+        if checkpoint is None:
+            # The step's transaction committed between the two reads: read again.
+            continue
         now = clock.now()
         if task.deadline is not None and task.deadline <= now:
             return Claim(Verdict.OVERDUE, task)
@@ -142,6 +153,68 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
             task.retry_at = None
             return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over)
     return Claim(Verdict.DUPLICATE, None)
+
+
+def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
+    now = clock.now()
+    task_table = AgentTask._meta.db_table
+    checkpoint_table = Checkpoint._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {task_table} AS t
+               SET fence = t.fence + 1, lease_owner = %(owner)s,
+                   lease_expires_at = %(expires)s, retry_at = NULL
+             WHERE t.id = %(id)s AND t.current_step = %(step)s
+               AND t.status IN ('pending', 'running')
+               AND (t.retry_at IS NULL OR t.retry_at <= %(now)s)
+               AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
+               AND (t.deadline IS NULL OR t.deadline > %(now)s)
+         RETURNING t.fence, t.owner_id, t.agent_name, t.status, t.attempt, t.worker_losses,
+                   t.deadline, t.in_flight,
+                   (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
+                      FROM {checkpoint_table} AS c
+                     WHERE c.task_id = t.id AND c.step = %(step)s - 1)
+            """,
+            {
+                "id": task_id,
+                "step": step,
+                "owner": owner,
+                "now": now,
+                "expires": now + timedelta(seconds=lease_ttl()),
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, saved = row
+    task = AgentTask(
+        id=task_id,
+        owner_id=owner_id,
+        agent_name=agent_name,
+        status=status,
+        current_step=step,
+        attempt=attempt,
+        worker_losses=losses,
+        deadline=deadline,
+        in_flight=in_flight,
+        fence=fence,
+        lease_owner=owner,
+    )
+    if saved is None:
+        # Written by a transaction that committed while this one waited for the row.
+        checkpoint = Checkpoint.objects.get(task_id=task_id, step=step - 1)
+    else:
+        # Django's PostgreSQL backend hands jsonb over as text (its fields decode it).
+        state, observations, schema_version = json.loads(saved) if isinstance(saved, str) else saved
+        checkpoint = Checkpoint(
+            task_id=task_id,
+            step=step - 1,
+            state=state,
+            observations=observations,
+            schema_version=schema_version,
+        )
+    return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over=False)
 
 
 def _read(task_id: UUID, step: int, *, confirm: bool) -> tuple[AgentTask | None, Checkpoint | None]:
@@ -290,7 +363,10 @@ class _Heartbeat:
                     if self._held == held:
                         self.lost = True
                         self._held = None
-                logger.warning("lease lost while the step ran", task_id=str(held[0]))
+                logger.info(
+                    "lease renewal found the lease gone (its step committed, or it was taken over)",
+                    task_id=str(held[0]),
+                )
 
 
 _heartbeat = _Heartbeat()

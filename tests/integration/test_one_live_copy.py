@@ -279,3 +279,18 @@ def test_the_overlap_check_finds_two_copies_at_once(tmp_path):
     deaths = copies.Deaths()
     deaths.add(103.5, {12})
     assert len(copies.overlaps(log, deaths)) == 1
+
+
+def test_hundreds_of_fast_steps_never_trip_over_their_own_commit(workers):
+    """The next step is published inside the previous step's commit, so its delivery
+    often arrives before that commit is visible: it must wait, never fail or drop."""
+    workers.start(concurrency=2)
+    owner = service_user("copies")
+    script = [{"think": str(i)} for i in range(40)] + [{"final": "ok"}]
+    ids = [
+        str(task_start(owner=owner, agent="scripted", input={"script": script})[0].pk)
+        for _ in range(8)
+    ]
+    wait_until(lambda: scenario.finished(ids), timeout=120)
+    assert not AuditEvent.objects.filter(type__in=("step_failed", "republished")).exists()
+    assert scenario.check(ids, script=script) == []
