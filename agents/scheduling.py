@@ -20,6 +20,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
+from agents import permissions
 from agents.definition import Resumption, Suspend
 from agents.dispatch import current_step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
@@ -37,16 +38,16 @@ _SAVE_FIELDS = ("audit_seq", "error", "retry_at", *TRANSITION_FIELDS)
 
 
 def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
-    """Lock and return the task, as ``user`` may see it (``None``: the system sees all).
+    """Lock and return the task for ``user`` to operate (``None``: the system, all).
 
-    Another user's task is ``NotFound``, not forbidden: its existence is not disclosed.
+    ``agents.permissions``: a task ``user`` may not see is ``NotFound`` (its existence
+    is not disclosed); one they may see but not operate is ``Forbidden``.
     """
-    tasks = AgentTask.objects.select_for_update()
-    if user is not None and not user.is_staff:
-        tasks = tasks.filter(owner=user)
+    tasks = permissions.tasks_visible_to(user, tasks=AgentTask.objects.select_for_update())
     task = tasks.filter(pk=parse_task_id(task_id)).first()
     if task is None:
         raise NotFound(f"no task {task_id}")
+    permissions.task_change_check(user, task)
     return task
 
 

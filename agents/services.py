@@ -13,6 +13,7 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from agents import permissions
 from agents.definition import get_agent
 from agents.dispatch import step_publish
 from agents.models import AgentTask, Checkpoint
@@ -118,12 +119,11 @@ def task_replay(
     new task starts from; it runs step ``from_step + 1`` next. The new task is linked to
     the original and its audit trail says where it came from.
     """
-    tasks = AgentTask.objects.all()
-    if user is not None and not user.is_staff:
-        tasks = tasks.filter(owner=user)
+    tasks = permissions.tasks_visible_to(user)
     original = tasks.filter(pk=parse_task_id(task_id)).first()
     if original is None:
         raise NotFound(f"no task {task_id}")
+    permissions.task_change_check(user, original)
     checkpoints = Checkpoint.objects.filter(task=original)
     if from_step is None:
         checkpoint = checkpoints.order_by("-step").first()
