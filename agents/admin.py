@@ -3,8 +3,8 @@ the services (the same ones the API and the commands call).
 
 Signing in needs ``is_staff``; everything else is ``agents.permissions``: reading needs
 the ``view`` permission on tasks, acting (cancel, approve, reject, replay) needs
-``change`` ("operate"), requeueing also ``audit.change_deadletter``. Nothing here edits a row directly: a
-task changes only through the state machine, by way of a service.
+``change`` ("operate"), requeueing also ``audit.change_deadletter``. Nothing here edits
+a row directly: a task changes only through the state machine, by way of a service.
 """
 
 from __future__ import annotations
