@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-from audit.redaction import active_secrets, redact
+from audit.redaction import active_secrets, contains_secret, redact
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -44,7 +44,7 @@ def _masked(value: Any, secrets: tuple[str, ...]) -> Any:
     if isinstance(value, str | dict | list | tuple):
         return redact(value, secrets=secrets)
     text = repr(value)
-    return redact(text, secrets=secrets) if any(s in text for s in secrets) else value
+    return redact(text, secrets=secrets) if contains_secret(text, secrets) else value
 
 
 def formatter() -> logging.Formatter:

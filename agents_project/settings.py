@@ -167,6 +167,12 @@ AGENTS = {
     # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
     # first encrypts, every one decrypts (rotation). Required in production.
     "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),
+    # The outbound-request policy of tools' HTTP calls (tools/outbound.py): hosts
+    # (``*.example.com``), addresses or CIDRs that may be reached although not public.
+    "OUTBOUND_ALLOW": env.list("AGENTS_OUTBOUND_ALLOW", default=[]),
+    # Largest response body a tool's HTTP call reads, in bytes, and redirects followed.
+    "OUTBOUND_MAX_BYTES": env.int("AGENTS_OUTBOUND_MAX_BYTES", default=1024 * 1024),
+    "OUTBOUND_MAX_REDIRECTS": env.int("AGENTS_OUTBOUND_MAX_REDIRECTS", default=5),
     # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),

@@ -165,7 +165,7 @@ def log_output() -> Iterator[io.StringIO]:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_credential_never_reaches_checkpoints_audit_dead_letters_the_api_or_logs(
-    user, flaky, log_output, fast_retries
+    user, flaky, log_output, fast_retries, loopback_allowed
 ):
     secret = f"sk-{token_hex(16)}"
     credential_set(owner=user, name="api_key", value=secret, actor="test")
