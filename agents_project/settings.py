@@ -158,6 +158,9 @@ AGENTS = {
     "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
     # Largest accepted task input, in bytes of JSON.
     "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
+    # Deepest nesting of objects and arrays accepted in any JSON a user sends (API bodies,
+    # inputs, signal payloads); deeper is a 400 naming the field, checked without recursion.
+    "MAX_JSON_DEPTH": env.int("AGENTS_MAX_JSON_DEPTH", default=64),
     # Python modules that define (register) agents, imported at start-up.
     "MODULES": env.list("AGENTS_MODULES", default=[]),
     # Circuit breakers (tools/breakers.py): failures in a row that open one, and seconds
@@ -236,9 +239,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    # JSON only (strict: no NaN or Infinity). DRF reads it through request.body, so
+    # JSON only (strict: no NaN or Infinity; nested at most AGENTS_MAX_JSON_DEPTH levels,
+    # checked before parsing). DRF reads it through request.body, so
     # DATA_UPLOAD_MAX_MEMORY_SIZE applies: a larger body is refused with 413.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["agents.api.parsers.JSONParser"],
     "DEFAULT_PAGINATION_CLASS": "agents.api.pagination.NewestFirstPagination",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
