@@ -176,6 +176,10 @@ AGENTS = {
     # Largest response body a tool's HTTP call reads, in bytes, and redirects followed.
     "OUTBOUND_MAX_BYTES": env.int("AGENTS_OUTBOUND_MAX_BYTES", default=1024 * 1024),
     "OUTBOUND_MAX_REDIRECTS": env.int("AGENTS_OUTBOUND_MAX_REDIRECTS", default=5),
+    # Key of the audit trail's hash chain (audit/integrity.py); default: derived from
+    # DJANGO_SECRET_KEY. Keep it out of the database's reach; changing it makes older
+    # events unverifiable.
+    "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
     # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
