@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agents.errors import RetryableError, ToolArgumentError
+from agents_project.errors import InvalidInput
 from tools.models import LedgerEntry
 from tools.outbound import outbound_check, outbound_get
 from tools.registry import Arg, ToolContext, tool
@@ -175,7 +176,10 @@ def kv_set_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """Keep ``value`` under ``key``: for this task only (``scope`` "task", the default),
     or for every task of the same owner ("owner"). Never visible to another owner."""
     owner_id, task_id = _kv_scope(ctx, args, "kv.set")
-    kv_set(owner_id=owner_id, task_id=task_id, key=args["key"], value=args["value"])
+    try:
+        kv_set(owner_id=owner_id, task_id=task_id, key=args["key"], value=args["value"])
+    except InvalidInput as exc:
+        raise ToolArgumentError("kv.set", f"args.{exc.field}", exc.message) from None
     return {"key": args["key"], "scope": args["scope"]}
 
 

@@ -118,6 +118,8 @@ def test_production_refuses_to_start_without_a_credentials_key():
             **env,
             "AGENTS_ENVIRONMENT": "production",
             "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
+            "DJANGO_SECRET_KEY": "x7" * 30 + "abcdef",
+            "AGENTS_METRICS_TOKEN": "scrape-token",
             "DJANGO_SETTINGS_MODULE": "agents_project.settings",
         },
         capture_output=True,
