@@ -20,7 +20,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
-from agents import permissions
+from agents import approvals, permissions
 from agents.definition import Resumption, Suspend
 from agents.dispatch import current_step_publish_after_commit
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
@@ -152,12 +152,14 @@ def task_approve(
 
     Approval resumes it, the decision visible to its next step. Rejection ends it
     ``failed``, unless the agent asked to handle rejection itself (``on_reject``).
-    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...).
+    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...);
+    ``Forbidden`` if the agent's approval rules exclude ``user`` (``agents.approvals``).
     """
     actor = actor or user_actor(user)
     with transaction.atomic():
         task = task_lock(task_id=task_id, user=user)
         suspension = _open_suspension(task, Suspension.Kind.APPROVAL)
+        approvals.approval_check(user=user, task=task)
         audit = AuditBatch(task, actor=actor)
         audit.add(
             EventType.APPROVAL_DECIDED,
