@@ -12,7 +12,7 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
                                             ``timeout``, ``on_timeout``, ``default``)
 ``{"wait": SECONDS}``                       suspend on a durable timer (at most a year)
 ``{"sleep": SECONDS}``                      stay busy in the worker (a long step; at
-                                            most ``AGENTS_STEP_TIME_LIMIT``)
+                                            most a day)
 ``{"fail": MESSAGE, "times": K}``           raise on the first K attempts of this step
                                             (without ``times``: always; with
                                             ``"permanent": true``: a permanent error)
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.utils import timezone
 
 from agents.definition import (
@@ -70,12 +69,13 @@ _VALUE_TYPES: dict[str, type | tuple[type, ...]] = {
     "final": object,
 }
 # The range of every number a script gives, in seconds unless said otherwise: a wait or
-# a wait's timeout at most a year (a durable timer), a sleep at most the step's hard
-# time limit (it holds a worker), a retried failure at most 100 attempts.
+# a wait's timeout at most a year (a durable timer), a sleep at most a day (it holds a
+# worker; the step's time limit, which an agent may set, stops it sooner), a retried
+# failure at most 100 attempts.
 _YEAR = 366 * 86400.0
 _BOUNDS: dict[str, Callable[[], tuple[float, float]]] = {
     "wait": lambda: (0.0, _YEAR),
-    "sleep": lambda: (0.0, float(settings.AGENTS["STEP_TIME_LIMIT"])),
+    "sleep": lambda: (0.0, 86400.0),
 }
 _OPTION_BOUNDS: dict[str, Callable[[], tuple[float, float]]] = {
     "timeout": lambda: (0.0, _YEAR),

@@ -95,7 +95,7 @@ def test_redaction_walks_any_depth():
         ({"wait": 1e300}, "input.script[0].wait"),
         ({"wait": 10**400}, "input.script[0].wait"),
         ({"wait": -1}, "input.script[0].wait"),
-        ({"sleep": 301}, "input.script[0].sleep"),
+        ({"sleep": 86401}, "input.script[0].sleep"),
         ({"approval": "ok?", "timeout": 1e300}, "input.script[0].timeout"),
         ({"wait_event": "x", "timeout": -5}, "input.script[0].timeout"),
         ({"fail": "x", "times": 10**30}, "input.script[0].times"),
