@@ -1,9 +1,10 @@
 """The operator console: tasks in the Django admin, read-only, with actions that call
 the services (the same ones the API and the commands call).
 
-Reading needs the ``view`` permission on tasks (staff); acting (cancel, approve, reject,
-replay, requeue) needs ``change`` ("operate"). Nothing here edits a row directly: a
-task changes only through the state machine, by way of a service.
+Signing in needs ``is_staff``; everything else is ``agents.permissions``: reading needs
+the ``view`` permission on tasks, acting (cancel, approve, reject, replay) needs
+``change`` ("operate"), requeueing also ``audit.change_deadletter``. Nothing here edits
+a row directly: a task changes only through the state machine, by way of a service.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from redis import RedisError
 
+from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
 from agents.models import AgentTask
 from agents.scheduling import task_approve, task_cancel
@@ -33,6 +35,7 @@ from agents.services import task_replay
 from agents.state_machine import FINAL
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
 from audit.admin import ReadOnlyAdmin
+from audit.models import DeadLetter
 from audit.selectors import audit_events, dead_letters_visible_to
 from audit.services import user_actor
 from audit.timeline import describe
@@ -188,8 +191,9 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     # --- permissions: read-only (ReadOnlyAdmin), acting through services ------------------
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
-        user = request.user
-        return bool(user.is_active and user.is_staff and user.has_perm("agents.change_agenttask"))
+        return bool(
+            request.user.is_staff and permissions.has(request.user, permissions.TASK_CHANGE)
+        )
 
     # --- the task page: timeline, checkpoints, and what an operator can do ---------------
 
@@ -283,6 +287,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             letter_id = open_dead_letter_id(task) if task is not None else None
             if letter_id is None:
                 raise Conflict("the task has no dead letter waiting to be requeued")
+            permissions.dead_letter_change_check(user, DeadLetter.objects.get(pk=letter_id))
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(user))
             self.message_user(request, "Dead letter requeued.", messages.SUCCESS)
         else:
@@ -355,13 +360,19 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             letter_id = open_dead_letter_id(task)
             if letter_id is None:
                 raise Conflict(f"it is {task.status}, with no dead letter waiting")
+            permissions.dead_letter_change_check(
+                operator(request), DeadLetter.objects.get(pk=letter_id)
+            )
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
 
         self._each(request, queryset, "requeued", requeue)
 
 
 def breakers_view(request: HttpRequest) -> HttpResponse:
-    """The circuit-breaker page of the console (``/admin/breakers/``, staff only)."""
+    """The circuit-breaker page of the console (``/admin/breakers/``): staff with
+    ``tools.view_breaker``."""
+    if not permissions.breakers_may_view(request.user):
+        raise PermissionDenied
     try:
         breakers, problem = breaker_states(), ""
     except RedisError as exc:

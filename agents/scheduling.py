@@ -21,6 +21,7 @@ import structlog
 from django.contrib.auth.models import User
 from django.db import transaction
 
+from agents import approvals, permissions
 from agents.core import clock
 from agents.core.dispatch import current_step_publish
 from agents.definition import Resumption, Suspend
@@ -39,16 +40,16 @@ _SAVE_FIELDS = ("audit_seq", "error", "retry_at", "in_flight", *TRANSITION_FIELD
 
 
 def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
-    """Lock and return the task, as ``user`` may see it (``None``: the system sees all).
+    """Lock and return the task for ``user`` to operate (``None``: the system, all).
 
-    Another user's task is ``NotFound``, not forbidden: its existence is not disclosed.
+    ``agents.permissions``: a task ``user`` may not see is ``NotFound`` (its existence
+    is not disclosed); one they may see but not operate is ``Forbidden``.
     """
-    tasks = AgentTask.objects.select_for_update()
-    if user is not None and not user.is_staff:
-        tasks = tasks.filter(owner=user)
+    tasks = permissions.tasks_visible_to(user, tasks=AgentTask.objects.select_for_update())
     task = tasks.filter(pk=parse_task_id(task_id)).first()
     if task is None:
         raise NotFound(f"no task {task_id}")
+    permissions.task_change_check(user, task)
     return task
 
 
@@ -153,12 +154,14 @@ def task_approve(
 
     Approval resumes it, the decision visible to its next step. Rejection ends it
     ``failed``, unless the agent asked to handle rejection itself (``on_reject``).
-    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...).
+    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...);
+    ``Forbidden`` if the agent's approval rules exclude ``user`` (``agents.approvals``).
     """
     actor = actor or user_actor(user)
     with transaction.atomic():
         task = task_lock(task_id=task_id, user=user)
         suspension = _open_suspension(task, Suspension.Kind.APPROVAL)
+        approvals.approval_check(user=user, task=task)
         audit = AuditBatch(task, actor=actor)
         audit.add(
             EventType.APPROVAL_DECIDED,

@@ -10,8 +10,9 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
                                             ``timeout``, ``on_timeout``, ``on_reject``)
 ``{"wait_event": NAME}``                    suspend until the signal NAME (options:
                                             ``timeout``, ``on_timeout``, ``default``)
-``{"wait": SECONDS}``                       suspend on a durable timer
-``{"sleep": SECONDS}``                      stay busy in the worker (a long step)
+``{"wait": SECONDS}``                       suspend on a durable timer (at most a year)
+``{"sleep": SECONDS}``                      stay busy in the worker (a long step; at
+                                            most a day)
 ``{"fail": MESSAGE, "times": K}``           raise on the first K attempts of this step
                                             (without ``times``: always; with
                                             ``"permanent": true``: a permanent error)
@@ -23,7 +24,9 @@ A script that runs out without ``final`` finishes with the last tool result.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -63,6 +66,19 @@ _VALUE_TYPES: dict[str, type | tuple[type, ...]] = {
     "sleep": (int, float),
     "fail": str,
     "final": object,
+}
+# The range of every number a script gives, in seconds unless said otherwise: a wait or
+# a wait's timeout at most a year (a durable timer), a sleep at most a day (it holds a
+# worker; the step's time limit, which an agent may set, stops it sooner), a retried
+# failure at most 100 attempts.
+_YEAR = 366 * 86400.0
+_BOUNDS: dict[str, Callable[[], tuple[float, float]]] = {
+    "wait": lambda: (0.0, _YEAR),
+    "sleep": lambda: (0.0, 86400.0),
+}
+_OPTION_BOUNDS: dict[str, Callable[[], tuple[float, float]]] = {
+    "timeout": lambda: (0.0, _YEAR),
+    "times": lambda: (0.0, 100.0),
 }
 _CHOICES = {"on_timeout": ("fail", "reject", "continue"), "on_reject": ("fail", "continue")}
 
@@ -139,8 +155,8 @@ def _validate_entry(entry: Any, path: str) -> None:
     kind = kinds[0]
     if not _is(entry[kind], _VALUE_TYPES[kind]):
         raise InvalidInput(f"has the wrong type for {kind}", field=f"{path}.{kind}")
-    if kind in ("wait", "sleep") and entry[kind] < 0:
-        raise InvalidInput("must not be negative", field=f"{path}.{kind}")
+    if kind in _BOUNDS:
+        _bounded(entry[kind], _BOUNDS[kind](), f"{path}.{kind}")
     for key, value in entry.items():
         if key == kind:
             continue
@@ -149,10 +165,19 @@ def _validate_entry(entry: Any, path: str) -> None:
             raise InvalidInput(f"is not an option of {kind}", field=f"{path}.{key}")
         if not _is(value, expected):
             raise InvalidInput("has the wrong type", field=f"{path}.{key}")
+        if key in _OPTION_BOUNDS:
+            _bounded(value, _OPTION_BOUNDS[key](), f"{path}.{key}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise InvalidInput(f"must be one of {', '.join(_CHOICES[key])}", field=f"{path}.{key}")
     if kind == "tool" and find_tool(entry["tool"]) is None:
         raise InvalidInput(f"unknown tool {entry['tool']!r}", field=f"{path}.tool")
+
+
+def _bounded(value: float, bounds: tuple[float, float], field: str) -> None:
+    low, high = bounds
+    # Compared as given (no float conversion): 10**400 is simply too large.
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise InvalidInput(f"must be a number from {low:g} to {high:g}", field=field)
 
 
 def _is(value: Any, expected: type | tuple[type, ...]) -> bool:

@@ -7,6 +7,7 @@ from uuid import UUID
 from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
+from agents import permissions
 from agents.models import AgentTask, Checkpoint, Suspension, TaskStatus
 from agents_project.errors import NotFound
 
@@ -20,11 +21,9 @@ def parse_task_id(value: UUID | str) -> UUID:
 
 
 def tasks_visible_to(user: User | None) -> QuerySet[AgentTask]:
-    """Staff (and the system, ``None``) see every task; anyone else only their own."""
-    tasks = AgentTask.objects.select_related("owner")
-    if user is not None and not user.is_staff:
-        tasks = tasks.filter(owner=user)
-    return tasks
+    """The tasks ``user`` may read (``agents.permissions``): their own, or every task
+    with the ``view_agenttask`` permission (and for the system, ``None``)."""
+    return permissions.tasks_visible_to(user, tasks=AgentTask.objects.select_related("owner"))
 
 
 def task_get(*, task_id: UUID | str, user: User | None) -> AgentTask:

@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
+from agents import permissions
 from agents.core import clock
 from agents.core.dispatch import step_publish
 from agents.core.leases import task_creation_lock
@@ -124,12 +125,11 @@ def task_replay(
     new task starts from; it runs step ``from_step + 1`` next. The new task is linked to
     the original and its audit trail says where it came from.
     """
-    tasks = AgentTask.objects.all()
-    if user is not None and not user.is_staff:
-        tasks = tasks.filter(owner=user)
+    tasks = permissions.tasks_visible_to(user)
     original = tasks.filter(pk=parse_task_id(task_id)).first()
     if original is None:
         raise NotFound(f"no task {task_id}")
+    permissions.task_change_check(user, original)
     checkpoints = Checkpoint.objects.filter(task=original)
     if from_step is None:
         checkpoint = checkpoints.order_by("-step").first()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
 from typing import Any
 
 from django.conf import settings
@@ -11,16 +11,23 @@ from django.conf import settings
 from agents_project.errors import InvalidInput
 
 
+def max_depth() -> int:
+    """``AGENTS_MAX_JSON_DEPTH``: the deepest nesting of objects and arrays accepted."""
+    return int(settings.AGENTS["MAX_JSON_DEPTH"])
+
+
 def json_value_check(value: Any, *, field: str) -> None:
     """Refuse, naming ``field``, a value the database cannot store as JSON or one larger
-    than ``AGENTS_MAX_INPUT_BYTES``: not JSON (NaN, sets, objects), a NUL character
-    (PostgreSQL's jsonb has none), or an unpaired surrogate (not valid UTF-8)."""
+    than ``AGENTS_MAX_INPUT_BYTES``: nested deeper than ``AGENTS_MAX_JSON_DEPTH``, not
+    JSON (NaN, infinities, sets, objects), a NUL character (PostgreSQL's jsonb has none),
+    or an unpaired surrogate (not valid UTF-8). Walks the value without recursion."""
+    strings = _depth_check_and_strings(value, field=field)
+    if any("\x00" in text for text in strings):
+        raise InvalidInput("must not contain NUL characters", field=field)
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"must be JSON: {exc}", field=field) from None
-    if any("\x00" in text for text in _strings(value)):
-        raise InvalidInput("must not contain NUL characters", field=field)
     try:
         size = len(encoded.encode("utf-8"))
     except UnicodeEncodeError:
@@ -30,16 +37,77 @@ def json_value_check(value: Any, *, field: str) -> None:
         raise InvalidInput(f"is larger than {limit} bytes", field=field)
 
 
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key)
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
+def _depth_check_and_strings(value: Any, *, field: str) -> list[str]:
+    limit = max_depth()
+    strings: list[str] = []
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict | list | tuple):
+            if depth >= limit:
+                raise InvalidInput(
+                    f"is nested deeper than {limit} levels (AGENTS_MAX_JSON_DEPTH)", field=field
+                )
+            if isinstance(item, dict):
+                strings.extend(k for k in item if isinstance(k, str))
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return strings
+
+
+# A JSON text's tokens that matter for nesting: strings (skipped whole) and punctuation.
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]', re.DOTALL)
+
+
+def json_text_depth_check(text: str) -> None:
+    """Refuse a JSON text nested deeper than ``AGENTS_MAX_JSON_DEPTH`` before parsing it
+    (Python's parser would raise ``RecursionError`` on deep enough input), with an
+    ``InvalidInput`` whose field is the path to where it gets too deep (``input.a[0]``).
+    Scans the text once, without recursion; does not validate it otherwise."""
+    limit = max_depth()
+    # One entry per open container: [is_object, key or index, expecting a key].
+    path: list[list[Any]] = []
+    pending_key: str | None = None
+    for match in _TOKENS.finditer(text):
+        token = match.group()
+        top = path[-1] if path else None
+        if token in "[{":
+            if len(path) >= limit:
+                raise InvalidInput(
+                    f"is nested deeper than {limit} levels (AGENTS_MAX_JSON_DEPTH)",
+                    field=_render(path) or "body",
+                )
+            path.append([True, None, True] if token == "{" else [False, 0, False])
+        elif token in "]}":
+            if path:
+                path.pop()
+        elif token == ":":
+            if top is not None and top[0]:
+                top[1], top[2] = pending_key, False
+        elif token == ",":
+            if top is not None:
+                if top[0]:
+                    top[2] = True
+                else:
+                    top[1] += 1
+        elif top is not None and top[0] and top[2]:
+            try:
+                pending_key = json.loads(token)
+            except ValueError:
+                pending_key = token[1:-1]
+
+
+def _render(path: list[list[Any]]) -> str:
+    text = "" if not path or path[0][0] else "body"
+    for is_object, key, _ in path[:8]:
+        if is_object:
+            text += f".{key}" if text else str(key)
+        else:
+            text += f"[{key}]"
+    return text + ("..." if len(path) > 8 else "")
 
 
 def json_path_check(value: Any, *, path: str) -> None:

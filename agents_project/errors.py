@@ -37,6 +37,13 @@ class NotFound(ApplicationError):
     code = "not_found"
 
 
+class Forbidden(ApplicationError):
+    """The caller may see the object but not do this to it (a permission is missing)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class Conflict(ApplicationError):
     """The request is well formed but the object's current state refuses it."""
 

@@ -121,17 +121,24 @@ class CheckOutcome:
 @dataclass(frozen=True)
 class HealthReport:
     checks: tuple[CheckOutcome, ...]
+    # Checks whose failure degrades the report without failing it (the web process's
+    # breakers: an open one is one dependency of some tenants, not this process).
+    advisory: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
-        return all(check.ok for check in self.checks)
+        return all(check.ok or check.name in self.advisory for check in self.checks)
+
+    @property
+    def degraded(self) -> bool:
+        return any(not check.ok and check.name in self.advisory for check in self.checks)
 
     def problems(self) -> list[str]:
         return [f"{c.name}: {c.error}" for c in self.checks if not c.ok]
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "status": "ready" if self.ok else "not_ready",
+            "status": ("degraded" if self.degraded else "ready") if self.ok else "not_ready",
             "checks": {c.name: {"ok": c.ok, "error": c.error, "ms": c.ms} for c in self.checks},
         }
 
@@ -172,8 +179,11 @@ def _tool_checks() -> dict[str, HealthCheck]:
     return checks
 
 
-def health_report(checks: Mapping[str, HealthCheck]) -> HealthReport:
-    """Run ``checks`` concurrently, each within its timeout."""
+def health_report(
+    checks: Mapping[str, HealthCheck], *, advisory: frozenset[str] = frozenset()
+) -> HealthReport:
+    """Run ``checks`` concurrently, each within its timeout; a failure of one named in
+    ``advisory`` degrades the report but leaves it ``ok``."""
 
     async def run_all() -> list[HealthCheckResult]:
         executor = _DaemonThreads()
@@ -189,7 +199,8 @@ def health_report(checks: Mapping[str, HealthCheck]) -> HealthReport:
                 ms=round(result.time_taken * 1000, 1),
             )
             for name, result in zip(checks, results, strict=True)
-        )
+        ),
+        advisory=advisory,
     )
 
 
@@ -265,8 +276,10 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: 200 if every check passes, 503 with the failing ones otherwise."""
-    report = readiness()
+    """Readiness of the web process: 200 if every check passes (``"degraded"`` when a
+    circuit breaker is open: a dependency of some tasks is down, but this process serves
+    on), 503 with the failing ones otherwise."""
+    report = health_report(readiness_checks(), advisory=frozenset({"breakers"}))
     return JsonResponse(report.as_dict(), status=200 if report.ok else 503)
 
 

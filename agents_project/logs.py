@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-from audit.redaction import active_secrets, redact
+from audit.redaction import active_secrets, contains_secret, redact
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -44,7 +44,26 @@ def _masked(value: Any, secrets: tuple[str, ...]) -> Any:
     if isinstance(value, str | dict | list | tuple):
         return redact(value, secrets=secrets)
     text = repr(value)
-    return redact(text, secrets=secrets) if any(s in text for s in secrets) else value
+    return redact(text, secrets=secrets) if contains_secret(text, secrets) else value
+
+
+# The longest log line written, in characters: a huge request, value or traceback (a
+# RecursionError's is ~150 KB) is cut, with a note of how much was left out.
+MAX_LINE = 16 * 1024
+
+
+class BoundedRenderer:
+    """``KeyValueRenderer``, then the line cut to ``MAX_LINE`` characters."""
+
+    def __init__(self, renderer: Any, limit: int = MAX_LINE) -> None:
+        self.renderer = renderer
+        self.limit = limit
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        line = str(self.renderer(logger, method_name, event_dict))
+        if len(line) <= self.limit:
+            return line
+        return f"{line[: self.limit]} ...[{len(line) - self.limit} more characters]"
 
 
 def formatter() -> logging.Formatter:
@@ -54,9 +73,11 @@ def formatter() -> logging.Formatter:
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             mask_secrets,
-            structlog.processors.KeyValueRenderer(
-                key_order=["timestamp", "level", "logger", "event", "task_id", "step"],
-                drop_missing=True,
+            BoundedRenderer(
+                structlog.processors.KeyValueRenderer(
+                    key_order=["timestamp", "level", "logger", "event", "task_id", "step"],
+                    drop_missing=True,
+                )
             ),
         ],
         foreign_pre_chain=_SHARED,

@@ -20,7 +20,8 @@ env = environ.Env()
 VAR_DIR = Path(env.str("AGENTS_VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-local-development-key-change-me")
+DEVELOPMENT_SECRET_KEY = "insecure-local-development-key-change-me"
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=DEVELOPMENT_SECRET_KEY)
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
@@ -168,6 +169,9 @@ AGENTS = {
     "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
     # Largest accepted task input, in bytes of JSON.
     "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
+    # Deepest nesting of objects and arrays accepted in any JSON a user sends (API bodies,
+    # inputs, signal payloads); deeper is a 400 naming the field, checked without recursion.
+    "MAX_JSON_DEPTH": env.int("AGENTS_MAX_JSON_DEPTH", default=64),
     # Python modules that define (register) agents, imported at start-up.
     "MODULES": env.list("AGENTS_MODULES", default=[]),
     # Circuit breakers (tools/breakers.py): failures in a row that open one, and seconds
@@ -177,6 +181,19 @@ AGENTS = {
     # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
     # first encrypts, every one decrypts (rotation). Required in production.
     "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),
+    # The outbound-request policy of tools' HTTP calls (tools/outbound.py): hosts
+    # (``*.example.com``), addresses or CIDRs that may be reached although not public.
+    "OUTBOUND_ALLOW": env.list("AGENTS_OUTBOUND_ALLOW", default=[]),
+    # Largest response body a tool's HTTP call reads, in bytes, and redirects followed.
+    "OUTBOUND_MAX_BYTES": env.int("AGENTS_OUTBOUND_MAX_BYTES", default=1024 * 1024),
+    "OUTBOUND_MAX_REDIRECTS": env.int("AGENTS_OUTBOUND_MAX_REDIRECTS", default=5),
+    # Quotas of the kv.set tool per owner: bytes of one value, keys over all scopes.
+    "KV_MAX_VALUE_BYTES": env.int("AGENTS_KV_MAX_VALUE_BYTES", default=64 * 1024),
+    "KV_MAX_KEYS": env.int("AGENTS_KV_MAX_KEYS", default=1000),
+    # Key of the audit trail's hash chain (audit/integrity.py); default: derived from
+    # DJANGO_SECRET_KEY. Keep it out of the database's reach; changing it makes older
+    # events unverifiable.
+    "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
     # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
@@ -189,12 +206,6 @@ if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
     raise ImproperlyConfigured(
         "AGENTS_FAULT_INJECTION kills worker processes on purpose; it is refused unless "
         "AGENTS_ENVIRONMENT=test"
-    )
-if AGENTS["ENVIRONMENT"] == "production" and not AGENTS["CREDENTIALS_KEYS"]:
-    raise ImproperlyConfigured(
-        "AGENTS_CREDENTIALS_KEY must be set in production: credentials are encrypted with "
-        "it, and the development key is derived from DJANGO_SECRET_KEY. Generate one with "
-        "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
     )
 
 # --- HTTP, static files, i18n ---------------------------------------------------------
@@ -240,9 +251,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    # JSON only (strict: no NaN or Infinity). DRF reads it through request.body, so
+    # JSON only (strict: no NaN or Infinity; nested at most AGENTS_MAX_JSON_DEPTH levels,
+    # checked before parsing). DRF reads it through request.body, so
     # DATA_UPLOAD_MAX_MEMORY_SIZE applies: a larger body is refused with 413.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["agents.api.parsers.JSONParser"],
     "DEFAULT_PAGINATION_CLASS": "agents.api.pagination.NewestFirstPagination",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
@@ -290,3 +302,40 @@ if REDIS_URL:
 METRICS_PORT = env.int("AGENTS_METRICS_PORT", default=0)
 # When set, GET /metrics needs "Authorization: Bearer <token>".
 METRICS_TOKEN = env.str("AGENTS_METRICS_TOKEN", default="")
+
+# --- Production: refuse to start with public defaults; check --deploy is clean --------
+
+if AGENTS["ENVIRONMENT"] == "production":
+    _missing = []
+    if SECRET_KEY == DEVELOPMENT_SECRET_KEY or len(set(SECRET_KEY)) < 5 or len(SECRET_KEY) < 50:
+        _missing.append(
+            "DJANGO_SECRET_KEY must be set in production to a random value of 50 or more "
+            "characters (python -c 'from django.core.management.utils import "
+            "get_random_secret_key; print(get_random_secret_key())')"
+        )
+    if not AGENTS["CREDENTIALS_KEYS"]:
+        _missing.append(
+            "AGENTS_CREDENTIALS_KEY must be set in production: credentials are encrypted "
+            "with it, and the development key is derived from DJANGO_SECRET_KEY. Generate "
+            "one with python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'"
+        )
+    if not METRICS_TOKEN:
+        _missing.append(
+            "AGENTS_METRICS_TOKEN must be set in production: /metrics names every host "
+            "tenants call (scrape with Authorization: Bearer <token>)"
+        )
+    if _missing:
+        raise ImproperlyConfigured("; ".join(_missing))
+    # HTTPS only. Terminating TLS at a proxy: set SECURE_PROXY_SSL_HEADER_NAME (e.g.
+    # HTTP_X_FORWARDED_PROTO) so that Django sees the original scheme.
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+    # Probes and the scraper call these over plain HTTP inside the cluster.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    if _proxy_header := env.str("SECURE_PROXY_SSL_HEADER_NAME", default=""):
+        SECURE_PROXY_SSL_HEADER = (_proxy_header, "https")

@@ -15,6 +15,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
 from agents_project.errors import ApplicationError
 from audit.models import AuditEvent, DeadLetter
@@ -140,7 +141,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         user = request.user
-        return bool(user.is_active and user.is_staff and user.has_perm("agents.change_agenttask"))
+        return bool(user.is_staff and permissions.has(user, permissions.DEAD_LETTER_CHANGE))
 
     @admin.action(description="Requeue selected dead letters", permissions=["operate"])
     def requeue_letters(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:

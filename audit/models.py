@@ -1,7 +1,10 @@
 """The audit trail: an append-only, ordered record of everything a task did.
 
 Rows are only ever inserted (``audit.services.AuditBatch``); on PostgreSQL a trigger
-refuses UPDATE and DELETE, so not even a bug or an admin can rewrite history.
+refuses UPDATE and DELETE, so not even a bug or an admin can rewrite history, and the
+app role has no TRUNCATE. Each event carries a keyed hash of its content chained to the
+previous event of its task, so whoever gets past those (the table's owner can disable
+the trigger) leaves a break that ``manage.py audit_verify`` finds (``audit.integrity``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class AuditEvent(models.Model):
     # Who caused it: "worker:<host>:<pid>", "user:<name>", "scheduler:<host>:<pid>".
     actor = models.CharField(max_length=200)
     created_at = models.DateTimeField(default=timezone.now)
+    # Tamper evidence (audit.integrity): an HMAC of this event's content and of the
+    # previous event's hash; empty on events written before the chain existed.
+    prev_hash = models.CharField(max_length=64, blank=True, default="")
+    hash = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["task", "seq"]

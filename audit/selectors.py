@@ -7,6 +7,7 @@ from uuid import UUID
 from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
+from agents import permissions
 from agents.models import AgentTask
 from agents_project.errors import NotFound
 from audit.models import AuditEvent, DeadLetter
@@ -23,14 +24,14 @@ def audit_events(*, task: AgentTask, after_seq: int = 0) -> QuerySet[AuditEvent]
 def dead_letters_visible_to(
     user: User | None, *, open: bool | None = None, task_id: UUID | None = None
 ) -> QuerySet[DeadLetter]:
-    """Dead letters of the tasks ``user`` may see (staff and the system: all), newest first.
+    """Dead letters ``user`` may see (``agents.permissions``: those of their own tasks,
+    or all with ``audit.view_deadletter``, and for the system), newest first.
 
     ``open``: True for letters not requeued yet (the partial index ``dead_letter_open``),
     False for requeued ones, None for both.
     """
     letters = DeadLetter.objects.select_related("task").order_by("-created_at", "-id")
-    if user is not None and not user.is_staff:
-        letters = letters.filter(task__owner=user)
+    letters = permissions.dead_letters_visible_to(user, letters)
     if open is not None:
         letters = letters.filter(requeued_at__isnull=open)
     if task_id is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 from django.utils import timezone
 
+from audit.integrity import Break, audit_chain_verify, event_seal
 from audit.models import AuditEvent, EventType
 from audit.redaction import redact
 
@@ -27,6 +29,17 @@ def process_actor(role: str) -> str:
 
 def user_actor(user: Any) -> str:
     return f"user:{user.get_username()}" if user is not None else "system"
+
+
+def _last_hash(task: AgentTask) -> str:
+    if not task.audit_seq:
+        return ""
+    last = (
+        AuditEvent.objects.filter(task_id=task.pk, seq=task.audit_seq)
+        .values_list("hash", flat=True)
+        .first()
+    )
+    return last or ""
 
 
 class AuditBatch:
@@ -76,9 +89,48 @@ class AuditBatch:
         if not transaction.get_connection().in_atomic_block:
             raise RuntimeError("audit events are written in the transaction of their change")
         now = timezone.now()
+        # Each event is chained to the one before it in its task (audit.integrity); the
+        # row lock the caller holds keeps the chain linear.
+        prev_hash = _last_hash(self.task)
         for offset, event in enumerate(self._events, start=1):
             event.seq = self.task.audit_seq + offset
             event.created_at = now
+            event_seal(event, prev_hash=prev_hash)
+            prev_hash = event.hash
         AuditEvent.objects.bulk_create(self._events)
         self.task.audit_seq += len(self._events)
         self._events = []
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    tasks: int
+    verified: int
+    unverifiable: int
+    breaks: list[Break]
+
+
+def audit_verify(*, task_ids: Iterable[Any] | None = None) -> VerifyReport:
+    """Check the hash chain of the given tasks' audit trails (``None``: every task).
+
+    Safe to run at any time (read-only); a break means an event was changed, removed or
+    inserted outside ``AuditBatch`` (see ``audit.integrity`` and RUNBOOK.md).
+    """
+    from agents.models import AgentTask
+
+    tasks = AgentTask.objects.order_by("created_at", "id")
+    if task_ids is not None:
+        tasks = tasks.filter(pk__in=list(task_ids))
+    breaks: list[Break] = []
+    count = verified = 0
+    for task_id, audit_seq in tasks.values_list("id", "audit_seq").iterator(chunk_size=500):
+        found, ok = audit_chain_verify(task_id=task_id, audit_seq=audit_seq)
+        breaks.extend(found)
+        verified += ok
+        count += 1
+    unverifiable = AuditEvent.objects.filter(hash="")
+    if task_ids is not None:
+        unverifiable = unverifiable.filter(task_id__in=list(task_ids))
+    return VerifyReport(
+        tasks=count, verified=verified, unverifiable=unverifiable.count(), breaks=breaks
+    )

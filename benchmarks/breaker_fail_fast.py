@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=0.5, help="http.get timeout, s")
     parser.add_argument("--calls", type=int, default=200, help="calls with the breaker open")
     args = parser.parse_args()
+    # The stand-in service is on loopback, which the outbound policy refuses by default.
+    settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["127.0.0.1"]}
     server = FlakyServer().start()
     server.set_mode(HANGING)
     # No credentials: the run never reads the database.

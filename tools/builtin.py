@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from agents.errors import RetryableError, ToolArgumentError
+from agents_project.errors import InvalidInput
 from tools.models import LedgerEntry
+from tools.outbound import outbound_check, outbound_get
 from tools.registry import Arg, ToolContext, tool
 from tools.selectors import kv_get
 from tools.services import kv_set
@@ -111,24 +114,26 @@ def _http_breaker(args: dict[str, Any]) -> str:
     breaker=_http_breaker,
 )
 def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
-    """GET a URL through its host's circuit breaker.
+    """GET a URL through its host's circuit breaker, under the outbound policy.
 
-    5xx, timeouts and connection errors are retryable failures (and count against the
-    breaker); any other status is a result. ``bearer`` names one of the task's
-    credentials, sent as ``Authorization: Bearer <value>``.
+    The URL must pass ``tools.outbound`` (no loopback, private, link-local or metadata
+    address unless allowed; every redirect hop checked; body at most
+    ``AGENTS_OUTBOUND_MAX_BYTES``), else the step fails permanently. 5xx, timeouts and
+    connection errors are retryable failures (and count against the breaker); any
+    other status is a result. ``bearer`` names one of the task's credentials, sent as
+    ``Authorization: Bearer <value>`` if the credential may go to this host.
     """
     url = args["url"]
+    timeout = _bounded_timeout(args["timeout"], ctx.timeout)
+    target = outbound_check(url)
     headers: dict[str, str] = {}
     if args["bearer"] is not None:
-        token = ctx.credentials.get(args["bearer"])
-        if token is None:
-            raise ToolArgumentError(
-                "http.get", "args.bearer", f"this task has no credential {args['bearer']!r}"
-            )
+        token = ctx.credential(
+            args["bearer"], host=target.host, tool="http.get", field="args.bearer"
+        )
         headers["Authorization"] = f"Bearer {token}"
-    timeout = min(float(args["timeout"] or ctx.timeout), ctx.timeout)
     try:
-        response = httpx.get(url, headers=headers, timeout=timeout, follow_redirects=False)
+        response = outbound_get(url, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise RetryableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
     if response.status_code >= 500:
@@ -138,6 +143,15 @@ def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         "content_type": response.headers.get("content-type", ""),
         "body": response.text[:65536],
     }
+
+
+def _bounded_timeout(asked: Any, limit: float) -> float:
+    """The caller's timeout in seconds, if a finite number above 0, at most the tool's."""
+    if asked is None:
+        return limit
+    if not math.isfinite(asked) or asked <= 0:
+        raise ToolArgumentError("http.get", "args.timeout", "must be a number of seconds above 0")
+    return min(float(asked), limit)
 
 
 _SCOPES = ("task", "owner")
@@ -162,7 +176,10 @@ def kv_set_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """Keep ``value`` under ``key``: for this task only (``scope`` "task", the default),
     or for every task of the same owner ("owner"). Never visible to another owner."""
     owner_id, task_id = _kv_scope(ctx, args, "kv.set")
-    kv_set(owner_id=owner_id, task_id=task_id, key=args["key"], value=args["value"])
+    try:
+        kv_set(owner_id=owner_id, task_id=task_id, key=args["key"], value=args["value"])
+    except InvalidInput as exc:
+        raise ToolArgumentError("kv.set", f"args.{exc.field}", exc.message) from None
     return {"key": args["key"], "scope": args["scope"]}
 
 

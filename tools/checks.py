@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Warning, register
+from django.core.checks import Error, Warning, register
 
 
 @register()
@@ -22,3 +22,15 @@ def breakers_are_shared(app_configs: Any = None, **kwargs: Any) -> list[Warning]
             id="tools.W001",
         )
     ]
+
+
+@register()
+def outbound_allow_list_parses(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """Every entry of ``AGENTS_OUTBOUND_ALLOW`` is a host, an address or a CIDR."""
+    from tools.outbound import parse_allow_list
+
+    try:
+        parse_allow_list(settings.AGENTS["OUTBOUND_ALLOW"])
+    except ValueError as exc:
+        return [Error(str(exc), id="tools.E001")]
+    return []

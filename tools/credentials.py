@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
@@ -81,12 +82,20 @@ def credential_set(
     name: Any,
     value: Any,
     task_id: UUID | str | None = None,
+    hosts: Any = (),
     actor: str,
 ) -> Credential:
     """Store (or replace) the credential ``name`` of ``owner``, or of one of its tasks.
 
-    ``InvalidInput`` names the bad field; a task that is not ``owner``'s is ``NotFound``.
-    The value is never logged.
+    ``hosts`` binds it to the hosts it may be sent to (``api.example.com``, or
+    ``*.example.com`` for subdomains; empty: any host the outbound policy allows); a tool
+    asking for it on the way to another host is refused (``ToolContext.credential``).
+
+    ``InvalidInput`` names the bad field: a value that is not 8 to 8192 characters, that
+    has a control character (a newline, a carriage return, a tab: such a value breaks
+    the HTTP header it is put in, and the error would show it escaped), or surrounding
+    blanks; a host that is not a host name. A task that is not ``owner``'s is
+    ``NotFound``. The value is never logged.
     """
     if not isinstance(name, str) or not NAME.match(name):
         raise InvalidInput("must be 1-100 letters, digits, '_', '.' or '-'", field="name")
@@ -98,6 +107,14 @@ def credential_set(
         )
     if len(value) > MAX_VALUE_LENGTH:
         raise InvalidInput(f"is longer than {MAX_VALUE_LENGTH} characters", field="value")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise InvalidInput(
+            "must not contain control characters (newline, carriage return, tab...)",
+            field="value",
+        )
+    if value != value.strip():
+        raise InvalidInput("must not start or end with blanks", field="value")
+    bound = hosts_normalise(hosts)
     task = None
     if task_id is not None:
         task = AgentTask.objects.filter(pk=parse_task_id(task_id), owner_id=owner.pk).first()
@@ -105,23 +122,51 @@ def credential_set(
             raise NotFound(f"no task {task_id} of {owner.get_username()}")
     now = timezone.now()
     ciphertext = credential_encrypt(value)
+    fields = {"ciphertext": ciphertext, "hosts": list(bound), "updated_at": now}
     with transaction.atomic():
         credential, created = Credential.objects.update_or_create(
             owner_id=owner.pk,
             task=task,
             name=name,
-            defaults={"ciphertext": ciphertext, "updated_at": now},
-            create_defaults={"ciphertext": ciphertext, "created_at": now, "updated_at": now},
+            defaults=fields,
+            create_defaults={**fields, "created_at": now},
         )
     logger.info(
         "credential stored",
         owner=owner.get_username(),
         credential=name,
         task_id=str(task.pk) if task else None,
+        hosts=list(bound),
         created=created,
         actor=actor,
     )
     return credential
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def hosts_normalise(hosts: Any) -> tuple[str, ...]:
+    """Lower-cased host names (``*.`` allowed in front); ``InvalidInput`` on ``hosts``
+    if one is not a DNS name (an address is refused: bind to the name you call)."""
+    if isinstance(hosts, str) or not isinstance(hosts, list | tuple):
+        raise InvalidInput("must be a list of host names", field="hosts")
+    result: list[str] = []
+    for host in hosts:
+        if not isinstance(host, str):
+            raise InvalidInput("must be a list of host names", field="hosts")
+        name = host.strip().lower().rstrip(".")
+        labels = (name[2:] if name.startswith("*.") else name).split(".")
+        if (
+            not name
+            or len(name) > 253
+            or not all(_HOST_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()  # an address: bind to the name that is called
+        ):
+            raise InvalidInput(f"{host!r} is not a host name", field="hosts")
+        if name not in result:
+            result.append(name)
+    return tuple(result)
 
 
 def credential_delete(
@@ -158,7 +203,13 @@ def credentials_rotate(*, actor: str) -> int:
 
 
 def credentials_for_task(*, task_id: UUID, owner_id: int) -> dict[str, str]:
-    """The decrypted credentials one task's tools may use: its owner's, then its own.
+    """The decrypted credentials one task's tools may use: its owner's, then its own."""
+    return {name: value for name, (value, _) in task_credentials(task_id, owner_id).items()}
+
+
+def task_credentials(task_id: UUID, owner_id: int) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{name: (value, hosts)}`` of the credentials one task's tools may use: its
+    owner's, then its own (which wins over the owner's of the same name).
 
     Filtering on the owner too means a credential can never cross owners, even one
     pointing at another owner's task.
@@ -166,14 +217,14 @@ def credentials_for_task(*, task_id: UUID, owner_id: int) -> dict[str, str]:
     rows = (
         Credential.objects.filter(owner_id=owner_id)
         .filter(Q(task__isnull=True) | Q(task_id=task_id))
-        .values_list("name", "task_id", "ciphertext")
+        .values_list("name", "task_id", "ciphertext", "hosts")
     )
     # The owner's first, so that the task's own credential of the same name wins.
     ordered = sorted(rows, key=lambda row: (row[1] is not None, row[0]))
-    credentials: dict[str, str] = {}
-    for name, _, ciphertext in ordered:
+    credentials: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, _, ciphertext, hosts in ordered:
         try:
-            credentials[name] = credential_decrypt(ciphertext)
+            credentials[name] = (credential_decrypt(ciphertext), tuple(hosts or ()))
         except InvalidToken:
             # A key was removed before rotating: an operator must restore it.
             raise RetryableError(

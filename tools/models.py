@@ -48,6 +48,9 @@ class Credential(models.Model):
     )
     name = models.CharField(max_length=100)
     ciphertext = models.TextField(editable=False)
+    # The hosts this credential may be sent to (``api.example.com``, or ``*.example.com``
+    # for its subdomains); empty: any host the outbound policy allows.
+    hosts = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -104,3 +107,18 @@ class KVEntry(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class Breaker(models.Model):
+    """Not a table: circuit breakers live in Redis (``tools.breakers``). The model exists
+    so that reading and forcing breakers are ordinary Django permissions
+    (``tools.view_breaker``, ``tools.change_breaker``) that can be given to a group."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+
+    class Meta:
+        managed = False
+        default_permissions = ("view", "change")
+
+    def __str__(self) -> str:
+        return self.name

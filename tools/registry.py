@@ -23,6 +23,7 @@ A test swaps a tool by registering a stand-in under the same name (``replace=Tru
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,25 @@ class ToolContext:
     timeout: float
     # Decrypted credentials of this task's owner (or of this task alone), by name.
     credentials: Mapping[str, str] = field(default_factory=dict)
+    # The hosts each credential is bound to (absent or empty: any allowed host).
+    credential_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def credential(self, name: str, *, host: str, tool: str, field: str) -> str:
+        """The credential ``name``, to be sent to ``host``. Raises ``ToolArgumentError``
+        on ``field`` if the task has none by that name, or if the credential is bound
+        to other hosts (``credentials set --host``): it never leaves for another one."""
+        value = self.credentials.get(name)
+        if value is None:
+            raise ToolArgumentError(tool, field, f"this task has no credential {name!r}")
+        bound = self.credential_hosts.get(name, ())
+        host = host.lower().rstrip(".")
+        if bound and not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
+            raise ToolArgumentError(
+                tool,
+                field,
+                f"credential {name!r} may only be sent to {', '.join(bound)}, not to {host}",
+            )
+        return value
 
     @property
     def idempotency_key(self) -> str:

@@ -26,9 +26,9 @@ from uuid import UUID
 from agents.definition import ToolCall, ToolResult
 from agents.errors import PermanentError, RetryableError, RetryLater, StepError
 from audit.models import EventType
-from audit.redaction import redact, secrets_scope
+from audit.redaction import contains_secret, redact, secrets_scope
 from tools.breakers import Transition, breaker_call
-from tools.credentials import credentials_for_task
+from tools.credentials import task_credentials
 from tools.registry import Tool, ToolContext, find_tool
 
 Events = list[tuple[str, dict[str, Any]]]
@@ -45,6 +45,8 @@ class ToolRun:
     # This task's decrypted credentials by name; None: read when the first tool runs,
     # so that a step calling no tool never decrypts anything.
     credentials: Mapping[str, str] | None = None
+    # The hosts each credential is bound to (read with the credentials).
+    credential_hosts: Mapping[str, tuple[str, ...]] | None = None
 
 
 def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
@@ -52,7 +54,9 @@ def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
     if not calls:
         return []
     if run.credentials is None:
-        run.credentials = credentials_for_task(task_id=run.task_id, owner_id=run.owner_id)
+        loaded = task_credentials(run.task_id, run.owner_id)
+        run.credentials = {name: value for name, (value, _) in loaded.items()}
+        run.credential_hosts = {name: hosts for name, (_, hosts) in loaded.items()}
     secrets = tuple(v for v in run.credentials.values() if v)
     with secrets_scope(secrets):
         return [_call(run, index, call, secrets) for index, call in enumerate(calls)]
@@ -71,6 +75,7 @@ def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) ->
         call_index=index,
         timeout=tool.timeout,
         credentials=MappingProxyType(dict(run.credentials or {})),
+        credential_hosts=MappingProxyType(dict(run.credential_hosts or {})),
     )
 
     def emit(event_type: str, payload: dict[str, Any]) -> None:
@@ -148,7 +153,7 @@ def _scrubbed(exc: Exception, secrets: tuple[str, ...], tool: Tool) -> Exception
             redact(arg, secrets=secrets) if isinstance(arg, str) else arg for arg in link.args
         )
     text = "".join(traceback.format_exception(exc))
-    if not any(secret in text for secret in secrets):
+    if not contains_secret(text, secrets):
         return exc
     message = redact(f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}", secrets=secrets)
     if isinstance(exc, PermanentError):

@@ -5,14 +5,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from uuid import UUID
 
 import structlog
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from agents_project.errors import NotFound
+from agents.validation import json_value_check
+from agents_project.errors import InvalidInput, NotFound
 from tools import breakers
 from tools.breakers import BreakerStatus
 from tools.models import KVEntry
@@ -49,8 +53,26 @@ def breaker_force_close(*, name: str, actor: str) -> BreakerStatus:
 
 def kv_set(*, owner_id: int, task_id: UUID | None, key: str, value: Any) -> KVEntry:
     """Store ``value`` under ``key`` for one task (``task_id``) or for all the owner's
-    tasks (``task_id`` None). Idempotent: setting the same value twice changes nothing."""
+    tasks (``task_id`` None). Idempotent: setting the same value twice changes nothing.
+
+    Quotas per owner (``InvalidInput``): a value of at most ``AGENTS_KV_MAX_VALUE_BYTES``
+    of JSON (and ``AGENTS_MAX_JSON_DEPTH`` deep), at most ``AGENTS_KV_MAX_KEYS`` keys over
+    all the owner's scopes. The owner's row is locked while counting, so concurrent
+    writes cannot pass the limit together.
+    """
+    limit = settings.AGENTS["KV_MAX_VALUE_BYTES"]
+    json_value_check(value, field="value")
+    size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+    if size > limit:
+        raise InvalidInput(f"is {size} bytes; kv values are at most {limit}", field="value")
     with transaction.atomic():
+        get_user_model().objects.select_for_update().filter(pk=owner_id).exists()
+        exists = KVEntry.objects.filter(owner_id=owner_id, task_id=task_id, key=key).exists()
+        max_keys = settings.AGENTS["KV_MAX_KEYS"]
+        if not exists and KVEntry.objects.filter(owner_id=owner_id).count() >= max_keys:
+            raise InvalidInput(
+                f"the owner already keeps {max_keys} keys (AGENTS_KV_MAX_KEYS)", field="key"
+            )
         entry, _ = KVEntry.objects.update_or_create(
             owner_id=owner_id,
             task_id=task_id,

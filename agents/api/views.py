@@ -1,7 +1,10 @@
 """API views: parse, call a service or selector, serialize. Nothing else happens here.
 
-A user sees and acts on their own tasks only (staff: all); another user's task is a
-404, never a 403, so its existence is not disclosed. The services enforce that too.
+A user sees and acts on their own tasks; the model permissions of
+``agents.permissions`` extend that (``view_agenttask``: read every task,
+``change_agenttask``: operate them); ``is_staff`` alone grants nothing. A task the user
+may not see is a 404, never a 403, so its existence is not disclosed; one they may read
+but not operate is a 403. The services enforce the same rule.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from redis import RedisError
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view, permission_classes
 from rest_framework.exceptions import NotFound
-from rest_framework.permissions import AllowAny, IsAdminUser
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from agents import permissions
 from agents.api.errors import Unavailable
 from agents.api.pagination import NewestFirstPagination, seek_page
+from agents.api.permissions import MayViewBreakers
 from agents.api.schema import errors
 from agents.api.serializers import (
     ApproveSerializer,
@@ -79,7 +84,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         return tasks_visible_to(self.request.user)
 
     @extend_schema(
-        summary="List your tasks (staff: all), newest first",
+        summary="List your tasks (with view_agenttask: all), newest first",
         parameters=[TaskQuerySerializer],
         responses=TaskListItemSerializer(many=True),
     )
@@ -216,7 +221,7 @@ class DeadLetterViewSet(viewsets.GenericViewSet):
         return dead_letters_visible_to(self.request.user)
 
     @extend_schema(
-        summary="Dead letters of your tasks (staff: all), newest first",
+        summary="Dead letters of your tasks (with view_deadletter: all), newest first",
         parameters=[DeadLetterQuerySerializer],
         responses=DeadLetterSerializer(many=True),
     )
@@ -236,6 +241,7 @@ class DeadLetterViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"])
     def requeue(self, request: Request, pk: str) -> Response:
         letter = dead_letter_get(dead_letter_id=pk, user=request.user)
+        permissions.dead_letter_change_check(request.user, letter)
         task = dead_letter_requeue(dead_letter_id=letter.pk, actor=user_actor(request.user))
         return Response(TaskSerializer(task).data)
 
@@ -256,9 +262,10 @@ def not_found(request: Request, path: str = "") -> Response:
 
 
 class BreakerListView(APIView):
-    """Every circuit breaker and its state (staff only: it describes the whole system)."""
+    """Every circuit breaker and its state (``tools.view_breaker``: it describes the
+    whole system)."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [MayViewBreakers]
 
     @extend_schema(
         summary="Circuit breakers",

@@ -4,6 +4,7 @@ breaker page lists every breaker."""
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from agents.models import TaskStatus
@@ -66,3 +67,10 @@ def test_the_breaker_page_is_for_staff_only(client, user):
     client.force_login(user)
     response = client.get(reverse("admin-breakers"))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_the_breaker_page_needs_the_view_breaker_permission(client, reader):
+    client.force_login(reader)  # staff, may read tasks: not enough
+    assert client.get(reverse("admin-breakers")).status_code == 403
+    reader.user_permissions.add(Permission.objects.get(codename="view_breaker"))
+    assert client.get(reverse("admin-breakers")).status_code == 200

@@ -46,3 +46,12 @@ def workers(request, transactional_db) -> Iterator[Workers]:
     pool.stop_all()
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         print(pool.report())
+
+
+@pytest.fixture
+def loopback_allowed(settings) -> dict[str, str]:
+    """Opt in to reaching the loopback test servers through tools' HTTP calls, which the
+    outbound policy refuses by default (``tools.outbound``). Returns the same for
+    worker subprocesses, as environment variables to pass to ``workers.start``."""
+    settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["127.0.0.1"]}
+    return {"AGENTS_OUTBOUND_ALLOW": "127.0.0.1"}

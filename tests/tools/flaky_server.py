@@ -8,11 +8,13 @@ Every request is recorded with its path, ``Authorization`` header and the mode i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 HEALTHY = "healthy"
 FAILING = "failing"
@@ -24,6 +26,7 @@ class Request:
     path: str
     authorization: str
     mode: str
+    host: str = ""
 
 
 class FlakyServer:
@@ -75,7 +78,33 @@ class FlakyServer:
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         mode = self.mode
-        self.requests.append(Request(request.path, request.headers.get("Authorization", ""), mode))
+        self.requests.append(
+            Request(
+                request.path,
+                request.headers.get("Authorization", ""),
+                mode,
+                request.headers.get("Host", ""),
+            )
+        )
+        parts = urlsplit(request.path)
+        query = parse_qs(parts.query)
+        if parts.path == "/redirect" and mode == HEALTHY:
+            # GET /redirect?to=URL: a 302 to URL (the outbound policy checks every hop).
+            request.send_response(302)
+            request.send_header("Location", query["to"][0])
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
+        if parts.path == "/big" and mode == HEALTHY:
+            # GET /big?bytes=N: a body of N bytes (the outbound policy limits the size).
+            size = int(query["bytes"][0])
+            request.send_response(200)
+            request.send_header("Content-Type", "text/plain")
+            request.send_header("Content-Length", str(size))
+            request.end_headers()
+            with contextlib.suppress(OSError):
+                request.wfile.write(b"x" * size)
+            return
         if mode == HANGING:
             # Never answer while hanging; the client gives up at its own timeout.
             self._release.wait(timeout=120)

@@ -54,3 +54,41 @@ def session_leak(ctx: ToolContext, args: dict[str, Any]) -> None:
     if args["how"] == "message":
         raise RuntimeError(f"upstream said 401 for key {raw}")
     raise KeyRejected(raw)
+
+
+def _forms() -> dict[str, Any]:
+    import base64
+    import json
+    from urllib.parse import quote
+
+    return {
+        "escaped": lambda v: repr(v)[1:-1],
+        "json": lambda v: json.dumps(v)[1:-1],
+        "unicode_escape": lambda v: v.encode("unicode_escape").decode(),
+        "base64": lambda v: base64.b64encode(v.encode()).decode(),
+        "basic_auth": lambda v: base64.b64encode(f"user:{v}".encode()).decode(),
+        "urlsafe_base64": lambda v: base64.urlsafe_b64encode(v.encode()).decode(),
+        "url_encoded": lambda v: quote(v, safe=""),
+        "reversed": lambda v: v[::-1],
+        "stripped": lambda v: v.strip(),
+        "first_line": lambda v: v.splitlines()[0],
+        "last_line": lambda v: v.splitlines()[-1],
+    }
+
+
+ECHO_FORMS = tuple(_forms())
+
+
+def echo_form(form: str, value: str) -> str:
+    """The credential ``value`` as a careless server or library shows it (``form``)."""
+    return str(_forms()[form](value))
+
+
+@tool("session.echo", args={"form": Arg(str), "fail": Arg(bool)}, timeout=5.0, max_retries=0)
+def session_echo(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Echo the credential transformed, in a result or (``fail``) in an error and a log."""
+    shown = echo_form(args["form"], ctx.credentials["api_key"])
+    stdlib_logger.warning("upstream echoed %s", shown)
+    if args["fail"]:
+        raise RuntimeError(f"upstream refused the request: {shown}")
+    return {"echo": shown}

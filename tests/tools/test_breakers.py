@@ -259,7 +259,7 @@ def test_the_breakers_command_lists_and_forces_breakers(tight, capsys):
 
 @pytest.mark.django_db
 def test_an_open_breaker_answers_at_once_where_a_hanging_service_takes_its_timeout(
-    tight, flaky, user
+    tight, flaky, user, loopback_allowed
 ):
     """The fail-fast figure: http.get against a hanging service, breaker closed vs open."""
     flaky.set_mode(HANGING)
@@ -305,7 +305,7 @@ def start(user, *script):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_step_meeting_an_open_breaker_waits_without_spending_its_retries(
-    tight, flaky, user, settings
+    tight, flaky, user, settings, loopback_allowed
 ):
     # One retry only: without the breaker these tasks would be dead-lettered at once.
     settings.AGENTS = {**settings.AGENTS, "MAX_RETRIES": 1, "RETRY_BACKOFF": 0.05}
@@ -337,7 +337,7 @@ def test_a_step_meeting_an_open_breaker_waits_without_spending_its_retries(
 
 @pytest.mark.integration
 def test_an_outage_opens_the_breaker_tasks_wait_and_all_complete_after_it(
-    workers, user, flaky, settings
+    workers, user, flaky, settings, loopback_allowed
 ):
     """Twelve tasks on two worker processes (six slots) call a service that hangs."""
     fail_max = 3
@@ -349,6 +349,7 @@ def test_an_outage_opens_the_breaker_tasks_wait_and_all_complete_after_it(
         "AGENTS_MAX_RETRIES": "2",
         "AGENTS_RETRY_BACKOFF": "0.2",
         "AGENTS_RETRY_BACKOFF_MAX": "0.5",
+        **loopback_allowed,
     }
     settings.AGENTS = {**settings.AGENTS, "BREAKER_FAIL_MAX": fail_max}
     flaky.set_mode(HANGING)

@@ -118,6 +118,8 @@ def test_production_refuses_to_start_without_a_credentials_key():
             **env,
             "AGENTS_ENVIRONMENT": "production",
             "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
+            "DJANGO_SECRET_KEY": "x7" * 30 + "abcdef",
+            "AGENTS_METRICS_TOKEN": "scrape-token",
             "DJANGO_SETTINGS_MODULE": "agents_project.settings",
         },
         capture_output=True,
@@ -165,7 +167,7 @@ def log_output() -> Iterator[io.StringIO]:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_credential_never_reaches_checkpoints_audit_dead_letters_the_api_or_logs(
-    user, flaky, log_output, fast_retries
+    user, flaky, log_output, fast_retries, loopback_allowed
 ):
     secret = f"sk-{token_hex(16)}"
     credential_set(owner=user, name="api_key", value=secret, actor="test")

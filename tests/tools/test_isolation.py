@@ -53,14 +53,14 @@ def results(task: AgentTask) -> dict[int, Any]:
 
 
 def test_two_owners_interleaved_on_shared_workers_never_see_each_other(
-    workers, user, other_user, flaky
+    workers, user, other_user, flaky, loopback_allowed
 ):
     owners = {"alice": user, "bob": other_user}
     secrets = {name: f"{name}-sk-{token_hex(16)}" for name in owners}
     for name, owner in owners.items():
         credential_set(owner=owner, name="api_key", value=secrets[name], actor="test")
     for _ in range(2):
-        workers.start(concurrency=3, AGENTS_MODULES="tests.tools.session_tools")
+        workers.start(concurrency=3, AGENTS_MODULES="tests.tools.session_tools", **loopback_allowed)
 
     # Alternate owners so that both run side by side on the same processes.
     tasks: list[tuple[str, int, AgentTask]] = []

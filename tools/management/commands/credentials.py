@@ -3,7 +3,10 @@
 ``set`` reads the value from standard input (never from the command line, where it would
 stay in shell history and process listings)::
 
-    printf %s "$API_KEY" | python manage.py credentials set --owner alice --name api_key
+    printf %s "$API_KEY" | python manage.py credentials set --owner alice --name api_key \
+        --host api.example.com
+
+``--host`` (repeatable) binds the credential to the hosts it may be sent to.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ class Command(BaseCommand):
             sub.add_argument("--owner", required=True, help="username owning the credential")
             sub.add_argument("--name", required=True, help="the name tools ask for")
             sub.add_argument("--task", default=None, help="only for this task of the owner")
+        set_.add_argument(
+            "--host",
+            dest="hosts",
+            action="append",
+            default=[],
+            help="a host it may be sent to (repeat for more; *.example.com: subdomains)",
+        )
         listing = actions.add_parser("list", help="list credentials (names, never values)")
         listing.add_argument("--owner", default=None, help="only this user's")
         actions.add_parser("rotate", help="re-encrypt every credential under the first key")
@@ -51,6 +61,7 @@ class Command(BaseCommand):
                     name=options["name"],
                     value=value,
                     task_id=options["task"],
+                    hosts=options["hosts"],
                     actor=actor,
                 )
                 self.stdout.write(f"credential {options['name']} stored")
@@ -66,9 +77,11 @@ class Command(BaseCommand):
                 owner = _user(options["owner"]) if options["owner"] else None
                 for credential in credential_list(owner=owner):
                     scope = f"task {credential.task_id}" if credential.task_id else "all tasks"
+                    hosts = ",".join(credential.hosts) or "any host"
                     self.stdout.write(
                         f"{credential.owner.get_username():<20} {credential.name:<30} "
-                        f"{scope:<42} updated {credential.updated_at:%Y-%m-%d %H:%M:%S}"
+                        f"{scope:<42} {hosts:<30} "
+                        f"updated {credential.updated_at:%Y-%m-%d %H:%M:%S}"
                     )
             else:
                 count = credentials_rotate(actor=actor)

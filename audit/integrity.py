@@ -1,0 +1,173 @@
+"""Tamper evidence for the audit trail: a keyed hash chain per task.
+
+Each event stores ``prev_hash`` (the ``hash`` of the event before it in its task, ""
+for the first) and ``hash`` = HMAC-SHA256(key, prev_hash + canonical content), where
+the content is the task id, seq, type, step, actor, time and payload. The key is
+``AGENTS_AUDIT_KEY`` (default: derived from ``DJANGO_SECRET_KEY``), which the database
+does not hold, so someone who can write the table but not read the app's settings
+cannot forge a consistent chain.
+
+``audit_chain_verify`` finds an event that was changed (its hash no longer matches),
+removed (a gap in ``seq``, the next event's ``prev_hash`` points at nothing, or fewer
+events than the task counted in ``audit_seq``), or inserted (a ``seq`` beyond the
+task's count, or a ``prev_hash`` that is not its predecessor's). Events written before
+the chain existed (empty ``hash``) are reported as unverifiable, not as a break.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+
+from audit.models import AuditEvent
+
+
+def _key() -> bytes:
+    configured = settings.AGENTS.get("AUDIT_KEY") or ""
+    if configured:
+        return configured.encode()
+    return hashlib.sha256(f"agents-audit:{settings.SECRET_KEY}".encode()).digest()
+
+
+def _canonical_number(value: int | float) -> str:
+    # jsonb keeps numbers as decimals: 1.0 comes back as 1.0, 1e300 as an integer. The
+    # normalised decimal of the number as written is the same on both sides.
+    return str(Decimal(repr(value)).normalize())
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return {"#": _canonical_number(value)}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return str(value)
+
+
+def _time(value: datetime) -> str:
+    return value.isoformat(timespec="microseconds")
+
+
+def event_hash(
+    *,
+    prev_hash: str,
+    task_id: Any,
+    seq: int,
+    type: str,
+    step: int | None,
+    actor: str,
+    created_at: datetime,
+    payload: Any,
+) -> str:
+    """The hex HMAC-SHA256 of one event's content chained to ``prev_hash``."""
+    content = json.dumps(
+        [
+            prev_hash,
+            str(task_id),
+            seq,
+            str(type),
+            step,
+            actor,
+            _time(created_at),
+            _canonical(payload),
+        ],
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hmac.new(_key(), content.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
+    """Set ``event.prev_hash`` and ``event.hash`` (before it is inserted)."""
+    event.prev_hash = prev_hash
+    event.hash = event_hash(
+        prev_hash=prev_hash,
+        task_id=event.task_id,
+        seq=event.seq,
+        type=event.type,
+        step=event.step,
+        actor=event.actor,
+        created_at=event.created_at,
+        payload=event.payload,
+    )
+
+
+@dataclass(frozen=True)
+class Break:
+    """One place where a task's trail is not what was written."""
+
+    task_id: str
+    seq: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"event #{self.seq}" if self.seq is not None else "trail"
+        return f"task {self.task_id}: {where}: {self.problem}"
+
+
+def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], int]:
+    """Check one task's events against their chain and the task's own event count
+    (``audit_seq``). Returns (breaks, events verified). Reads the events in seq order,
+    a chunk at a time."""
+    breaks: list[Break] = []
+    tid = str(task_id)
+    expected_seq = 1
+    prev_hash = ""
+    verified = 0
+    events = AuditEvent.objects.filter(task_id=task_id).order_by("seq", "id")
+    for event in events.iterator(chunk_size=2000):
+        if event.seq < expected_seq:
+            breaks.append(Break(tid, event.seq, "a second event with this number (inserted)"))
+            continue
+        if event.seq > expected_seq:
+            missing = f"#{expected_seq}" + (
+                f" to #{event.seq - 1}" if event.seq - 1 > expected_seq else ""
+            )
+            breaks.append(Break(tid, event.seq, f"events {missing} are missing (removed)"))
+        if event.seq > audit_seq:
+            breaks.append(
+                Break(tid, event.seq, f"beyond the {audit_seq} events the task recorded (inserted)")
+            )
+        if not event.hash:
+            prev_hash, expected_seq = "", event.seq + 1  # written before the chain existed
+            continue
+        if event.prev_hash != prev_hash:
+            breaks.append(
+                Break(tid, event.seq, "does not follow the event before it (removed or inserted)")
+            )
+        computed = event_hash(
+            prev_hash=event.prev_hash,
+            task_id=event.task_id,
+            seq=event.seq,
+            type=event.type,
+            step=event.step,
+            actor=event.actor,
+            created_at=event.created_at,
+            payload=event.payload,
+        )
+        if not hmac.compare_digest(computed, event.hash):
+            breaks.append(Break(tid, event.seq, "its content does not match its hash (changed)"))
+        else:
+            verified += 1
+        prev_hash, expected_seq = event.hash, event.seq + 1
+    if expected_seq - 1 < audit_seq:
+        breaks.append(
+            Break(
+                tid,
+                None,
+                f"ends at #{expected_seq - 1} but the task recorded {audit_seq} events "
+                "(the last ones were removed)",
+            )
+        )
+    return breaks, verified
