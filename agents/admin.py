@@ -464,18 +464,3 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
 
         self._each(request, queryset, "requeued", requeue)
-
-
-def breakers_view(request: HttpRequest) -> HttpResponse:
-    """The circuit-breaker page of the console (``/admin/breakers/``, staff only)."""
-    try:
-        breakers, problem = breaker_states(), ""
-    except RedisError as exc:
-        breakers, problem = [], f"Circuit breaker state is unavailable: {exc}"
-    context = {
-        **admin.site.each_context(request),
-        "title": "Circuit breakers",
-        "breakers": breakers,
-        "problem": problem,
-    }
-    return TemplateResponse(request, "admin/breakers.html", context)
