@@ -18,11 +18,9 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db.models import Exists, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
-from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from redis import RedisError
 
 from agents.diagnosis import (
     last_error_short,
@@ -44,7 +42,6 @@ from audit.models import EventType
 from audit.selectors import audit_events, dead_letters_visible_to
 from audit.services import user_actor
 from audit.timeline import describe
-from tools.selectors import breaker_states
 
 # The task page shows this many audit events and checkpoints at a time.
 TIMELINE_PAGE = 200

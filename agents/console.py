@@ -38,9 +38,7 @@ def breaker_may_change(user: User | AnonymousUser) -> bool:
     The one place that decides it: today, active staff with the permission to operate
     tasks (``agents.change_agenttask``). When breakers get a permission of their own,
     point this at it."""
-    return bool(
-        user.is_active and user.is_staff and user.has_perm("agents.change_agenttask")
-    )
+    return bool(user.is_active and user.is_staff and user.has_perm("agents.change_agenttask"))
 
 
 def breaker_hold_open(*, name: str, actor: str) -> BreakerStatus:
