@@ -26,7 +26,8 @@ async generator and holds no thread between polls, only its database connection.
 Under WSGI it is a plain generator and holds a worker thread for as long as it is open.
 Either way a stream is closed by the server after ``AGENTS_EVENTS_MAX_SECONDS`` (the
 client reconnects and resumes), and a comment line is sent every
-``HEARTBEAT_SECONDS`` of silence so that proxies keep the connection open.
+``AGENTS_EVENTS_HEARTBEAT`` seconds of silence (15), so that proxies keep the connection
+open and a server notices a client that went away.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from audit.timeline import describe
 
 # Events read per query; a task with a long trail is sent in batches without waiting.
 BATCH = 500
-HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_SECONDS = 15.0  # unless AGENTS["EVENTS_HEARTBEAT"] says otherwise
 # What EventSource waits before reconnecting (milliseconds), sent once per stream.
 RECONNECT_MS = 2000
 
@@ -133,6 +134,7 @@ class _Stream:
         self.interval = float(conf.get("EVENTS_POLL_INTERVAL", 0.5))
         self.until = time.monotonic() + float(conf.get("EVENTS_MAX_SECONDS", 3600.0))
         self.quiet_since = time.monotonic()
+        self.heartbeat = float(conf.get("EVENTS_HEARTBEAT", HEARTBEAT_SECONDS))
 
     def read(self) -> EventsRead:
         return task_events_read(task_id=self.task_id, after_seq=self.last)
@@ -144,7 +146,7 @@ class _Stream:
             self.quiet_since = time.monotonic()
         if read.ended:
             out.append(_end_message(read))
-        elif time.monotonic() - self.quiet_since >= HEARTBEAT_SECONDS:
+        elif time.monotonic() - self.quiet_since >= self.heartbeat:
             out.append(b": keep-alive\n\n")
             self.quiet_since = time.monotonic()
         return out

@@ -174,6 +174,7 @@ AGENTS = {
     # trail, and the longest a stream stays open before the client must reconnect.
     "EVENTS_POLL_INTERVAL": env.float("AGENTS_EVENTS_POLL_INTERVAL", default=0.5),
     "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=3600.0),
+    "EVENTS_HEARTBEAT": env.float("AGENTS_EVENTS_HEARTBEAT", default=15.0),
     # development | test | production. Fault injection needs "test".
     "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
     # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.

@@ -117,13 +117,20 @@
     fact("why-breaker", b ? b.name + ": " + b.state + (b.forced ? ", held open by an operator" : "") : "none in the way");
   }
 
+  // At most one fetch of the diagnosis per 250 ms; an answer older than one already
+  // shown is dropped (answers can arrive out of order).
+  var asked = 0;
+  var shown = 0;
   function refreshWhy() {
     if (refreshTimer) { return; }
     refreshTimer = setTimeout(function () {
       refreshTimer = null;
+      var ticket = ++asked;
       fetch(config.task_url, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (response) { return response.ok ? response.json() : null; })
-        .then(function (task) { if (task && task.diagnosis) { showDiagnosis(task.diagnosis); } })
+        .then(function (task) {
+          if (task && task.diagnosis && ticket > shown) { shown = ticket; showDiagnosis(task.diagnosis); }
+        })
         .catch(function () { /* the next event tries again */ });
     }, 250);
   }
