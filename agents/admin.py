@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from django.contrib import admin, messages
@@ -25,6 +25,7 @@ from django.utils.html import format_html
 from agents.diagnosis import (
     last_error_short,
     task_diagnosis,
+    task_error_text,
     task_step_durations,
     tasks_with_console_columns,
     waiting_on_short,
@@ -63,6 +64,29 @@ def duration(delta: timedelta) -> str:
     if minutes:
         return f"{minutes} min {seconds} s"
     return f"{seconds} s"
+
+
+def ms_text(ms: float | None) -> str:
+    """``0.024 ms``, ``12.3 ms``, ``4.64 s``, ``3 min 10 s``: a step's time, readably."""
+    if ms is None:
+        return ""
+    if ms < 1:
+        return f"{ms:.3f} ms"
+    if ms < 1000:
+        return f"{ms:.1f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.2f} s"
+    return duration(timedelta(milliseconds=ms))
+
+
+def relative(when: datetime | None, now: datetime) -> str:
+    """``in 4 min 10 s``, ``12 s ago``, ``now``."""
+    if when is None:
+        return ""
+    delta = when - now
+    if abs(delta.total_seconds()) < 1:
+        return "now"
+    return f"in {duration(delta)}" if delta.total_seconds() > 0 else f"{duration(-delta)} ago"
 
 
 def bar_percent(value: float, longest: float) -> float:
@@ -142,7 +166,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     list_display = (
         "short_id",
         "agent_name",
-        "status",
+        "status_badge",
         "owner",
         "current_step",
         "attempt",
@@ -179,7 +203,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         "status_changed_at",
         "finished_at",
         "deadline",
-        "error",
+        "error_text",
         "result_json",
         "input_json",
         "replayed_from_link",
@@ -207,7 +231,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
                 )
             },
         ),
-        ("Outcome", {"fields": ("error", "result_json")}),
+        ("Outcome", {"fields": ("error_text", "result_json")}),
         ("Input", {"fields": ("input_json",), "classes": ("collapse",)}),
         ("Replay", {"fields": (("replayed_from_link", "replayed_from_step"),)}),
     )
@@ -217,6 +241,18 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     @admin.display(description="task", ordering="id")
     def short_id(self, task: AgentTask) -> str:
         return str(task.pk)
+
+    @admin.display(description="error")
+    def error_text(self, task: AgentTask) -> str:
+        return task_error_text(task) or "-"
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, task: AgentTask) -> str:
+        return format_html(
+            '<span class="agents-badge agents-badge--small agents-badge--{}">{}</span>',
+            task.status,
+            task.get_status_display(),
+        )
 
     @admin.display(description="waiting on")
     def waiting_on(self, task: AgentTask) -> str:
@@ -314,10 +350,26 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         waiting = task_open_suspension(task=task)
         steps = task_step_durations(task, limit=STEP_BARS)
         longest = max((row["duration_ms"] for row in steps), default=0.0)
+        diagnosis = task_diagnosis(task)
+        now = timezone.now()
+        wait = diagnosis["waiting_on"] or {}
         return {
-            "diagnosis": task_diagnosis(task),
+            "diagnosis": diagnosis,
+            "relative": {
+                "since": relative(wait.get("since"), now),
+                "until": relative(wait.get("until"), now),
+                "retry": relative(diagnosis["next_retry_at"], now),
+                "deadline": relative(diagnosis["deadline"], now),
+                "error": relative((diagnosis["last_error"] or {}).get("at"), now),
+            },
             "steps": [
-                {**row, "percent": bar_percent(row["duration_ms"], longest)} for row in steps
+                {
+                    **row,
+                    "percent": bar_percent(row["duration_ms"], longest),
+                    "ran": ms_text(row["duration_ms"]),
+                    "waited": ms_text(row["waited_ms"]),
+                }
+                for row in steps
             ],
             "steps_longest_ms": longest,
             "task_api_url": reverse("task-detail", args=[task.pk]),

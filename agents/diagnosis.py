@@ -297,10 +297,9 @@ def _waiting_on(
     if status == TaskStatus.RUNNING and task.retry_at is not None:
         since = failure.created_at if failure is not None else None
         if breaker is not None:
-            held = " (held open by an operator)" if breaker["forced"] else ""
             return {
                 "kind": "breaker",
-                "detail": f"circuit breaker {breaker['name']!r}, {breaker['state']}{held}",
+                "detail": breaker_phrase(breaker),
                 "since": since,
                 "until": task.retry_at,
             }
@@ -320,7 +319,7 @@ def _waiting_on(
     if status == TaskStatus.DEAD_LETTERED:
         return {
             "kind": "operator",
-            "detail": "requeue or cancel (the task does not go on by itself)",
+            "detail": "an operator to requeue or cancel it (it does not go on by itself)",
             "since": task.status_changed_at,
             "until": None,
         }
@@ -351,7 +350,7 @@ def _summary(
     kind = waiting["kind"]
     if kind == "breaker":
         return (
-            f"Waiting on open {waiting['detail']}; the step runs again at "
+            f"Waiting on {waiting['detail']}; the step runs again at "
             f"{_clock(waiting['until'])} without spending an attempt."
         )
     if kind == "retry":
@@ -363,6 +362,18 @@ def _summary(
     if kind == "timer":
         return f"Waiting for a timer until {_clock(waiting['until'])}."
     return f"Waiting for a worker: {waiting['detail']}."
+
+
+def breaker_phrase(breaker: dict[str, Any]) -> str:
+    """``open circuit breaker 'x' (held open by an operator)``, ``circuit breaker 'x',
+    now closed``: the breaker a step waits on, as the console says it."""
+    name, state = breaker["name"], breaker["state"]
+    phrase = (
+        f"open circuit breaker {name!r}"
+        if state == "open"
+        else (f"circuit breaker {name!r}, now {state}")
+    )
+    return phrase + (" (held open by an operator)" if breaker["forced"] else "")
 
 
 def _clock(when: datetime | None) -> str:

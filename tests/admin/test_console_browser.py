@@ -99,7 +99,7 @@ def test_each_task_page_says_why_at_the_top_and_the_timeline_follows_live(
                 executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
             )
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.set_default_timeout(30_000)
                 _log_in(page, live_server.url)
                 page.screenshot(path=str(screenshots / "console-task-list.png"), full_page=True)

@@ -21,6 +21,13 @@
     return iso ? iso.replace("T", " ").replace(/([+-]\d\d:\d\d|Z)$/, "") : "";
   }
 
+  function msText(ms) {
+    if (ms < 1) { return ms.toFixed(3) + " ms"; }
+    if (ms < 1000) { return ms.toFixed(1) + " ms"; }
+    if (ms < 60000) { return (ms / 1000).toFixed(2) + " s"; }
+    return Math.floor(ms / 60000) + " min " + Math.round((ms % 60000) / 1000) + " s";
+  }
+
   function setLive(text) {
     if (liveState) { liveState.hidden = false; liveState.textContent = text; }
   }
@@ -66,7 +73,7 @@
     if (rows.length) {
       var previousEnd = Date.parse(rows[rows.length - 1].dataset.ended || "");
       var started = Date.parse(data.created_at) - ms;
-      if (!isNaN(previousEnd)) { waited = Math.max(started - previousEnd, 0).toFixed(0) + " ms"; }
+      if (!isNaN(previousEnd)) { waited = msText(Math.max(started - previousEnd, 0)); }
     }
     var outcome = data.payload.outcome || "";
     var row = el("tr", null, "agents-step agents-new");
@@ -75,7 +82,7 @@
     row.dataset.ended = data.created_at;
     row.appendChild(el("td", data.step));
     row.appendChild(el("td", outcome));
-    row.appendChild(el("td", ms.toFixed(1) + " ms", "agents-num"));
+    row.appendChild(el("td", msText(ms), "agents-num"));
     var cell = el("td", null, "agents-bar-col");
     cell.appendChild(el("div", null, "agents-bar agents-bar--" + outcome));
     row.appendChild(cell);
@@ -97,8 +104,18 @@
     if (node) { node.textContent = text; }
   }
 
+  var FINAL = ["completed", "failed", "timed_out", "cancelled"];
+
   function showDiagnosis(d) {
     setStatus(d.status);
+    // What the page offered for the old status no longer applies.
+    if (d.status !== "suspended") {
+      var decide = document.getElementById("decide");
+      if (decide) { decide.hidden = true; }
+    }
+    if (FINAL.indexOf(d.status) >= 0) {
+      document.querySelectorAll("#operate form").forEach(function (form) { form.hidden = true; });
+    }
     var summary = document.getElementById("why-summary");
     if (summary) { summary.textContent = d.summary; }
     var why = document.getElementById("why");
@@ -107,7 +124,7 @@
         (d.waiting_on ? " agents-why--wait-" + d.waiting_on.kind : "");
     }
     var w = d.waiting_on;
-    fact("why-waiting-on", w ? w.kind + ": " + w.detail + (w.since ? " (since " + clock(w.since) + ")" : "") +
+    fact("why-waiting-on", w ? (w.kind === "retry" || w.kind === "worker" ? w.kind + ": " : "") + w.detail + (w.since ? " (since " + clock(w.since) + ")" : "") +
       (w.until ? " until " + clock(w.until) : "") : "nothing: the task has ended");
     var e = d.last_error;
     fact("why-last-error", e ? e.message + " (" + e.type + (e.step ? ", step " + e.step : "") + ")" : "none");
