@@ -11,38 +11,44 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
-from uuid import UUID
 
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
-from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from redis import RedisError
 
 from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
+from agents.diagnosis import (
+    last_error_short,
+    task_diagnosis,
+    task_error_text,
+    task_step_durations,
+    tasks_with_console_columns,
+    waiting_on_short,
+)
 from agents.models import AgentTask
 from agents.scheduling import task_approve, task_cancel
+from agents.search import task_search
 from agents.selectors import task_checkpoints, task_open_suspension
 from agents.services import task_replay
 from agents.state_machine import FINAL
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
 from audit.admin import ReadOnlyAdmin
-from audit.models import DeadLetter
+from audit.models import DeadLetter, EventType
 from audit.selectors import audit_events, dead_letters_visible_to
 from audit.services import user_actor
 from audit.timeline import describe
-from tools.selectors import breaker_states
 
 # The task page shows this many audit events and checkpoints at a time.
 TIMELINE_PAGE = 200
+STEP_BARS = 200
 CHECKPOINTS_SHOWN = 50
 JSON_SHOWN = 20_000
 
@@ -62,6 +68,36 @@ def duration(delta: timedelta) -> str:
     return f"{seconds} s"
 
 
+def ms_text(ms: float | None) -> str:
+    """``0.024 ms``, ``12.3 ms``, ``4.64 s``, ``3 min 10 s``: a step's time, readably."""
+    if ms is None:
+        return ""
+    if ms < 1:
+        return f"{ms:.3f} ms"
+    if ms < 1000:
+        return f"{ms:.1f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.2f} s"
+    return duration(timedelta(milliseconds=ms))
+
+
+def relative(when: datetime | None, now: datetime) -> str:
+    """``in 4 min 10 s``, ``12 s ago``, ``now``."""
+    if when is None:
+        return ""
+    delta = when - now
+    if abs(delta.total_seconds()) < 1:
+        return "now"
+    return f"in {duration(delta)}" if delta.total_seconds() > 0 else f"{duration(-delta)} ago"
+
+
+def bar_percent(value: float, longest: float) -> float:
+    """A duration bar's width, in percent of the longest one (at least 0.5 to be seen)."""
+    if longest <= 0:
+        return 0.5
+    return round(max(value / longest * 100, 0.5), 2)
+
+
 def pretty_json(value: Any) -> str:
     text = json.dumps(value, indent=2, sort_keys=True, default=str)
     if len(text) > JSON_SHOWN:
@@ -79,21 +115,76 @@ def open_dead_letter_id(task: AgentTask) -> int | None:
     return letter.pk if letter else None
 
 
+class OwnerFilter(admin.SimpleListFilter):
+    """Tasks of one user; lists the users who have tasks (an EXISTS per user on the
+    (owner, created_at) index, not a scan of the tasks)."""
+
+    title = "owner"
+    parameter_name = "owner"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        owners = User.objects.filter(
+            Exists(AgentTask.objects.filter(owner=OuterRef("pk")))
+        ).order_by("username")[:100]
+        return [(str(user.pk), user.get_username()) for user in owners]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> Any:
+        value = self.value()
+        if value and value.isascii() and value.isdigit():
+            return queryset.filter(owner_id=int(value))
+        return queryset
+
+
+class AgeFilter(admin.SimpleListFilter):
+    """Tasks by how long ago they were created."""
+
+    title = "age"
+    parameter_name = "age"
+    AGES = {
+        "1h": ("under an hour", None, timedelta(hours=1)),
+        "1d": ("an hour to a day", timedelta(hours=1), timedelta(days=1)),
+        "7d": ("a day to a week", timedelta(days=1), timedelta(days=7)),
+        "old": ("over a week", timedelta(days=7), None),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(key, label) for key, (label, _, _) in self.AGES.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> Any:
+        age = self.AGES.get(self.value() or "")
+        if age is None:
+            return queryset
+        now = timezone.now()
+        _, older_than, younger_than = age
+        if older_than is not None:
+            queryset = queryset.filter(created_at__lte=now - older_than)
+        if younger_than is not None:
+            queryset = queryset.filter(created_at__gt=now - younger_than)
+        return queryset
+
+
 @admin.register(AgentTask)
 class AgentTaskAdmin(ReadOnlyAdmin):
     list_display = (
         "short_id",
         "agent_name",
-        "status",
+        "status_badge",
         "owner",
         "current_step",
+        "attempt",
+        "waiting_on",
+        "next_retry",
+        "last_error",
         "age",
         "time_in_status",
     )
-    list_filter = ("status", "agent_name")
+    list_filter = ("status", "agent_name", OwnerFilter, AgeFilter)
     list_select_related = ("owner",)
     search_fields = ("id",)
-    search_help_text = "A task id (the full UUID) or an idempotency key."
+    search_help_text = (
+        "A task id, an idempotency key, an agent, an owner or error text; narrow with "
+        'agent:NAME owner:USER error:"TEXT" after:2026-11-01 before:2026-12-01.'
+    )
     ordering = ("-created_at",)
     list_per_page = 50
     actions = ("cancel_tasks", "approve_tasks", "reject_tasks", "replay_tasks", "requeue_tasks")
@@ -114,7 +205,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         "status_changed_at",
         "finished_at",
         "deadline",
-        "error",
+        "error_text",
         "result_json",
         "input_json",
         "replayed_from_link",
@@ -142,7 +233,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
                 )
             },
         ),
-        ("Outcome", {"fields": ("error", "result_json")}),
+        ("Outcome", {"fields": ("error_text", "result_json")}),
         ("Input", {"fields": ("input_json",), "classes": ("collapse",)}),
         ("Replay", {"fields": (("replayed_from_link", "replayed_from_step"),)}),
     )
@@ -152,6 +243,37 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     @admin.display(description="task", ordering="id")
     def short_id(self, task: AgentTask) -> str:
         return str(task.pk)
+
+    @admin.display(description="error")
+    def error_text(self, task: AgentTask) -> str:
+        return task_error_text(task) or "-"
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, task: AgentTask) -> str:
+        return format_html(
+            '<span class="agents-badge agents-badge--small agents-badge--{}">{}</span>',
+            task.status,
+            task.get_status_display(),
+        )
+
+    @admin.display(description="waiting on")
+    def waiting_on(self, task: AgentTask) -> str:
+        return waiting_on_short(task)
+
+    @admin.display(description="next retry", ordering="retry_at")
+    def next_retry(self, task: AgentTask) -> str:
+        if task.retry_at is None:
+            return ""
+        return format_html(
+            '<span title="{}">in {}</span>', task.retry_at, duration(task.retry_at - timezone.now())
+        )
+
+    @admin.display(description="last error")
+    def last_error(self, task: AgentTask) -> str:
+        return last_error_short(task)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AgentTask]:
+        return tasks_with_console_columns(super().get_queryset(request))
 
     @admin.display(description="age", ordering="created_at")
     def age(self, task: AgentTask) -> str:
@@ -179,14 +301,14 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[AgentTask], search_term: str
     ) -> tuple[QuerySet[AgentTask], bool]:
-        # An exact id (the primary key index) or idempotency key; never a table scan.
-        term = search_term.strip()
-        if not term:
+        # agents.search: ids, keys, agents, owners, error text, date ranges.
+        if not search_term.strip():
             return queryset, False
         try:
-            return queryset.filter(pk=UUID(term)), False
-        except ValueError:
-            return queryset.filter(idempotency_key=term), False
+            return task_search(queryset, search_term), False
+        except InvalidInput as exc:
+            self.message_user(request, f"Search: {exc.message}", messages.WARNING)
+            return queryset.none(), False
 
     # --- permissions: read-only (ReadOnlyAdmin), acting through services ------------------
 
@@ -229,7 +351,39 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         ]
         checkpoints = list(task_checkpoints(task=task).reverse()[:CHECKPOINTS_SHOWN])[::-1]
         waiting = task_open_suspension(task=task)
+        steps = task_step_durations(task, limit=STEP_BARS)
+        longest = max((row["duration_ms"] for row in steps), default=0.0)
+        diagnosis = task_diagnosis(task)
+        now = timezone.now()
+        wait = diagnosis["waiting_on"] or {}
         return {
+            "diagnosis": diagnosis,
+            "relative": {
+                "since": relative(wait.get("since"), now),
+                "until": relative(wait.get("until"), now),
+                "retry": relative(diagnosis["next_retry_at"], now),
+                "deadline": relative(diagnosis["deadline"], now),
+                "error": relative((diagnosis["last_error"] or {}).get("at"), now),
+            },
+            "steps": [
+                {
+                    **row,
+                    "percent": bar_percent(row["duration_ms"], longest),
+                    "ran": ms_text(row["duration_ms"]),
+                    "waited": ms_text(row["waited_ms"]),
+                }
+                for row in steps
+            ],
+            "steps_longest_ms": longest,
+            "task_api_url": reverse("task-detail", args=[task.pk]),
+            "live": task.status not in FINAL,
+            "live_config": {
+                "events_url": reverse("task-events", args=[task.pk]),
+                "task_url": reverse("task-detail", args=[task.pk]),
+                "after": max(total, after + len(events)),
+                "follow_timeline": after + TIMELINE_PAGE >= total,
+                "event_types": list(EventType.values),
+            },
             "operate": self.has_operate_permission(request),
             "operate_url": reverse("admin:agents_agenttask_operate", args=[task.pk]),
             "task": task,
@@ -366,21 +520,3 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
 
         self._each(request, queryset, "requeued", requeue)
-
-
-def breakers_view(request: HttpRequest) -> HttpResponse:
-    """The circuit-breaker page of the console (``/admin/breakers/``): staff with
-    ``tools.view_breaker``."""
-    if not permissions.breakers_may_view(request.user):
-        raise PermissionDenied
-    try:
-        breakers, problem = breaker_states(), ""
-    except RedisError as exc:
-        breakers, problem = [], f"Circuit breaker state is unavailable: {exc}"
-    context = {
-        **admin.site.each_context(request),
-        "title": "Circuit breakers",
-        "breakers": breakers,
-        "problem": problem,
-    }
-    return TemplateResponse(request, "admin/breakers.html", context)

@@ -197,6 +197,11 @@ AGENTS = {
     # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
+    # GET /api/tasks/{id}/events/ (agents/events.py): seconds between polls of the audit
+    # trail, and the longest a stream stays open before the client must reconnect.
+    "EVENTS_POLL_INTERVAL": env.float("AGENTS_EVENTS_POLL_INTERVAL", default=0.5),
+    "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=3600.0),
+    "EVENTS_HEARTBEAT": env.float("AGENTS_EVENTS_HEARTBEAT", default=15.0),
     # development | test | production. Fault injection needs "test".
     "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
     # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from agents.admin import breakers_view
+from agents.console import breakers_view
 from agents_project.health import healthz, readyz
 from agents_project.metrics import metrics_view
 

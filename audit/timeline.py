@@ -42,6 +42,12 @@ def describe(event: AuditEvent) -> str:
     if t == EventType.STEP_FAILED:
         retry = f", retry in {p['retry_in_seconds']} s" if "retry_in_seconds" in p else ""
         return f"attempt {p.get('attempt')}: {p.get('error_type')}: {p.get('error')}{retry}"
+    if t == EventType.DEAD_LETTERED:
+        return (
+            f"{p.get('reason')} after {p.get('attempts')} attempt(s): {_short(str(p.get('error')))}"
+        )
+    if t == EventType.BREAKER:
+        return f"breaker {p.get('breaker')}: {p.get('from')} -> {p.get('to')} ({p.get('reason')})"
     return _compact({k: v for k, v in p.items() if k != "traceback"})
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from agents.diagnosis import task_diagnosis, task_error_text
 from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
 from agents.validation import json_value_check
 from agents_project.errors import InvalidInput
@@ -156,6 +158,9 @@ class TaskSerializer(serializers.ModelSerializer):
     replayed_from = serializers.UUIDField(
         source="replayed_from_id", read_only=True, allow_null=True
     )
+    error = serializers.SerializerMethodField(
+        help_text="Why the task failed or was dead-lettered; empty otherwise."
+    )
 
     class Meta:
         model = AgentTask
@@ -180,6 +185,66 @@ class TaskSerializer(serializers.ModelSerializer):
             "finished_at",
         )
         read_only_fields: tuple[str, ...] = fields
+
+    def get_error(self, task: AgentTask) -> str:
+        return task_error_text(task)
+
+
+class WaitingOnSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(
+        choices=["approval", "event", "timer", "breaker", "retry", "worker", "operator"]
+    )
+    detail = serializers.CharField()
+    since = serializers.DateTimeField(allow_null=True)
+    until = serializers.DateTimeField(allow_null=True)
+
+
+class LastErrorSerializer(serializers.Serializer):
+    message = serializers.CharField(allow_blank=True)
+    type = serializers.CharField(help_text="The exception's class, or the event type.")
+    step = serializers.IntegerField(allow_null=True)
+    seq = serializers.IntegerField(allow_null=True, help_text="The audit event's sequence.")
+    at = serializers.DateTimeField(allow_null=True)
+
+
+class OpenBreakerSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    state = serializers.ChoiceField(choices=["closed", "open", "half-open", "unknown"])
+    forced = serializers.BooleanField(help_text="Held open by an operator until closed.")
+    opened_at = serializers.DateTimeField(allow_null=True)
+    remaining_seconds = serializers.FloatField(allow_null=True)
+
+
+class DiagnosisSerializer(serializers.Serializer):
+    """``agents.diagnosis.task_diagnosis``: why the task is where it is."""
+
+    status = serializers.ChoiceField(choices=TaskStatus.choices)
+    summary = serializers.CharField(help_text="One sentence for a person.")
+    waiting_on = WaitingOnSerializer(allow_null=True)
+    last_error = LastErrorSerializer(allow_null=True)
+    attempt = serializers.IntegerField(help_text="Failed attempts of the current step.")
+    next_retry_at = serializers.DateTimeField(allow_null=True)
+    open_breaker = OpenBreakerSerializer(
+        allow_null=True, help_text="The breaker the current step waits on, if any."
+    )
+    deadline = serializers.DateTimeField(allow_null=True)
+    deadline_in_seconds = serializers.FloatField(
+        allow_null=True, help_text="Negative once the deadline has passed."
+    )
+
+
+class TaskDetailSerializer(TaskSerializer):
+    """One task, with ``diagnosis``: what it waits for, its last error, its breaker."""
+
+    diagnosis = serializers.SerializerMethodField()
+
+    class Meta(TaskSerializer.Meta):
+        fields = (*TaskSerializer.Meta.fields, "diagnosis")
+        read_only_fields = fields
+
+    @extend_schema_field(DiagnosisSerializer)
+    def get_diagnosis(self, task: AgentTask) -> dict[str, Any]:
+        return dict(DiagnosisSerializer(task_diagnosis(task)).data)
 
 
 class TaskListItemSerializer(TaskSerializer):

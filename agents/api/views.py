@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.urls import Resolver404, resolve, reverse
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from redis import RedisError
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view, permission_classes
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents import permissions
 from agents.api.errors import Unavailable
+from agents.api.events import EVENTS_DESCRIPTION, EventStreamRenderer, last_event_id
 from agents.api.pagination import NewestFirstPagination, seek_page
 from agents.api.permissions import MayViewBreakers
 from agents.api.schema import errors
@@ -42,11 +47,14 @@ from agents.api.serializers import (
     SignalOutSerializer,
     SignalSerializer,
     TaskCreateSerializer,
+    TaskDetailSerializer,
     TaskListItemSerializer,
     TaskQuerySerializer,
     TaskSerializer,
 )
 from agents.core.dead_letters import dead_letter_requeue
+from agents.diagnosis import with_dead_letter_error
+from agents.events import event_stream, event_stream_async, task_events_finished
 from agents.models import AgentTask
 from agents.scheduling import task_approve, task_cancel, task_signal
 from agents.selectors import task_checkpoints, task_get, task_list, tasks_visible_to
@@ -90,7 +98,7 @@ class TaskViewSet(viewsets.GenericViewSet):
     )
     def list(self, request: Request) -> Response:
         query = _query(TaskQuerySerializer, request)
-        tasks = task_list(user=request.user, **query)
+        tasks = with_dead_letter_error(task_list(user=request.user, **query))
         page = self.paginate_queryset(tasks)
         return self.get_paginated_response(TaskListItemSerializer(page, many=True).data)
 
@@ -131,9 +139,9 @@ class TaskViewSet(viewsets.GenericViewSet):
             headers={"Location": reverse("task-detail", args=[task.pk])},
         )
 
-    @extend_schema(summary="One task")
+    @extend_schema(summary="One task, with why it is where it is", responses=TaskDetailSerializer)
     def retrieve(self, request: Request, pk: str) -> Response:
-        return Response(TaskSerializer(task_get(task_id=pk, user=request.user)).data)
+        return Response(TaskDetailSerializer(task_get(task_id=pk, user=request.user)).data)
 
     @extend_schema(
         summary="The task's audit trail, in order, a page at a time",
@@ -148,6 +156,56 @@ class TaskViewSet(viewsets.GenericViewSet):
         return seek_page(
             request, events, key="seq", limit=query["limit"], serializer=AuditEventSerializer
         )
+
+    @extend_schema(
+        summary="The task's audit events, live, as Server-Sent Events",
+        description=EVENTS_DESCRIPTION,
+        parameters=[
+            OpenApiParameter(
+                "last_event_id",
+                OpenApiTypes.INT,
+                OpenApiParameter.QUERY,
+                description="Resume after this event (a sequence number). The "
+                "`Last-Event-ID` header, which EventSource sends on reconnecting, wins.",
+            ),
+            OpenApiParameter(
+                "Last-Event-ID",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                description="Resume after this event (a sequence number).",
+            ),
+        ],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="`id: SEQ`, `event: TYPE`, `data: JSON` (an audit entry) per "
+                "event; a final `event: end` once the task has ended.",
+            ),
+            204: OpenApiResponse(
+                description="The task has ended and there is nothing after Last-Event-ID."
+            ),
+            **errors(400, 404),
+        },
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        pagination_class=None,
+        renderer_classes=[JSONRenderer, EventStreamRenderer],
+    )
+    def events(self, request: Request, pk: str) -> HttpResponseBase:
+        task = task_get(task_id=pk, user=request.user)
+        after = last_event_id(request)
+        if task_events_finished(task_id=task.pk, after_seq=after):
+            return HttpResponse(status=status.HTTP_204_NO_CONTENT)
+        if isinstance(request._request, ASGIRequest):
+            stream: Any = event_stream_async(task_id=task.pk, after_seq=after)
+        else:
+            stream = event_stream(task_id=task.pk, after_seq=after)
+        response = StreamingHttpResponse(stream, content_type="text/event-stream; charset=utf-8")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+        return response
 
     @extend_schema(
         summary="The task's checkpoints (its state after each step), in step order",
