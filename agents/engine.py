@@ -210,6 +210,7 @@ def _execute(
             ToolResult(**r) for r in checkpoint.observations.get("tool_results", ())
         ),
         resumed=_resumption(task_id, step - 1, checkpoint),
+        events=events,
     )
     started = time.monotonic()
     tool_run = ToolRun(task_id=task_id, owner_id=task.owner_id, step=step, events=events)
