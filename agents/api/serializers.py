@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
@@ -13,6 +14,8 @@ from agents.validation import json_value_check
 from agents_project.errors import InvalidInput
 from audit.models import AuditEvent, DeadLetter
 from audit.timeline import describe
+from llm.api import UsageSerializer
+from llm.selectors import task_usage
 
 # Step numbers and sequence numbers are PostgreSQL integers: refuse what cannot be one.
 MAX_INT = 2**31 - 1
@@ -156,6 +159,9 @@ class TaskSerializer(serializers.ModelSerializer):
     replayed_from = serializers.UUIDField(
         source="replayed_from_id", read_only=True, allow_null=True
     )
+    usage = serializers.SerializerMethodField(
+        help_text="Model calls of the task and their tokens and cost (llm.selectors)."
+    )
 
     class Meta:
         model = AgentTask
@@ -178,15 +184,21 @@ class TaskSerializer(serializers.ModelSerializer):
             "updated_at",
             "status_changed_at",
             "finished_at",
+            "usage",
         )
         read_only_fields: tuple[str, ...] = fields
 
+    @extend_schema_field(UsageSerializer)
+    def get_usage(self, task: AgentTask) -> dict[str, Any]:
+        return task_usage(task_id=task.pk)
+
 
 class TaskListItemSerializer(TaskSerializer):
-    """A task in a list: everything but its input, which may be large."""
+    """A task in a list: everything but its input, which may be large, and its usage
+    (a query per task)."""
 
     class Meta(TaskSerializer.Meta):
-        fields = tuple(f for f in TaskSerializer.Meta.fields if f != "input")
+        fields = tuple(f for f in TaskSerializer.Meta.fields if f not in ("input", "usage"))
         read_only_fields = fields
 
 
