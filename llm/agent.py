@@ -625,8 +625,9 @@ class _Step:
             return conversation(task_id=task_id, end=end), None
         heads = conversation(task_id=task_id, end=head)
         if policy == "rolling":
+            # The system prompt stays; the original prompt is a turn like any other.
             system = [m for m in heads if m.role == "system"]
-            return system + self._latest(limits, system, start=head, end=end), None
+            return system + self._latest(limits, system, start=len(system), end=end), None
         if policy == "select":
             pinned = conversation_pinned(task_id=task_id, start=head, end=end)
             kept = heads + pinned

@@ -81,14 +81,15 @@ class ChatServer:
         self._lock = threading.Lock()
         self._cursors: dict[str, int] = {}
         self._server: ThreadingHTTPServer | None = None
+        self._url = ""
 
     # --- running it -----------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """The base URL for the SDK (``AGENTS_LLM_BASE_URL``)."""
-        assert self._server is not None, "start the server first"
-        return f"http://{self.host}:{self._server.server_address[1]}/v1"
+        """The base URL for the SDK (``AGENTS_LLM_BASE_URL``); kept after ``stop``."""
+        assert self._url, "start the server first"
+        return self._url
 
     def start(self) -> ChatServer:
         server = self
@@ -98,6 +99,7 @@ class ChatServer:
 
         self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
+        self._url = f"http://{self.host}:{self._server.server_address[1]}/v1"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
