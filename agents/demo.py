@@ -71,8 +71,10 @@ def _scripted_model(body: dict[str, Any]) -> dict[str, Any]:
         return {
             "content": f"The refund is {amount:.2f}; recording it.",
             "tool_calls": [
-                {"name": "ledger.append",
-                 "arguments": {"key": "refund:customer-42", "value": amount}}
+                {
+                    "name": "ledger.append",
+                    "arguments": {"key": "refund:customer-42", "value": amount},
+                }
             ],
         }
     return {"content": "Refunded 64.77 to customer 42 and recorded it once."}
@@ -88,13 +90,16 @@ def _with_model_server(out: Out) -> AgentTask:
     if settings.LLM["BASE_URL"]:
         model = settings.LLM["MODEL"]
         out(f"LLM run against the model server at {settings.LLM['BASE_URL']} (model {model!r})")
-        return _demo(out, agent="llm", input={**LLM_INPUT, **({"model": model} if model else {})},
-                     env={})
+        return _demo(
+            out, agent="llm", input={**LLM_INPUT, **({"model": model} if model else {})}, env={}
+        )
     server = ChatServer(responder=_scripted_model)
     with server.running():
-        out("LLM run against a SCRIPTED chat-completions server on loopback "
+        out(
+            "LLM run against a SCRIPTED chat-completions server on loopback "
             f"({server.url}): its answers are canned, no language model is involved. Set "
-            "AGENTS_LLM_BASE_URL (and AGENTS_LLM_MODEL) to use a real one.")
+            "AGENTS_LLM_BASE_URL (and AGENTS_LLM_MODEL) to use a real one."
+        )
         settings.LLM = {**settings.LLM, "BASE_URL": server.url, "MODEL": "scripted-demo"}
         env = {"AGENTS_LLM_BASE_URL": server.url, "AGENTS_LLM_MODEL": "scripted-demo"}
         return _demo(out, agent="llm", input=LLM_INPUT, env=env)
@@ -172,8 +177,10 @@ def _summary(task: AgentTask, out: Out) -> None:
     out(f"Checkpoints: {task.checkpoints.count()}")
     if task.agent_name == "llm":
         usage = task_usage(task_id=task.pk)
-        out(f"Model calls: {usage['model_calls']}, tokens: {usage['total_tokens']} "
-            f"({usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion)")
+        out(
+            f"Model calls: {usage['model_calls']}, tokens: {usage['total_tokens']} "
+            f"({usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion)"
+        )
         out("")
         out("Conversation (GET /api/tasks/<id>/messages/ lists it):")
         for message in task_messages(task_id=task.pk):

@@ -114,6 +114,7 @@ from tools.registry import Tool, find_tool
 # types; this one is written by the llm app.)
 MODEL_CALL = "model_call"
 ON_BUDGET = ("fail", "approval")
+CONTEXT_KEYS = {"policy", "max_messages", "max_tokens", "keep_last", "pin_tools"}
 
 
 @dataclass(frozen=True)
@@ -386,9 +387,7 @@ class _Step:
         if runnable:
             for call in runnable:
                 call["status"] = "running"
-            return CallTools(
-                [ToolCall(c["name"], c["args"]) for c in runnable], state=self.state
-            )
+            return CallTools([ToolCall(c["name"], c["args"]) for c in runnable], state=self.state)
         for call in pending:
             self._add(
                 ChatMessage(
@@ -632,7 +631,7 @@ class _Step:
             pinned = conversation_pinned(task_id=task_id, start=head, end=end)
             kept = heads + pinned
             current = self._latest(limits, kept, start=head, end=end, subtask=True)
-            by_seq = {m.seq: m for m in kept + current}
+            by_seq = {m.seq or 0: m for m in kept + current}  # stored: seq is set
             return [by_seq[s] for s in sorted(by_seq)], None
         return self._plan_summarize(limits, heads, end, suffix)
 
@@ -675,7 +674,8 @@ class _Step:
         if cut == 0:
             return base + since, None
         key = f"{self.ctx.task_id}:{self.ctx.step}:summary{suffix}"
-        return heads + since[cut:], (key, summary_request(previous, since[:cut]), since[cut].seq)
+        upto = since[cut].seq or 0  # stored messages all have their seq
+        return heads + since[cut:], (key, summary_request(previous, since[:cut]), upto)
 
     def _summarized(
         self,
@@ -821,7 +821,9 @@ def llm_input_check(input: Any) -> None:
     if on_budget is not None and on_budget not in ON_BUDGET:
         raise InvalidInput(f"must be one of {', '.join(ON_BUDGET)}", field="input.on_budget")
     context = _check(input, "context", dict) or {}
-    extra = sorted(set(context) - {"policy", "max_messages", "max_tokens", "keep_last", "pin_tools"})
+    extra = sorted(
+        set(context) - {"policy", "max_messages", "max_tokens", "keep_last", "pin_tools"}
+    )
     if extra:
         raise InvalidInput("is not a context option", field=f"input.context.{extra[0]}")
     policy = _check(context, "policy", str, path="input.context")
@@ -853,9 +855,12 @@ def _check(
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, expected):
         names = expected if isinstance(expected, tuple) else (expected,)
-        kinds = {str: "a string", int: "an integer", float: "a number", list: "a list",
-                 dict: "an object"}
-        raise InvalidInput(
-            f"must be {' or '.join(kinds[t] for t in names)}", field=f"{path}.{key}"
-        )
+        kinds = {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            list: "a list",
+            dict: "an object",
+        }
+        raise InvalidInput(f"must be {' or '.join(kinds[t] for t in names)}", field=f"{path}.{key}")
     return value

@@ -61,7 +61,9 @@ class MessageSerializer(serializers.ModelSerializer):
 
 class MessageQuerySerializer(serializers.Serializer):
     after = serializers.IntegerField(
-        required=False, min_value=-1, max_value=2**31 - 1,
+        required=False,
+        min_value=-1,
+        max_value=2**31 - 1,
         help_text="Return the messages after this seq (the previous page's last).",
     )
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=100)

@@ -51,12 +51,18 @@ class Budget:
 
 
 def usage_empty() -> dict[str, Any]:
-    return {"model_calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-            "cost": "0"}
+    return {
+        "model_calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "cost": "0",
+    }
 
 
-def usage_add(usage: dict[str, Any], *, prompt: int, completion: int, total: int,
-              cost: Decimal) -> dict[str, Any]:
+def usage_add(
+    usage: dict[str, Any], *, prompt: int, completion: int, total: int, cost: Decimal
+) -> dict[str, Any]:
     """``usage`` (a state's running totals) plus one call."""
     return {
         "model_calls": usage["model_calls"] + 1,
@@ -73,9 +79,7 @@ def budget_check(
     """Why ``calls`` more calls of about ``tokens`` tokens costing about ``cost`` would
     pass ``budget`` given ``usage`` so far; None if they fit."""
     if budget.model_calls is not None and usage["model_calls"] + calls > budget.model_calls:
-        return (
-            f"{usage['model_calls']} model calls made, the budget allows {budget.model_calls}"
-        )
+        return f"{usage['model_calls']} model calls made, the budget allows {budget.model_calls}"
     if budget.tokens is not None and usage["total_tokens"] + tokens > budget.tokens:
         return (
             f"{usage['total_tokens']} tokens used and about {tokens} more needed, the "
@@ -83,7 +87,9 @@ def budget_check(
         )
     spent = Decimal(usage["cost"])
     if budget.cost is not None and spent + cost > budget.cost:
-        return f"cost {spent:.6f} spent and about {cost:.6f} more needed, the budget is {budget.cost}"
+        return (
+            f"cost {spent:.6f} spent and about {cost:.6f} more needed, the budget is {budget.cost}"
+        )
     return None
 
 

@@ -201,7 +201,9 @@ def _request(
             **extra,
         )
     except openai.APITimeoutError as exc:
-        raise RetryableError(f"model {config.name!r}: no answer within {config.timeout:g} s") from exc
+        raise RetryableError(
+            f"model {config.name!r}: no answer within {config.timeout:g} s"
+        ) from exc
     except openai.APIConnectionError as exc:
         raise RetryableError(f"model {config.name!r}: connection failed: {exc}") from exc
     except openai.APIStatusError as exc:

@@ -143,8 +143,12 @@ class ChatServer:
             self.requests.append(record)
         size = estimate(body)
         if self.context_limit is not None and size > self.context_limit:
-            return _error(400, "context_length_exceeded", f"maximum context length is "
-                          f"{self.context_limit} tokens; the request has about {size}")
+            return _error(
+                400,
+                "context_length_exceeded",
+                f"maximum context length is "
+                f"{self.context_limit} tokens; the request has about {size}",
+            )
         if record.purpose.startswith("summary"):
             entry: Entry = {"summary": True}
         elif self.responder is not None:
@@ -163,9 +167,11 @@ class ChatServer:
             return code, headers, payload
         if entry.get("malformed"):
             return 200, {"Content-Type": "application/json"}, b'{"id": "chatcmpl-broken", "choi'
-        return 200, {"Content-Type": "application/json"}, json.dumps(
-            completion(body, entry, size, index=len(self.requests))
-        ).encode()
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps(completion(body, entry, size, index=len(self.requests))).encode(),
+        )
 
     def _next(self, task: str, body: dict[str, Any]) -> Entry:
         prompt = first_user_text(body)

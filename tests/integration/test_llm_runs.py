@@ -35,8 +35,13 @@ def staff_user(django_user_model):
 def chat(settings) -> Iterator[ChatServer]:
     server = ChatServer()
     with server.running():
-        settings.LLM = {**settings.LLM, "BASE_URL": server.url, "MODEL": "scripted",
-                        "MODELS": {}, "OWNER_DAILY_TOKENS": 0}
+        settings.LLM = {
+            **settings.LLM,
+            "BASE_URL": server.url,
+            "MODEL": "scripted",
+            "MODELS": {},
+            "OWNER_DAILY_TOKENS": 0,
+        }
         yield server
 
 
@@ -69,10 +74,12 @@ def test_a_worker_killed_while_a_tool_runs_after_the_model_answered_pays_once(
 ):
     marker = tmp_path / "slow-tool-started"
     chat.script = [
-        {"tool_calls": [
-            {"name": "ledger.append", "arguments": {"key": "before", "value": 1}},
-            {"name": "test.slow_once", "arguments": {"marker": str(marker)}},
-        ]},
+        {
+            "tool_calls": [
+                {"name": "ledger.append", "arguments": {"key": "before", "value": 1}},
+                {"name": "test.slow_once", "arguments": {"marker": str(marker)}},
+            ]
+        },
         {"content": "all done"},
     ]
     workers.start(concurrency=1, **llm_env(chat))
@@ -98,9 +105,7 @@ def test_a_worker_killed_while_a_tool_runs_after_the_model_answered_pays_once(
     )
     assert keys == [f"{task.pk}:1:0", f"{task.pk}:1:1"]
     assert LedgerEntry.objects.filter(task=task).count() == 1
-    assert list(Message.objects.filter(task=task).values_list("seq", flat=True)) == [
-        0, 1, 2, 3, 4
-    ]
+    assert list(Message.objects.filter(task=task).values_list("seq", flat=True)) == [0, 1, 2, 3, 4]
 
 
 def test_a_tool_needing_approval_waits_and_a_rejection_reaches_the_model(
@@ -119,8 +124,10 @@ def test_a_tool_needing_approval_waits_and_a_rejection_reaches_the_model(
     assert not LedgerEntry.objects.filter(task=task).exists()
     task_approve(task_id=task.pk, user=staff_user, approved=False, comment="too much")
 
-    wait_until(lambda: status_of(task) == TaskStatus.SUSPENDED
-               and chat.count(task=task.pk) == 2, timeout=60)
+    wait_until(
+        lambda: status_of(task) == TaskStatus.SUSPENDED and chat.count(task=task.pk) == 2,
+        timeout=60,
+    )
     sent = chat.received(task=task.pk)[1].body["messages"]
     assert sent[-1]["role"] == "tool"
     assert "rejected" in sent[-1]["content"] and "too much" in sent[-1]["content"]
@@ -150,8 +157,12 @@ def test_over_budget_with_approval_the_task_asks_to_go_on(workers, user, staff_u
     task = task_start(
         owner=user,
         agent="llm",
-        input={"prompt": "count", "tools": ["calc"], "budget": {"model_calls": 1},
-               "on_budget": "approval"},
+        input={
+            "prompt": "count",
+            "tools": ["calc"],
+            "budget": {"model_calls": 1},
+            "on_budget": "approval",
+        },
     )[0]
     wait_until(lambda: status_of(task) == TaskStatus.SUSPENDED, timeout=60)
     assert chat.count(task=task.pk) == 1
@@ -231,8 +242,9 @@ def test_an_unreachable_model_opens_its_breaker_and_tasks_wait_not_fail(
     workers.start(concurrency=2, **env)
     task = start(user)
     wait_until(
-        lambda: AuditEvent.objects.filter(task=task, type="step_failed",
-                                          payload__error_type="CircuitOpen").exists(),
+        lambda: AuditEvent.objects.filter(
+            task=task, type="step_failed", payload__error_type="CircuitOpen"
+        ).exists(),
         timeout=60,
     )
     assert status_of(task) == TaskStatus.RUNNING
@@ -269,16 +281,16 @@ def test_a_context_too_long_with_the_full_policy_fails_the_task(workers, user, c
 # --- context policies ---------------------------------------------------------------------
 
 LONG_RUN = [
-    {"tool_calls": [{"name": "calc", "arguments": {"expression": f"{i} * 2"}}]}
-    for i in range(8)
+    {"tool_calls": [{"name": "calc", "arguments": {"expression": f"{i} * 2"}}]} for i in range(8)
 ] + [{"content": "finished"}]
 
 
 def test_rolling_keeps_the_latest_whole_turns(workers, user, chat):
     chat.script = LONG_RUN
     workers.start(concurrency=1, **llm_env(chat))
-    task = start(user, system="count", tools=["calc"],
-                 context={"policy": "rolling", "max_messages": 5})
+    task = start(
+        user, system="count", tools=["calc"], context={"policy": "rolling", "max_messages": 5}
+    )
     task = wait_until(lambda: ended(task), timeout=90)
     assert task.status == TaskStatus.COMPLETED
     for request in chat.received(task=task.pk):
@@ -296,8 +308,9 @@ def test_rolling_keeps_the_latest_whole_turns(workers, user, chat):
 def test_summarize_folds_old_turns_once_and_reuses_the_summary(workers, user, chat):
     chat.script = LONG_RUN
     workers.start(concurrency=1, **llm_env(chat))
-    task = start(user, tools=["calc"],
-                 context={"policy": "summarize", "max_messages": 6, "keep_last": 2})
+    task = start(
+        user, tools=["calc"], context={"policy": "summarize", "max_messages": 6, "keep_last": 2}
+    )
     task = wait_until(lambda: ended(task), timeout=90)
     assert task.status == TaskStatus.COMPLETED
     summaries = ModelCall.objects.filter(task=task, purpose="summary")
@@ -305,9 +318,12 @@ def test_summarize_folds_old_turns_once_and_reuses_the_summary(workers, user, ch
     assert chat.count(task=task.pk, purpose="summary") == summaries.count()
     replies = chat.received(task=task.pk, purpose="model")
     with_summary = [
-        r for r in replies
-        if any("Summary of the earlier conversation" in (m["content"] or "")
-               for m in r.body["messages"])
+        r
+        for r in replies
+        if any(
+            "Summary of the earlier conversation" in (m["content"] or "")
+            for m in r.body["messages"]
+        )
     ]
     # Once made, a summary goes into every later request, not made again each step.
     assert len(with_summary) > summaries.count()

@@ -11,7 +11,9 @@ from tests.helpers import run_until_idle
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_the_task_page_shows_the_conversation_with_tokens_and_cost(chat, user, client, django_user_model):
+def test_the_task_page_shows_the_conversation_with_tokens_and_cost(
+    chat, user, client, django_user_model
+):
     chat.script = [
         {"tool_calls": [{"name": "calc", "arguments": {"expression": "6 * 7"}}]},
         {"content": "It is 42."},

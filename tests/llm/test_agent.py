@@ -91,9 +91,7 @@ def test_an_unknown_tool_or_bad_arguments_go_back_to_the_model_as_errors(chat, u
     ]
     task = finish(start(user, tools=["calc"]))
     assert task.status == "completed"
-    results = [
-        m.content for m in Message.objects.filter(task=task, role="tool").order_by("seq")
-    ]
+    results = [m.content for m in Message.objects.filter(task=task, role="tool").order_by("seq")]
     assert results[0].startswith("error: no tool 'shell'")
     assert "args.expr" in results[1]
 
@@ -111,8 +109,10 @@ def test_max_steps_ends_a_model_that_never_answers(chat, user):
     [
         ({"prompt": 5}, "input.prompt"),
         ({"prompt": "x", "tools": ["nope"]}, "input.tools[0]"),
-        ({"prompt": "x", "tools": ["calc"], "approve_tools": ["ledger.append"]},
-         "input.approve_tools[0]"),
+        (
+            {"prompt": "x", "tools": ["calc"], "approve_tools": ["ledger.append"]},
+            "input.approve_tools[0]",
+        ),
         ({"prompt": "x", "budget": {"tokens": "many"}}, "input.budget.tokens"),
         ({"prompt": "x", "on_budget": "ask"}, "input.on_budget"),
         ({"prompt": "x", "context": {"policy": "magic"}}, "input.context.policy"),

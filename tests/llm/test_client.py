@@ -21,9 +21,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def ask(config=None, **kwargs):
-    return chat_complete(
-        config=config or model_config(), messages=HELLO, transitions=[], **kwargs
-    )
+    return chat_complete(config=config or model_config(), messages=HELLO, transitions=[], **kwargs)
 
 
 def test_an_answer_comes_with_usage(chat):

@@ -30,9 +30,7 @@ def test_a_step_that_runs_again_reuses_the_recorded_response(chat, user):
     )
     checkpoint = Checkpoint.objects.get(task=task, step=0)
     lost_copy = get_agent("llm").step(
-        StepContext(
-            task_id=task.pk, step=1, attempt=1, input=task.input, state=checkpoint.state
-        )
+        StepContext(task_id=task.pk, step=1, attempt=1, input=task.input, state=checkpoint.state)
     )
     assert isinstance(lost_copy, CallTools)
     assert chat.count(task=task.pk, step=1) == 1
