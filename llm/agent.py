@@ -53,6 +53,7 @@ Writing your own::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -537,6 +538,13 @@ class _Step:
                     cost=record.cost,
                 )
         reply = reply_from_record(record)
+        if purpose == ModelCall.Purpose.REPLY and not record.usage_estimated:
+            # How the provider counts against the estimate, and how long its replies
+            # run: the next budget check uses both (see _over_budget).
+            self.state["calibration"] = {
+                "ratio": record.prompt_tokens / max(estimate_request_tokens(messages, tools), 1),
+                "completion": record.completion_tokens,
+            }
         self.state["usage"] = usage_add(
             self.state["usage"],
             prompt=record.prompt_tokens,
@@ -582,14 +590,24 @@ class _Step:
         return key
 
     def _over_budget(self, config: ModelConfig, calls: int, tokens: int) -> Outcome | None:
+        """Fail or suspend if the next call(s) would pass a budget. The call is counted
+        as ``tokens`` (the estimate of its prompt) scaled by how the provider counted the
+        last request against its estimate, plus as many completion tokens as the last
+        reply had: a bill can still pass the budget by what that guess misses."""
         budget = self.settings.budget.times(1 + self.state["budget_grants"])
+        completion = 0
+        calibration = self.state.get("calibration")
+        if calibration:
+            tokens = math.ceil(tokens * calibration["ratio"])
+            completion = calibration["completion"]
         reason = budget_check(
             budget=budget,
             usage=self.state["usage"],
             calls=calls,
-            tokens=tokens,
-            cost=config.cost(tokens, 0),
+            tokens=tokens + completion,
+            cost=config.cost(tokens, completion),
         )
+        tokens += completion
         awaiting = "budget"
         if reason is None and self.state.get("owner_grant_day") != _today():
             reason = owner_daily_check(owner_id=_owner_id(self.ctx.task_id), tokens=tokens)

@@ -127,3 +127,24 @@ def test_bad_input_is_refused_naming_the_field(chat, user, input, field):
         task_start(owner=user, agent="llm", input=input)
     assert refused.value.field == field
     assert not AgentTask.objects.exists()
+
+
+def test_a_token_budget_stops_the_call_that_would_pass_it(chat, user):
+    chat.script = [{"tool_calls": [{"name": "calc", "arguments": {"expression": "1"}}]}]
+    task = finish(start(user, tools=["calc"], budget={"tokens": 400}))
+    assert task.status == "failed"
+    assert task.error.startswith("budget_exceeded")
+    spent = sum(c.total_tokens for c in ModelCall.objects.filter(task=task))
+    # The server's prompts grow by the same amount each turn: the calibrated estimate
+    # stops the call that would pass the budget.
+    assert 0 < spent <= 400
+    assert chat.count(task=task.pk) == ModelCall.objects.filter(task=task).count() >= 2
+
+
+def test_a_cost_budget_counts_the_model_s_prices(chat, user, settings):
+    settings.LLM = {**settings.LLM, "MODELS": {"scripted": {"price": {"input": 1000, "output": 0}}}}
+    chat.script = [{"tool_calls": [{"name": "calc", "arguments": {"expression": "1"}}]}]
+    task = finish(start(user, tools=["calc"], budget={"cost": 0.5}))
+    assert task.status == "failed"
+    assert "cost" in task.error and task.error.startswith("budget_exceeded")
+    assert float(sum(c.cost for c in ModelCall.objects.filter(task=task))) <= 0.5
