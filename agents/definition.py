@@ -93,6 +93,14 @@ class Resumption:
 
 @dataclass(frozen=True)
 class StepContext:
+    """What a step knows: its task, its number, its attempt, the task's input, the state
+    of the last checkpoint, and what the last step caused (``tool_results``,
+    ``resumed``).
+
+    ``audit(type, payload)`` adds an event to the step's audit trail; the events are
+    written with the step's outcome, whatever it is (committed, retried or failed).
+    """
+
     task_id: UUID
     step: int
     attempt: int
@@ -100,6 +108,12 @@ class StepContext:
     state: State
     tool_results: tuple[ToolResult, ...] = ()
     resumed: Resumption | None = None
+    # The step's audit events as ``(type, payload)`` pairs; the engine passes its own list.
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
+
+    def audit(self, event_type: str, payload: dict[str, Any]) -> None:
+        """Record ``event_type`` with ``payload`` (JSON) in this step's audit trail."""
+        self.events.append((event_type, payload))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ It starts one Celery worker, runs a multi-step ``scripted`` agent (reasoning, a
 calculation, a manager's approval that the demo grants, a side effect recorded once,
 an answer), follows it live, and prints its audit timeline. Interrupt it at any point
 and run it again: it finds the unfinished task and resumes it from its last checkpoint.
+
+With ``llm=True`` (``bin/demo --llm``) it runs the built-in ``llm`` agent on the same
+refund instead: against the model server in ``AGENTS_LLM_BASE_URL`` if that is set,
+else against a small SCRIPTED chat-completions server the demo starts on loopback
+(``llm.testing.chat_server``; no language model is involved, and the output says so).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
@@ -24,6 +30,8 @@ from agents_project.worker_process import start_worker, stop_worker
 from audit.selectors import audit_events
 from audit.services import process_actor
 from audit.timeline import describe, render
+from llm.selectors import task_messages, task_usage
+from llm.testing.chat_server import ChatServer
 from tools.models import LedgerEntry
 
 SCRIPT = [
@@ -41,7 +49,63 @@ TIME_LIMIT = 60.0
 Out = Callable[[str], None]
 
 
-def demo_run(*, out: Out) -> AgentTask:
+LLM_INPUT = {
+    "system": "You handle refunds. Use calc for arithmetic and ledger.append to record a "
+    "refund; answer in one sentence when done.",
+    "prompt": "Customer 42 returns 3 items bought at 19.99 each, with 8% sales tax. "
+    "Refund them and record the refund under the key refund:customer-42.",
+    "tools": ["calc", "ledger.append"],
+    "approve_tools": ["ledger.append"],
+    "max_steps": 8,
+    "budget": {"tokens": 20000, "model_calls": 8},
+}
+
+
+def _scripted_model(body: dict[str, Any]) -> dict[str, Any]:
+    """The demo's stand-in for a model: the next move from what the conversation has."""
+    results = [m for m in body.get("messages", []) if m.get("role") == "tool"]
+    if not results:
+        return {"tool_calls": [{"name": "calc", "arguments": {"expression": "3 * 19.99 * 1.08"}}]}
+    if len(results) == 1:
+        amount = round(float(results[0]["content"]), 2)
+        return {
+            "content": f"The refund is {amount:.2f}; recording it.",
+            "tool_calls": [
+                {
+                    "name": "ledger.append",
+                    "arguments": {"key": "refund:customer-42", "value": amount},
+                }
+            ],
+        }
+    return {"content": "Refunded 64.77 to customer 42 and recorded it once."}
+
+
+def demo_run(*, out: Out, llm: bool = False) -> AgentTask:
+    if llm:
+        return _with_model_server(out)
+    return _demo(out, agent="scripted", input={"script": SCRIPT}, env={})
+
+
+def _with_model_server(out: Out) -> AgentTask:
+    if settings.LLM["BASE_URL"]:
+        model = settings.LLM["MODEL"]
+        out(f"LLM run against the model server at {settings.LLM['BASE_URL']} (model {model!r})")
+        return _demo(
+            out, agent="llm", input={**LLM_INPUT, **({"model": model} if model else {})}, env={}
+        )
+    server = ChatServer(responder=_scripted_model)
+    with server.running():
+        out(
+            "LLM run against a SCRIPTED chat-completions server on loopback "
+            f"({server.url}): its answers are canned, no language model is involved. Set "
+            "AGENTS_LLM_BASE_URL (and AGENTS_LLM_MODEL) to use a real one."
+        )
+        settings.LLM = {**settings.LLM, "BASE_URL": server.url, "MODEL": "scripted-demo"}
+        env = {"AGENTS_LLM_BASE_URL": server.url, "AGENTS_LLM_MODEL": "scripted-demo"}
+        return _demo(out, agent="llm", input=LLM_INPUT, env=env)
+
+
+def _demo(out: Out, *, agent: str, input: dict[str, Any], env: dict[str, str]) -> AgentTask:
     call_command("migrate", verbosity=0)
     owner = service_user("demo")
     manager = service_user("manager")
@@ -55,19 +119,19 @@ def demo_run(*, out: Out) -> AgentTask:
         # If the demo is killed, its worker dies too (SIGKILL: a crash, not a clean stop),
         # so the next run finds the task unfinished and resumes it.
         worker = start_worker(
-            env={"AGENTS_SCHEDULER_INTERVAL": "0.5"},
+            env={"AGENTS_SCHEDULER_INTERVAL": "0.5", **env},
             concurrency=1,
             hostname="demo@%h",
             output=log,
             parent_death_signal=signal.SIGKILL,
         )
         try:
-            task = _unfinished(owner)
+            task = _unfinished(owner, agent)
             if task is not None:
                 out(f"Resuming task {task.pk}, left {task.status} at step {task.current_step}")
                 stuck_tasks_republish(actor=process_actor("demo"), include_queued=True)
             else:
-                task, _ = task_start(owner=owner, agent="scripted", input={"script": SCRIPT})
+                task, _ = task_start(owner=owner, agent=agent, input=input)
                 out(f"Started task {task.pk}")
             task = _follow(task, manager, out)
         finally:
@@ -76,9 +140,9 @@ def demo_run(*, out: Out) -> AgentTask:
     return task
 
 
-def _unfinished(owner) -> AgentTask | None:
+def _unfinished(owner, agent: str) -> AgentTask | None:
     return (
-        AgentTask.objects.filter(owner=owner, status__in=ACTIVE_STATUSES)
+        AgentTask.objects.filter(owner=owner, agent_name=agent, status__in=ACTIVE_STATUSES)
         .order_by("created_at")
         .first()
     )
@@ -111,6 +175,21 @@ def _summary(task: AgentTask, out: Out) -> None:
     out(f"Result: {task.result!r}")
     out(f"Ledger rows written by this task: {ledger} (one per idempotency key)")
     out(f"Checkpoints: {task.checkpoints.count()}")
+    if task.agent_name == "llm":
+        usage = task_usage(task_id=task.pk)
+        out(
+            f"Model calls: {usage['model_calls']}, tokens: {usage['total_tokens']} "
+            f"({usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion)"
+        )
+        out("")
+        out("Conversation (GET /api/tasks/<id>/messages/ lists it):")
+        for message in task_messages(task_id=task.pk):
+            calls = ", ".join(
+                f"{c['function']['name']}({c['function']['arguments']})"
+                for c in message.tool_calls or ()
+            )
+            text = " ".join(message.content.split())[:160]
+            out(f"  {message.seq:>2} {message.role:<9} {text}{'  -> ' + calls if calls else ''}")
     out("")
     out("Timeline (python manage.py audit <task id> prints it again):")
     out(render(audit_events(task=task)))

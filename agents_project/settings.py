@@ -38,6 +38,7 @@ INSTALLED_APPS = [
     "agents",
     "tools",
     "audit",
+    "llm",
 ]
 
 MIDDLEWARE = [
@@ -212,6 +213,25 @@ if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
         "AGENTS_FAULT_INJECTION kills worker processes on purpose; it is refused unless "
         "AGENTS_ENVIRONMENT=test"
     )
+
+# --- LLM agents (llm/): the model server, per-model settings, budgets ------------------
+
+# AGENTS_LLM_MODELS is JSON, per model name: base_url, api_key_credential (the name of a
+# credential of the task's owner holding the key), context_window (tokens), price
+# {"input", "output"} per million tokens, timeout (s), rpm and tpm (requests and tokens
+# per minute, shared by every worker through Redis). See llm/client.py.
+LLM = {
+    "BASE_URL": env.str("AGENTS_LLM_BASE_URL", default=""),
+    "MODEL": env.str("AGENTS_LLM_MODEL", default=""),
+    "API_KEY": env.str("AGENTS_LLM_API_KEY", default=""),
+    "MODELS": env.json("AGENTS_LLM_MODELS", default={}),
+    # Tokens an owner's tasks may use per UTC day, together (0: no limit).
+    "OWNER_DAILY_TOKENS": env.int("AGENTS_LLM_OWNER_DAILY_TOKENS", default=0),
+    # Seconds a model request may take, unless the model's own "timeout" says otherwise.
+    "TIMEOUT": env.float("AGENTS_LLM_TIMEOUT", default=120.0),
+}
+if not isinstance(LLM["MODELS"], dict):
+    raise ImproperlyConfigured("AGENTS_LLM_MODELS must be a JSON object keyed by model name")
 
 # --- HTTP, static files, i18n ---------------------------------------------------------
 

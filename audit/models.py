@@ -35,6 +35,7 @@ class EventType(models.TextChoices):
     REPLAYED_FROM = "replayed_from"
     REPUBLISHED = "republished"
     BREAKER = "breaker"
+    MODEL_CALL = "model_call"
 
 
 class AuditEvent(models.Model):

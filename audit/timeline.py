@@ -32,6 +32,15 @@ def describe(event: AuditEvent) -> str:
         return f"{p.get('tool')} failed: {p.get('error')}"
     if t == EventType.STEP:
         return f"{p.get('outcome')} ({p.get('duration_ms')} ms)"
+    if t == "model_call":  # written by the llm app (llm.agent.MODEL_CALL)
+        usage = p.get("usage") or {}
+        reused = ", reused" if p.get("reused") else ""
+        calls = [c.get("function", {}).get("name") for c in p.get("tool_calls") or ()]
+        said = f"calls {', '.join(map(str, calls))}" if calls else _short(p.get("content", ""))
+        return (
+            f"{p.get('model')}: {usage.get('total_tokens')} tokens, {p.get('duration_ms')} ms"
+            f"{reused}, {p.get('finish_reason')}: {said}"
+        )
     if t == EventType.SUSPENDED:
         what = p.get("reason") or p.get("event") or p.get("wake_at")
         return f"waits for {p.get('kind')}: {_short(str(what))}"

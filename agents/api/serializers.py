@@ -15,6 +15,8 @@ from agents.validation import json_value_check
 from agents_project.errors import InvalidInput
 from audit.models import AuditEvent, DeadLetter
 from audit.timeline import describe
+from llm.api import UsageSerializer
+from llm.selectors import task_usage
 
 # Step numbers and sequence numbers are PostgreSQL integers: refuse what cannot be one.
 MAX_INT = 2**31 - 1
@@ -161,6 +163,9 @@ class TaskSerializer(serializers.ModelSerializer):
     error = serializers.SerializerMethodField(
         help_text="Why the task failed or was dead-lettered; empty otherwise."
     )
+    usage = serializers.SerializerMethodField(
+        help_text="Model calls of the task and their tokens and cost (llm.selectors)."
+    )
 
     class Meta:
         model = AgentTask
@@ -183,11 +188,16 @@ class TaskSerializer(serializers.ModelSerializer):
             "updated_at",
             "status_changed_at",
             "finished_at",
+            "usage",
         )
         read_only_fields: tuple[str, ...] = fields
 
     def get_error(self, task: AgentTask) -> str:
         return task_error_text(task)
+
+    @extend_schema_field(UsageSerializer)
+    def get_usage(self, task: AgentTask) -> dict[str, Any]:
+        return task_usage(task_id=task.pk)
 
 
 class WaitingOnSerializer(serializers.Serializer):
@@ -248,10 +258,11 @@ class TaskDetailSerializer(TaskSerializer):
 
 
 class TaskListItemSerializer(TaskSerializer):
-    """A task in a list: everything but its input, which may be large."""
+    """A task in a list: everything but its input, which may be large, and its usage
+    (a query per task)."""
 
     class Meta(TaskSerializer.Meta):
-        fields = tuple(f for f in TaskSerializer.Meta.fields if f != "input")
+        fields = tuple(f for f in TaskSerializer.Meta.fields if f not in ("input", "usage"))
         read_only_fields = fields
 
 

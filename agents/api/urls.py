@@ -7,6 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from agents.api.views import BreakerListView, DeadLetterViewSet, TaskViewSet, not_found
+from llm.api import TaskMessagesView
 
 router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
@@ -14,6 +15,7 @@ router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
 
 urlpatterns = [
     *router.urls,
+    path("tasks/<str:pk>/messages/", TaskMessagesView.as_view(), name="task-messages"),
     path("breakers/", BreakerListView.as_view(), name="api-breakers"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

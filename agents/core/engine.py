@@ -261,6 +261,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
             ToolResult(**r) for r in checkpoint.observations.get("tool_results", ())
         ),
         resumed=_resumption(task_id, step - 1, checkpoint),
+        events=events,
     )
     per_delivery, commit_every = checkpoint_policy(agent)
     done: list[_Done] = []
@@ -290,6 +291,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
             attempt=1,
             input=_task_input(task_id),
             state=record.state,
+            events=events,
         )
 
 

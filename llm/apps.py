@@ -1,0 +1,15 @@
+from importlib import import_module
+
+from django.apps import AppConfig
+
+
+class LlmConfig(AppConfig):
+    name = "llm"
+    verbose_name = "LLM agents"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # The built-in ``llm`` agent registers itself on import, like ``scripted``; the
+        # metrics are created at import so a scrape lists them before the first call.
+        import_module("llm.metrics")
+        import_module("llm.agent")

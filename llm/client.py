@@ -1,0 +1,352 @@
+"""The model client: one chat-completions request through the official ``openai`` SDK.
+
+Any OpenAI-compatible server works (vLLM, Ollama, llama.cpp, a hosted API): the SDK's
+``base_url`` points at it. Configuration (``settings.LLM``, from the environment):
+``AGENTS_LLM_BASE_URL``, ``AGENTS_LLM_MODEL`` (the default model), ``AGENTS_LLM_API_KEY``,
+and ``AGENTS_LLM_MODELS``, JSON keyed by model name, each optionally with::
+
+    {"base_url": "http://gpu-1:8000/v1",     # else AGENTS_LLM_BASE_URL
+     "api_key_credential": "openai",         # a credential of the task's owner
+     "context_window": 32768,                # tokens
+     "price": {"input": 0.15, "output": 0.60},  # per million tokens
+     "timeout": 60, "rpm": 500, "tpm": 200000}
+
+What provider trouble becomes (``agents.errors``; the SDK's own retries are off, the
+runtime decides):
+
+- 429, or 503 with ``Retry-After``: ``RetryLater`` after that many seconds, which does
+  not spend an attempt. A 429 without the header waits ``DEFAULT_RATE_LIMIT_WAIT``.
+- A timeout, a refused or broken connection, any other 5xx, a malformed answer:
+  ``RetryableError`` (an attempt), counted by the circuit breaker of the model's
+  endpoint (``llm:<host>:<port>``, the same breakers as tools, ``tools.breakers``);
+  while it is open, calls fail at once with ``CircuitOpen`` (a ``RetryLater``).
+- 400 "context too long": ``ContextTooLong`` (a ``PermanentError``), which the agent
+  turns into a smaller request when its context policy can make one.
+- Any other 4xx (a bad key, an unknown model): ``PermanentError``.
+
+Per-model rate limits (``rpm``, ``tpm``) are counted in Redis by every worker together
+(``limits``' sliding-window counters); a call that would pass one waits for it with
+``RetryLater``. Without Redis (the demo), each process counts alone.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+import openai
+import redis
+import structlog
+from django.conf import settings
+from limits import RateLimitItemPerMinute
+from limits.storage import storage_from_string
+from limits.strategies import SlidingWindowCounterRateLimiter
+
+from agents.errors import PermanentError, RetryableError, RetryLater
+from tools.breakers import Transition, breaker_call
+
+logger = structlog.get_logger(__name__)
+
+DEFAULT_RATE_LIMIT_WAIT = 5.0
+MAX_WAIT = 600.0
+MILLION = Decimal(1_000_000)
+# Error codes servers use for a request longer than the model's context window. vLLM
+# says so only in its message; that text is matched as a last resort.
+CONTEXT_CODES = {"context_length_exceeded", "string_above_max_length", "exceed_context_size_error"}
+CONTEXT_PHRASES = ("maximum context length", "context length", "context window", "too many tokens")
+
+
+class ContextTooLong(PermanentError):
+    """The server refused the request as longer than the model's context window."""
+
+
+class MalformedResponse(RetryableError):
+    """The server answered 2xx with something that is not a chat completion."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model's settings (see the module docstring)."""
+
+    name: str
+    base_url: str
+    api_key: str = ""
+    api_key_credential: str = ""
+    context_window: int | None = None
+    price_input: Decimal = Decimal(0)
+    price_output: Decimal = Decimal(0)
+    timeout: float = 120.0
+    rpm: int | None = None
+    tpm: int | None = None
+
+    @property
+    def breaker(self) -> str:
+        """The circuit breaker of this model's endpoint: ``llm:<host>:<port>``."""
+        parts = urlsplit(self.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"llm:{parts.hostname}:{port}"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """The price of a call, in the currency of ``price`` (per million tokens)."""
+        return (prompt_tokens * self.price_input + completion_tokens * self.price_output) / MILLION
+
+
+def model_config(name: str | None = None) -> ModelConfig:
+    """The settings of model ``name`` (default ``AGENTS_LLM_MODEL``).
+
+    Raises ``PermanentError`` when no model or no server is configured.
+    """
+    conf = settings.LLM
+    name = name or conf["MODEL"]
+    if not name:
+        raise PermanentError("no model: give input.model or set AGENTS_LLM_MODEL")
+    own = conf["MODELS"].get(name, {})
+    base_url = own.get("base_url") or conf["BASE_URL"]
+    if not base_url:
+        raise PermanentError(
+            f"no server for model {name!r}: set AGENTS_LLM_BASE_URL or its base_url in "
+            "AGENTS_LLM_MODELS"
+        )
+    price = own.get("price") or {}
+    return ModelConfig(
+        name=name,
+        base_url=base_url,
+        api_key=conf["API_KEY"],
+        api_key_credential=own.get("api_key_credential", ""),
+        context_window=own.get("context_window"),
+        price_input=Decimal(str(price.get("input", 0))),
+        price_output=Decimal(str(price.get("output", 0))),
+        timeout=float(own.get("timeout", conf["TIMEOUT"])),
+        rpm=own.get("rpm"),
+        tpm=own.get("tpm"),
+    )
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """A chat completion as the runtime uses it."""
+
+    response: dict[str, Any]
+    content: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    usage_estimated: bool
+    duration_ms: float
+
+
+def chat_complete(
+    *,
+    config: ModelConfig,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] = (),
+    api_key: str = "",
+    headers: dict[str, str] | None = None,
+    estimated_tokens: int = 0,
+    transitions: list[Transition],
+) -> ChatReply:
+    """Send one chat-completions request and return the reply.
+
+    ``estimated_tokens`` (the request's estimated prompt tokens) is what the rate
+    limiter counts first; the usage the server reports corrects it afterwards.
+    Breaker transitions this call causes are appended to ``transitions``. Raises the
+    errors listed in the module docstring.
+    """
+    rate_limit_acquire(config=config, tokens=estimated_tokens)
+    started = time.monotonic()
+    completion = breaker_call(
+        name=config.breaker,
+        func=lambda: _request(config, messages, tools, api_key, headers or {}),
+        trial_timeout=config.timeout,
+        transitions=transitions,
+    )
+    duration_ms = round((time.monotonic() - started) * 1000, 3)
+    reply = _reply(completion, duration_ms, estimated_tokens)
+    rate_limit_correct(config=config, estimated=estimated_tokens, used=reply.total_tokens)
+    return reply
+
+
+@lru_cache(maxsize=32)
+def _client(base_url: str, api_key: str, timeout: float) -> openai.OpenAI:
+    # One client (and connection pool) per server and key in each process. The SDK's
+    # retries are off: a retry here would be a second request the runtime cannot see.
+    return openai.OpenAI(
+        base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=0
+    )
+
+
+def _request(
+    config: ModelConfig,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]],
+    api_key: str,
+    headers: dict[str, str],
+) -> Any:
+    client = _client(config.base_url, api_key or config.api_key, config.timeout)
+    extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    try:
+        return client.chat.completions.create(
+            model=config.name,
+            messages=list(messages),  # type: ignore[arg-type]
+            extra_headers=headers,
+            **extra,
+        )
+    except openai.APITimeoutError as exc:
+        raise RetryableError(
+            f"model {config.name!r}: no answer within {config.timeout:g} s"
+        ) from exc
+    except openai.APIConnectionError as exc:
+        raise RetryableError(f"model {config.name!r}: connection failed: {exc}") from exc
+    except openai.APIStatusError as exc:
+        raise _status_error(config, exc) from exc
+    except ValueError as exc:  # the body was not JSON
+        raise MalformedResponse(f"model {config.name!r}: malformed answer: {exc}") from exc
+
+
+def _status_error(config: ModelConfig, exc: openai.APIStatusError) -> Exception:
+    status = exc.status_code
+    what = f"model {config.name!r}: HTTP {status}: {exc.message}"
+    wait = retry_after(exc.response.headers)
+    if status == 429:
+        return RetryLater(what, delay=wait if wait is not None else DEFAULT_RATE_LIMIT_WAIT)
+    if status == 503 and wait is not None:
+        return RetryLater(what, delay=wait)
+    if status >= 500:
+        return RetryableError(what)
+    if status == 400 and _context_too_long(exc):
+        return ContextTooLong(what)
+    return PermanentError(what)
+
+
+def _context_too_long(exc: openai.APIStatusError) -> bool:
+    if exc.code in CONTEXT_CODES or getattr(exc, "type", None) in CONTEXT_CODES:
+        return True
+    text = str(exc.message).lower()
+    return any(phrase in text for phrase in CONTEXT_PHRASES)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from a ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``
+    header, between 0 and ``MAX_WAIT``; None without one."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return min(max(float(raw_ms) / 1000, 0.0), MAX_WAIT)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_WAIT)
+
+
+def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatReply:
+    if isinstance(completion, str) or not getattr(completion, "choices", None):
+        raise MalformedResponse(f"malformed answer: {str(completion)[:200]!r}")
+    data = completion.model_dump(mode="json", exclude_unset=True)
+    choice = completion.choices[0]
+    message = choice.message
+    calls = []
+    for call in message.tool_calls or ():
+        function = getattr(call, "function", None)
+        if function is None:
+            continue
+        calls.append(
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": function.name, "arguments": function.arguments or "{}"},
+            }
+        )
+    content = message.content or ""
+    usage = completion.usage
+    if usage is not None and usage.prompt_tokens is not None:
+        prompt, completion_tokens = usage.prompt_tokens, usage.completion_tokens or 0
+        total = usage.total_tokens or prompt + completion_tokens
+        estimated = False
+    else:
+        prompt = estimated_tokens
+        completion_tokens = 4 + (len(content) + len(json.dumps(calls))) // 4
+        total, estimated = prompt + completion_tokens, True
+    return ChatReply(
+        response=data,
+        content=content,
+        tool_calls=calls,
+        finish_reason=choice.finish_reason or "",
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=total,
+        usage_estimated=estimated,
+        duration_ms=duration_ms,
+    )
+
+
+# --- Per-model rate limits, shared through Redis ------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _limiter(url: str) -> SlidingWindowCounterRateLimiter:
+    return SlidingWindowCounterRateLimiter(storage_from_string(url or "memory://"))
+
+
+def _limits(config: ModelConfig, tokens: int) -> list[tuple[Any, int]]:
+    items: list[tuple[Any, int]] = []
+    if config.rpm:
+        items.append((RateLimitItemPerMinute(config.rpm, namespace="agents-llm-rpm"), 1))
+    if config.tpm:
+        items.append((RateLimitItemPerMinute(config.tpm, namespace="agents-llm-tpm"), tokens))
+    return items
+
+
+def rate_limit_acquire(*, config: ModelConfig, tokens: int) -> None:
+    """Count one request of ``tokens`` against the model's limits, or raise
+    ``RetryLater`` until the window has room (``PermanentError`` if it never can)."""
+    items = _limits(config, tokens)
+    if not items:
+        return
+    if config.tpm and tokens > config.tpm:
+        raise PermanentError(
+            f"model {config.name!r}: a request of about {tokens} tokens can never fit its "
+            f"limit of {config.tpm} tokens per minute"
+        )
+    try:
+        limiter = _limiter(settings.REDIS_URL)
+        for item, cost in items:
+            if not limiter.test(item, config.name, cost=cost):
+                stats = limiter.get_window_stats(item, config.name)
+                delay = min(max(stats.reset_time - time.time(), 0.5), 60.0)
+                raise RetryLater(
+                    f"model {config.name!r}: rate limit {item} reached; waiting", delay=delay
+                )
+        for item, cost in items:
+            limiter.hit(item, config.name, cost=cost)
+    except redis.RedisError as exc:
+        logger.warning("rate limit unavailable; calling unlimited", error=repr(exc))
+
+
+def rate_limit_correct(*, config: ModelConfig, estimated: int, used: int) -> None:
+    """Count the tokens a call used beyond its estimate."""
+    if not config.tpm or used <= estimated:
+        return
+    item = RateLimitItemPerMinute(config.tpm, namespace="agents-llm-tpm")
+    try:
+        _limiter(settings.REDIS_URL).hit(item, config.name, cost=used - estimated)
+    except redis.RedisError as exc:
+        logger.warning("rate limit unavailable", error=repr(exc))

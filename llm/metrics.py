@@ -1,0 +1,56 @@
+"""Prometheus metrics of model calls, observed in the worker that makes them.
+
+Registered like ``agents_project.metrics``' step metrics (the default registry, so
+prometheus-client's multiprocess mode collects them from pool processes through
+``PROMETHEUS_MULTIPROC_DIR``), and served with them on ``/metrics`` and
+``AGENTS_METRICS_PORT``:
+
+- ``agents_llm_tokens_total{agent,model,kind}``: tokens billed, ``kind`` ``prompt`` or
+  ``completion``;
+- ``agents_llm_request_duration_seconds{model}``: time of each request to a model;
+- ``agents_llm_cost_total{model}``: the calls' cost, in the currency of the prices in
+  ``AGENTS_LLM_MODELS``.
+
+A reused (recorded) response is not a request and is not counted again.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import structlog
+from prometheus_client import Counter, Histogram
+
+logger = structlog.get_logger(__name__)
+
+TOKENS = Counter(
+    "agents_llm_tokens",
+    "Tokens billed by model servers, by agent, model and kind (prompt, completion).",
+    ["agent", "model", "kind"],
+)
+REQUEST_DURATION = Histogram(
+    "agents_llm_request_duration_seconds",
+    "Time a chat-completions request took, by model.",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
+)
+COST = Counter("agents_llm_cost", "Cost of model calls, by model.", ["model"])
+
+
+def model_call_observed(
+    *,
+    agent: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    duration_ms: float,
+    cost: Decimal,
+) -> None:
+    """A model answered (not a reused response)."""
+    try:
+        TOKENS.labels(agent=agent, model=model, kind="prompt").inc(prompt_tokens)
+        TOKENS.labels(agent=agent, model=model, kind="completion").inc(completion_tokens)
+        REQUEST_DURATION.labels(model=model).observe(duration_ms / 1000)
+        COST.labels(model=model).inc(float(cost))
+    except Exception as exc:  # a metric must never fail a step
+        logger.warning("model call metric not recorded", error=repr(exc))

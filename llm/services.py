@@ -1,0 +1,84 @@
+"""Writing the LLM layer: a model call's record, a step's new messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+from django.db import IntegrityError, transaction
+
+from llm.client import ChatReply, ModelConfig
+from llm.context import ChatMessage
+from llm.models import Message, ModelCall
+
+
+def model_call_record(
+    *,
+    task_id: UUID,
+    owner_id: int,
+    step: int,
+    key: str,
+    purpose: str,
+    config: ModelConfig,
+    reply: ChatReply,
+) -> tuple[ModelCall, bool]:
+    """Store ``reply`` under ``key`` in its own short transaction, at once.
+
+    Returns ``(record, created)``. If another copy of the step recorded this key first,
+    that record is returned (``created`` False) and this reply is discarded: every
+    copy then acts on the same response.
+    """
+    try:
+        with transaction.atomic():
+            record = ModelCall.objects.create(
+                task_id=task_id,
+                owner_id=owner_id,
+                step=step,
+                key=key,
+                purpose=purpose,
+                model=config.name,
+                endpoint=config.base_url,
+                response=reply.response,
+                finish_reason=reply.finish_reason,
+                prompt_tokens=reply.prompt_tokens,
+                completion_tokens=reply.completion_tokens,
+                total_tokens=reply.total_tokens,
+                usage_estimated=reply.usage_estimated,
+                cost=config.cost(reply.prompt_tokens, reply.completion_tokens),
+                duration_ms=reply.duration_ms,
+            )
+    except IntegrityError:
+        return ModelCall.objects.get(key=key), False
+    return record, True
+
+
+def messages_append(
+    *, task_id: UUID, step: int, first_seq: int, messages: Sequence[ChatMessage]
+) -> None:
+    """Store a step's new messages as ``first_seq, first_seq + 1, ...``.
+
+    Safe to run again: a step that runs twice adds the same messages under the same
+    numbers (its model response is the recorded one), and rows already there are kept.
+    """
+    if not messages:
+        return
+    Message.objects.bulk_create(
+        [
+            Message(
+                task_id=task_id,
+                seq=first_seq + offset,
+                step=step,
+                role=m.role,
+                content=m.content,
+                tool_calls=m.tool_calls,
+                tool_call_id=m.tool_call_id,
+                name=m.name,
+                pinned=m.pinned,
+                subtask=m.subtask,
+                tokens=m.tokens,
+                model_call_id=m.model_call_id,
+            )
+            for offset, m in enumerate(messages)
+        ],
+        ignore_conflicts=True,
+    )
