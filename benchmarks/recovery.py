@@ -92,7 +92,7 @@ def stamp(when: datetime) -> float:
 
 COPY_LOG = LOGS / "recovery-copies.log"
 # Long enough for a second worker to start on a busy machine before the kill.
-LONG_STEP = [{"think": "a"}, {"sleep": 10}, {"final": "done"}]
+LONG_STEP: list[dict] = [{"think": "a"}, {"sleep": 10}, {"final": "done"}]
 
 
 def copy_starts(task: AgentTask, step: int) -> list[tuple[int, float]]:

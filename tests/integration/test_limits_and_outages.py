@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -148,13 +150,17 @@ def test_three_graceful_deploys_during_one_healthy_step(workers, user, recorded,
         owner=user, agent="recorded", input={"script": [{"sleep": 8}, {"final": "ok"}]}
     )
     wait_until(lambda: len(starts(copy_log, task.pk, 1)) == 1, timeout=60)
+
+    def started(copies: int) -> bool:
+        return len(starts(copy_log, task.pk, 1)) == copies
+
     for deploy in range(1, 4):
         # A deploy: the new worker is ready, then the one running the step gets SIGTERM.
         workers.start(concurrency=1, **env)
-        wait_until(lambda d=deploy: ready(workers, d), timeout=60)
+        wait_until(partial(ready, workers, deploy), timeout=60)
         workers.processes[deploy - 1].send_signal(signal.SIGTERM)
         workers.processes[deploy - 1].wait(timeout=60)
-        wait_until(lambda d=deploy: len(starts(copy_log, task.pk, 1)) == d + 1, timeout=60)
+        wait_until(partial(started, deploy + 1), timeout=60)
     wait_until(lambda: status(task.pk) == TaskStatus.COMPLETED, timeout=60)
     pids = starts(copy_log, task.pk, 1)
     assert len(pids) == 4 and len(set(pids)) == 4, pids
@@ -274,7 +280,9 @@ def test_a_database_outage_longer_than_patience_gives_the_message_back(workers):
             try:
                 url = pg.url.replace("postgres://", "postgresql://")
                 with psycopg.connect(url, connect_timeout=2) as db:
-                    return db.execute(sql).fetchone()[0]
+                    row = db.execute(sql).fetchone()
+                    assert row is not None
+                    return row[0]
             except psycopg.OperationalError:
                 return -1
 
@@ -374,7 +382,7 @@ def test_rabbitmqs_delivery_limit_becomes_a_dead_letter_row_and_requeues(workers
         )
         [task_id] = scenario.run(env, "create", "1").split()
         wait_until(lambda: status(task_id) == TaskStatus.DEAD_LETTERED, timeout=120)
-        letter = DeadLetter.objects.get(task_id=task_id)
+        letter = DeadLetter.objects.get(task_id=UUID(task_id))
         assert letter.reason == DeadLetter.Reason.DELIVERY_LIMIT
         assert letter.step == 2
         # The worker's own count never reached its limit: RabbitMQ's did.
