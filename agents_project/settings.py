@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "tools",
     "audit",
     "llm",
+    "evals",
 ]
 
 MIDDLEWARE = [
