@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from agents.core import dispatch
 from agents.core.engine import step_execute
+from agents.core.versions import local_intake
 from agents.definition import get_agent
 from agents.models import AgentTask, Checkpoint
 from agents.services import service_user, task_start
@@ -130,7 +131,8 @@ def evaluation_run(
         )
     owner = service_user(OWNER)
     results = []
-    with chat_transport(recording), _replay_model_settings(recording):
+    # The tasks run on this process's code, so they are pinned to its version.
+    with chat_transport(recording), _replay_model_settings(recording), local_intake():
         for case in cases:
             recording.case = case.id
             results.append(_case_run(case, agent, owner, override, case_timeout))

@@ -171,7 +171,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
                AND (t.deadline IS NULL OR t.deadline > %(now)s)
          RETURNING t.fence, t.owner_id, t.agent_name, t.status, t.attempt, t.worker_losses,
-                   t.deadline, t.in_flight,
+                   t.deadline, t.in_flight, t.agent_version,
                    (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
                       FROM {checkpoint_table} AS c
                      WHERE c.task_id = t.id AND c.step = %(step)s - 1)
@@ -187,11 +187,12 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, saved = row
+    fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, version, saved = row
     task = AgentTask(
         id=task_id,
         owner_id=owner_id,
         agent_name=agent_name,
+        agent_version=version,
         status=status,
         current_step=step,
         attempt=attempt,
