@@ -55,7 +55,8 @@ class Command(BaseCommand):
                 if row["compatible_workers"]
                 else ""
             )
-            if not workers and not row["compatible_workers"] and row["tasks"]:
+            active = any(row["tasks"].get(s) for s in ("pending", "running", "suspended"))
+            if not workers and not row["compatible_workers"] and active:
                 served += "  NO LIVE WORKER: its steps wait"
             intake = "held" if row["held"] else f"{row['intake_percent']:g}%"
             table.append((row["agent"], row["version"], intake, tasks, served))
