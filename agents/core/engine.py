@@ -232,10 +232,11 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
     task_id = task.pk
     if checkpoint is None:
         raise PermanentError(f"task {task_id} has no checkpoint {step - 1}")
-    # Checkpoint 0 is the agent's ``initial_state`` of the input, computed by the process
-    # that accepted the task: code of an older schema pinned to the task computes its own.
-    fresh = checkpoint.step == 0 and checkpoint.schema_version > agent.state_version
-    if checkpoint.schema_version > agent.state_version and not fresh:
+    # Checkpoint 0 of schema version 0: the process that accepted the task runs another
+    # version of the agent than the task's (``agents.core.versions``), so the worker of
+    # the task's version computes the ``initial_state`` of the input itself.
+    fresh = checkpoint.step == 0 and checkpoint.schema_version == 0
+    if checkpoint.schema_version > agent.state_version:
         step_refuse(
             task_id=task_id,
             step=step,

@@ -16,6 +16,7 @@ from agents.core.versions import (
     worker_versions_withdraw,
 )
 from agents.definition import _REGISTRY, Agent, Continue, Finish, StepContext, register
+from agents.diagnosis import task_diagnosis
 from agents.models import AgentTask
 from agents.services import task_start
 from audit.models import AuditEvent
@@ -76,6 +77,8 @@ def test_a_step_of_another_version_is_refused_parked_and_swept_only_by_its_versi
     reason = AuditEvent.objects.get(task=task, type="schema_refused").payload["reason"]
     assert "runs pinned version 1.9; this worker serves version 1.10" in reason
     assert not stuck_tasks().filter(pk=task.pk).exists(), "1.10 never republishes it"
+    waiting = task_diagnosis(row)["waiting_on"]
+    assert waiting["detail"] == "step 2 waits for a worker running pinned version 1.9"
     deploy(PinnedV1)
     assert stuck_tasks().filter(pk=task.pk).exists()
     assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED

@@ -16,7 +16,7 @@ from django.core.management import call_command
 
 from agents.core.versions import intake_shares, live_workers
 from agents.definition import _REGISTRY, register
-from agents.models import AgentTask, TaskStatus
+from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.scheduling import task_signal
 from agents.services import service_user, task_start
 from audit.models import AuditEvent
@@ -150,9 +150,10 @@ def test_tasks_finish_on_their_version_through_a_deploy_a_ramp_and_a_rollback(
                 )
     for task in everything:
         assert versions_ran(task) == {AgentTask.objects.get(pk=task.pk).agent_version}
-    # Checkpoint 0 of the version-1 tasks was written by version 2's code (schema 2):
-    # version 1 computed its own initial state rather than refuse the step.
+    # The version-1 tasks were accepted by version 2's code: their checkpoint 0 was left
+    # for version 1 to compute (schema 0), which it did rather than refuse the step.
     assert all(versions_ran(t) == {"1"} for t in after)
+    assert {c.schema_version for c in Checkpoint.objects.filter(task__in=after, step=0)} == {0}
     listing = StringIO()
     call_command("versions", "deployed", stdout=listing)
     assert "held" in listing.getvalue()
