@@ -51,10 +51,21 @@ class AuditBatch:
     commit or vanish together with the change they describe.
     """
 
-    def __init__(self, task: AgentTask, *, actor: str, secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        task: AgentTask,
+        *,
+        actor: str,
+        secrets: Iterable[str] = (),
+        head: tuple[int, str] | None = None,
+    ) -> None:
+        """``head``: ``(seq, hash)`` of the task's last event, when the caller already
+        read it; used only if ``seq`` is still ``task.audit_seq`` at ``flush``, which
+        then needs no query for the hash the chain continues from."""
         self.task = task
         self.actor = actor
         self.secrets = tuple(secrets)
+        self.head = head
         self._events: list[AuditEvent] = []
 
     def add(
@@ -91,7 +102,10 @@ class AuditBatch:
         now = timezone.now()
         # Each event is chained to the one before it in its task (audit.integrity); the
         # row lock the caller holds keeps the chain linear.
-        prev_hash = _last_hash(self.task)
+        if self.head is not None and self.head[0] == self.task.audit_seq:
+            prev_hash = self.head[1]
+        else:
+            prev_hash = _last_hash(self.task)
         for offset, event in enumerate(self._events, start=1):
             event.seq = self.task.audit_seq + offset
             event.created_at = now

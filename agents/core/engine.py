@@ -264,6 +264,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
         events=events,
     )
     per_delivery, commit_every = checkpoint_policy(agent)
+    heads = [claim.audit_head]  # the chain head the claim read: good for the first commit
     done: list[_Done] = []
     while True:
         try:
@@ -279,7 +280,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
             return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
         done.append(record)
         if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
-            return _commit(task_id, fence, agent, done, hand_on=True)
+            return _commit(task_id, fence, agent, done, hand_on=True, audit_head=heads.pop())
         if len(done) >= commit_every:
             if _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
                 return StepResult.STALE
@@ -298,7 +299,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
 def _commit_part(task: AgentTask, fence: int, agent: Agent, done: list[_Done]) -> StepResult:
     """Commit some steps of a delivery that goes on (keeping its lease and message), and
     note on ``task`` where it now is, for a failure recorded later."""
-    result = _commit(task.pk, fence, agent, done, hand_on=False)
+    result = _commit(task.pk, fence, agent, done, hand_on=False, audit_head=None)
     if result == StepResult.COMMITTED:
         task.current_step = done[-1].step + 1
     return result
@@ -478,7 +479,13 @@ def _resumption(task_id: UUID, step: int, checkpoint: Checkpoint) -> Resumption 
 
 
 def _commit(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    audit_head: tuple[int, str] | None,
 ) -> StepResult:
     """Write the checkpoints and audit events of ``done`` (consecutive steps, all but the
     last a ``Continue``) in one transaction, fenced, and advance the task past them.
@@ -486,13 +493,15 @@ def _commit(
     ``hand_on``: this delivery ends here, so release the lease and publish the next step
     (inside the transaction). Otherwise the delivery goes on (a batch of steps, or a
     failure of the next step to record) and keeps its lease and its message.
-    Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if the lease was lost.
+    ``audit_head``: the task's last audit event as the claim read it (see
+    ``AuditBatch``). Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if
+    the lease was lost.
     """
     last = done[-1].outcome
     if connection.vendor == "postgresql" and (
         not hand_on or isinstance(last, Continue | CallTools)
     ):
-        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on)
+        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on, head=audit_head)
         if result is not None:
             return result
     return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
@@ -537,7 +546,13 @@ def _committed(agent: Agent, done: list[_Done]) -> StepResult:
 
 
 def _commit_advance(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    head: tuple[int, str] | None,
 ) -> StepResult | None:
     """The hot path (PostgreSQL, the task only moves on): one fenced ``UPDATE ...
     RETURNING`` advances the task and reserves the audit sequence numbers, then one
@@ -586,7 +601,7 @@ def _commit_advance(
             audit_seq=audit_seq - events,
             deadline=deadline,
         )
-        audit = AuditBatch(task, actor=_actor())
+        audit = AuditBatch(task, actor=_actor(), head=head)
         _checkpoints_and_events(task, agent, done, audit)
         audit.flush()
         fault_point("before_commit", step=done[-1].step)

@@ -53,6 +53,7 @@ from django.db.models.functions import Greatest
 from agents.core import clock
 from agents.models import AgentTask, Checkpoint
 from agents.state_machine import RUNNABLE
+from audit.models import AuditEvent
 
 logger = structlog.get_logger(__name__)
 
@@ -97,6 +98,9 @@ class Claim:
     checkpoint: Checkpoint | None = None
     fence: int = 0
     took_over: bool = False
+    # (seq, hash) of the task's last audit event when the claim read it, so the step's
+    # commit continues the hash chain without reading it again (``AuditBatch``).
+    audit_head: tuple[int, str] | None = None
 
 
 def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
@@ -159,6 +163,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
     now = clock.now()
     task_table = AgentTask._meta.db_table
     checkpoint_table = Checkpoint._meta.db_table
+    audit_table = AuditEvent._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
@@ -171,10 +176,12 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
                AND (t.deadline IS NULL OR t.deadline > %(now)s)
          RETURNING t.fence, t.owner_id, t.agent_name, t.status, t.attempt, t.worker_losses,
-                   t.deadline, t.in_flight,
+                   t.deadline, t.in_flight, t.audit_seq,
                    (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
                       FROM {checkpoint_table} AS c
-                     WHERE c.task_id = t.id AND c.step = %(step)s - 1)
+                     WHERE c.task_id = t.id AND c.step = %(step)s - 1),
+                   (SELECT a.hash FROM {audit_table} AS a
+                     WHERE a.task_id = t.id AND a.seq = t.audit_seq)
             """,
             {
                 "id": task_id,
@@ -187,7 +194,10 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, saved = row
+    (fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, seq, saved) = row[
+        :10
+    ]
+    audit_head = (seq, row[10] or "") if row[10] is not None or seq == 0 else None
     task = AgentTask(
         id=task_id,
         owner_id=owner_id,
@@ -214,7 +224,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
             observations=observations,
             schema_version=schema_version,
         )
-    return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over=False)
+    return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over=False, audit_head=audit_head)
 
 
 def _read(task_id: UUID, step: int, *, confirm: bool) -> tuple[AgentTask | None, Checkpoint | None]:
