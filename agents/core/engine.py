@@ -57,6 +57,7 @@ from agents.core.leases import (
     lease_claim,
     lease_held,
     lease_owner_name,
+    lease_release_later,
     lease_release_values,
 )
 from agents.core.results import StepResult
@@ -157,6 +158,9 @@ def step_execute(
                 # owns its lease under ``owner`` and takes it back.
                 if waited >= settings.AGENTS["DATABASE_PATIENCE"]:
                     logger.error("database unavailable too long; message given back")
+                    # Its redelivery must not be taken for a death: release the lease
+                    # as soon as the database answers again.
+                    lease_release_later(task_id=task_id, owner=owner)
                     return StepResult.REQUEUE
                 logger.warning("database unavailable; the step waits", error=repr(exc))
                 with contextlib.suppress(*DATABASE_ERRORS):

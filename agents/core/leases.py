@@ -326,19 +326,30 @@ def leases_hand_back(*, node: str) -> int:
 
 
 class _Heartbeat:
-    """One thread per process renewing the lease of the step this process runs."""
+    """One thread per process renewing the lease of the step this process runs, and
+    releasing the leases of steps whose message it gave back during a database outage
+    (once the database answers again), so their redelivery is not taken for a death."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: tuple[UUID, int, str] | None = None
+        self._to_release: set[tuple[UUID, str]] = set()
         self._wake = threading.Event()
         self._pid = 0
         self.lost = False
+
+    def release_later(self, task_id: UUID, owner: str) -> None:
+        with self._lock:
+            self._to_release.add((task_id, owner))
+        self._start()
 
     def hold(self, task_id: UUID, fence: int, owner: str) -> None:
         with self._lock:
             self._held = (task_id, fence, owner)
             self.lost = False
+        self._start()
+
+    def _start(self) -> None:
         if self._pid != os.getpid():
             # First use in this process (pool children are forked): start the thread.
             self._pid = os.getpid()
@@ -353,6 +364,9 @@ class _Heartbeat:
             self._wake.wait(lease_ttl() / 6)
             with self._lock:
                 held = self._held
+                to_release = set(self._to_release)
+            if to_release:
+                self._release(to_release)
             if held is None:
                 # Hold no connection while idle (most steps end before the first beat).
                 connection.close()
@@ -378,8 +392,28 @@ class _Heartbeat:
                     task_id=str(held[0]),
                 )
 
+    def _release(self, leases: set[tuple[UUID, str]]) -> None:
+        for task_id, owner in leases:
+            try:
+                # The owner names one delivery: a lease taken over since is not touched.
+                AgentTask.objects.filter(pk=task_id, lease_owner=owner).update(
+                    lease_owner="", lease_expires_at=None
+                )
+            except Exception:  # still away: try again next beat
+                with contextlib.suppress(Exception):
+                    connection.close()
+                return
+            with self._lock:
+                self._to_release.discard((task_id, owner))
+
 
 _heartbeat = _Heartbeat()
+
+
+def lease_release_later(*, task_id: UUID, owner: str) -> None:
+    """Release ``owner``'s lease as soon as the database answers: for a delivery that
+    gave its message back because the database stayed away."""
+    _heartbeat.release_later(task_id, owner)
 
 
 @contextlib.contextmanager
