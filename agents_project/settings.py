@@ -91,6 +91,13 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=600)
     # A reused connection is checked before use, so a worker survives a database restart.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Parameters bound by the server, so psycopg prepares the statements a worker sends
+    # on every step (after five uses) and PostgreSQL stops parsing and planning them
+    # (Django's PostgreSQL notes, "Server-side parameters binding"; psycopg's
+    # prepare_threshold).
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = env.bool(
+        "DB_SERVER_SIDE_BINDING", default=True
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
