@@ -34,12 +34,16 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_prometheus",
     "agents",
     "tools",
     "audit",
 ]
 
 MIDDLEWARE = [
+    # HTTP metrics (django_http_*): the first and the last middleware, to time them all.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the API docs' static files from the web process itself
     # (after collectstatic), so a deployment needs no separate file server.
@@ -50,6 +54,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "agents_project.urls"
@@ -256,10 +261,11 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "agents.api.schema.add_common_error_responses",
     ],
-    # Swagger UI's assets come from this URL (a CDN by default; self-host on closed networks).
-    "SWAGGER_UI_DIST": env.str(
-        "SWAGGER_UI_DIST", default="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
-    ),
+    # Swagger UI's assets are served by this deployment (drf-spectacular-sidecar, through
+    # WhiteNoise): the page works on a closed network, and loads nothing from elsewhere.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 # A request body larger than this is refused (413) before it is parsed. It leaves room
 # for an input near AGENTS_MAX_INPUT_BYTES sent with \u escapes, so that such an input
@@ -278,5 +284,10 @@ if REDIS_URL:
     }
 # Worker processes serve their step metrics on this port (0: off); see metrics.py.
 METRICS_PORT = env.int("AGENTS_METRICS_PORT", default=0)
+# Each scrape-time source (database, broker, breakers) answers within this many seconds
+# or is reported down (agents_metrics_source_up 0); keep it below the scrape timeout.
+METRICS_SOURCE_TIMEOUT = env.float("AGENTS_METRICS_SOURCE_TIMEOUT", default=2.0)
+# django-prometheus: no migration gauges (they would query the database at start-up).
+PROMETHEUS_EXPORT_MIGRATIONS = False
 # When set, GET /metrics needs "Authorization: Bearer <token>".
 METRICS_TOKEN = env.str("AGENTS_METRICS_TOKEN", default="")
