@@ -312,7 +312,14 @@ def _queue_metrics() -> Iterable[Metric]:
         "Consumers (worker processes) attached to the broker queue.",
         labels=["queue", "role"],
     )
+    limit = GaugeMetricFamily(
+        "agents_queue_max_messages",
+        "Ready messages the work queue takes before publishes are refused "
+        "(AGENTS_QUEUE_MAX_LENGTH): task creation then answers 503.",
+        labels=["queue"],
+    )
     queues = [("work", settings.CELERY_TASK_QUEUES[0])]
+    limit.add_metric([queues[0][1].name], settings.AGENTS["QUEUE_MAX_LENGTH"])
     if settings.BROKER_IS_AMQP:
         queues.append(("dead_letter", dead_letter_queue(settings.AGENTS)))
     timeout = settings.METRICS_SOURCE_TIMEOUT
@@ -328,7 +335,7 @@ def _queue_metrics() -> Iterable[Metric]:
                 channel.close()
             messages.add_metric([queue.name, role], ready)
             consumers.add_metric([queue.name, role], attached)
-    return [messages, consumers]
+    return [messages, consumers, limit]
 
 
 def _breaker_metrics() -> Iterable[Metric]:

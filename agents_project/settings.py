@@ -129,6 +129,9 @@ else:
 # --- Redis (shared fast state: circuit breakers, rate counters) -----------------------
 
 REDIS_URL = env.str("REDIS_URL", default="")
+# Every key this deployment writes in Redis starts with this (breakers, throttle
+# counters), so that two deployments or test runs can share one Redis database.
+REDIS_KEY_PREFIX = env.str("AGENTS_REDIS_KEY_PREFIX", default="agents")
 
 # --- The runtime ------------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "agents",
+            "KEY_PREFIX": REDIS_KEY_PREFIX,
         }
     }
 # Worker processes serve their step metrics on this port (0: off); see metrics.py.
