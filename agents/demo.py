@@ -4,13 +4,19 @@ It starts one Celery worker, runs a multi-step ``scripted`` agent (reasoning, a
 calculation, a manager's approval that the demo grants, a side effect recorded once,
 an answer), follows it live, and prints its audit timeline. Interrupt it at any point
 and run it again: it finds the unfinished task and resumes it from its last checkpoint.
+
+Its output is the story of the task only: the demo process's own log lines go to
+``var/demo.log`` (the worker's to ``var/demo-worker.log``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
@@ -42,6 +48,32 @@ Out = Callable[[str], None]
 
 
 def demo_run(*, out: Out) -> AgentTask:
+    """Run (or resume) the demo task to its end, narrating it through ``out``.
+
+    ``KeyboardInterrupt`` propagates once the worker is stopped; the task is left where
+    it was, and the next run resumes it.
+    """
+    with _logs_to(settings.VAR_DIR / "demo.log"):
+        return _run(out)
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """Send this process's log records to ``path`` instead of the terminal."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = logging.FileHandler(path)
+    if saved and saved[0].formatter is not None:
+        handler.setFormatter(saved[0].formatter)
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
+
+
+def _run(out: Out) -> AgentTask:
     call_command("migrate", verbosity=0)
     owner = service_user("demo")
     manager = service_user("manager")
@@ -50,7 +82,8 @@ def demo_run(*, out: Out) -> AgentTask:
         manager.save(update_fields=["is_staff"])
     log_path = settings.VAR_DIR / "demo-worker.log"
     out(f"Database {settings.DATABASES['default']['NAME']}, broker {settings.CELERY_BROKER_URL}")
-    out(f"Starting a worker process (its log: {log_path})")
+    own_log = log_path.parent / "demo.log"
+    out(f"Starting a worker process (its log: {log_path}; the demo's own: {own_log})")
     with open(log_path, "ab") as log:
         # If the demo is killed, its worker dies too (SIGKILL: a crash, not a clean stop),
         # so the next run finds the task unfinished and resumes it.

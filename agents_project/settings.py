@@ -112,7 +112,10 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+# Workers wait for the broker, at start and after losing it, however long it takes
+# (Celery's default gives up after 100 attempts and the worker exits).
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # How long the worker waits for the result of a pool process that died before declaring
 # it lost and giving its message back. Steps publish no results, so waiting the default

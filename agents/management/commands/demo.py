@@ -14,6 +14,14 @@ class Command(BaseCommand):
     help = "Run a multi-step agent on a real worker with an embedded broker; print its timeline."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        task = demo_run(out=self.stdout.write)
+        try:
+            task = demo_run(out=self.stdout.write)
+        except KeyboardInterrupt:
+            self.stdout.write("")
+            self.stdout.write(
+                "Interrupted. The task stays where it was: run the demo again and it "
+                "resumes from its last checkpoint."
+            )
+            raise SystemExit(130) from None
         if task.status != TaskStatus.COMPLETED:
             raise SystemExit(1)
