@@ -167,6 +167,9 @@ AGENTS = {
     # messages go back to the queue; see agents_project/celery.py). Keep Kubernetes'
     # terminationGracePeriodSeconds above it.
     "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
+    # suggest_timeouts --apply stores nothing for an agent with fewer samples than this
+    # (finished steps for the step limit, finished tasks for the task deadline).
+    "LEARN_MIN_SAMPLES": env.int("AGENTS_LEARN_MIN_SAMPLES", default=50),
     # Largest accepted task input, in bytes of JSON.
     "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
     # Python modules that define (register) agents, imported at start-up.
