@@ -113,6 +113,7 @@ class AuditBatch:
             prev_hash = event.hash
         AuditEvent.objects.bulk_create(self._events)
         self.task.audit_seq += len(self._events)
+        _count_when_committed(self.task.agent_name, self._events)
         self._events = []
 
 
@@ -148,3 +149,27 @@ def audit_verify(*, task_ids: Iterable[Any] | None = None) -> VerifyReport:
     return VerifyReport(
         tasks=count, verified=verified, unverifiable=unverifiable.count(), breaks=breaks
     )
+
+
+def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
+    """The task counters (``agents_tasks_created_total``, ``agents_tasks_finished_total``)
+    follow the trail: a ``created`` event, a ``transition`` into a finishing status. They
+    are counted once the transaction commits, so a rolled-back change counts nothing."""
+    from agents_project import metrics
+
+    created = sum(1 for event in events if event.type == EventType.CREATED)
+    finished = [
+        str(event.payload.get("to"))
+        for event in events
+        if event.type == EventType.TRANSITION and event.payload.get("to") in metrics.FINISHED
+    ]
+    if not created and not finished:
+        return
+
+    def count() -> None:
+        for _ in range(created):
+            metrics.task_created(agent=agent)
+        for status in finished:
+            metrics.task_finished(agent=agent, status=status)
+
+    transaction.on_commit(count)

@@ -77,9 +77,9 @@ CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 
-PREFIX = "agents:breaker"
+PREFIX = f"{settings.REDIS_KEY_PREFIX}:breaker"  # AGENTS_REDIS_KEY_PREFIX
 # Every breaker name any process has used, so that listings see per-host breakers too.
-NAMES_KEY = "agents:breakers"
+NAMES_KEY = f"{settings.REDIS_KEY_PREFIX}:breakers"
 # Seconds a caller waits while another process makes the trial call.
 TRIAL_WAIT = 1.0
 # The trial lease outlives the trial call's own timeout by this much.

@@ -134,12 +134,15 @@ def step_execute(
     step: int,
     message: Mapping[str, Any] | None = None,
     node: str = "local",
+    published_at: float | None = None,
 ) -> StepResult:
     """Run ``step`` of the task once, as its only live copy. Safe to call any number of
     times, concurrently, for the same step: at most one call runs the agent's code at a
     time, and only a call that holds the lease commits.
 
-    ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``).
+    ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``);
+    ``published_at`` the time (``time.time()``) its message was published, for the
+    time-in-queue metric.
     Retries are scheduled in the database (``agents.core.retries``), not by raising. A
     ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
     dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
@@ -150,7 +153,7 @@ def step_execute(
         waited, delay = 0.0, 0.5
         while True:
             try:
-                return _execute(task_id, step, dict(message or {}), owner)
+                return _execute(task_id, step, dict(message or {}), owner, published_at)
             except DATABASE_ERRORS as exc:
                 # The database is restarting or unreachable. Nothing can progress without
                 # it, so this step holds its message and waits, rather than failing a
@@ -178,7 +181,9 @@ _DROPPED = {
 }
 
 
-def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> StepResult:
+def _execute(
+    task_id: UUID, step: int, message: dict[str, Any], owner: str, published_at: float | None
+) -> StepResult:
     claim = lease_claim(task_id=task_id, step=step, owner=owner)
     if claim.verdict in _DROPPED:
         logger.info(_DROPPED[claim.verdict])
@@ -205,7 +210,7 @@ def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> S
         return StepResult.REFUSED
     with lease_held(task_id=task_id, fence=fence, owner=owner):
         try:
-            return _run(claim, agent, step, message)
+            return _run(claim, agent, step, message, published_at)
         except DeadlineReached:
             scheduling.task_time_out(task_id=task_id, actor=_actor())
             return StepResult.TIMED_OUT
@@ -228,7 +233,9 @@ def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> S
             )
 
 
-def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> StepResult:
+def _run(
+    claim: Claim, agent: Agent, step: int, message: dict[str, Any], published_at: float | None
+) -> StepResult:
     task, checkpoint, fence = claim.task, claim.checkpoint, claim.fence
     assert task is not None
     task_id = task.pk
@@ -252,6 +259,10 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
         task_id=task_id, actor=_actor()
     ):
         return StepResult.STALE
+    if published_at is not None and not claim.took_over:
+        # Publish to start, for agents_step_queue_seconds (a take-over's time includes
+        # the copy that died, so it is left out).
+        metrics.step_started(agent=agent.name, queued_seconds=time.time() - published_at)
 
     events: list[tuple[str, dict[str, Any]]] = []
     state = _migrate(agent, checkpoint, events)
