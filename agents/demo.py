@@ -29,6 +29,7 @@ from django.core.management import call_command
 
 from agents.core.scheduler import stuck_tasks_republish
 from agents.models import ACTIVE_STATUSES, AgentTask, TaskStatus
+from agents.permissions import operator_group_ensure
 from agents.scheduling import task_approve
 from agents.services import service_user, task_start
 from agents.state_machine import FINAL
@@ -141,6 +142,8 @@ def _demo(out: Out, *, agent: str, input: dict[str, Any], env: dict[str, str]) -
     if not manager.is_staff:
         manager.is_staff = True
         manager.save(update_fields=["is_staff"])
+    # An operator may decide approvals (``agents.permissions``): being staff is not enough.
+    manager.groups.add(operator_group_ensure())
     log_path = settings.VAR_DIR / "demo-worker.log"
     out(f"Database {settings.DATABASES['default']['NAME']}, broker {settings.CELERY_BROKER_URL}")
     own_log = log_path.parent / "demo.log"
