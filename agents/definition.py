@@ -196,6 +196,9 @@ class Agent:
       per step, as always) every ``commit_every`` steps, each group in one transaction.
       The trade-off: after a crash, the steps since the last commit run again.
       ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
+    - ``tool_errors_to_agent``: a tool's permanent error (bad arguments, a refused
+      request) becomes that call's failed ``ToolResult`` for the next step, instead of
+      failing the task (LLM agents show it to the model).
     """
 
     name: ClassVar[str]
@@ -208,6 +211,7 @@ class Agent:
     learned_limits: ClassVar[bool] = False
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
+    tool_errors_to_agent: ClassVar[bool] = False
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

@@ -351,7 +351,13 @@ def _step_once(
 ) -> _Done:
     """Run the agent's step and its tools, and check the outcome can be stored."""
     started = time.monotonic()
-    tool_run = ToolRun(task_id=ctx.task_id, owner_id=owner_id, step=ctx.step, events=events)
+    tool_run = ToolRun(
+        task_id=ctx.task_id,
+        owner_id=owner_id,
+        step=ctx.step,
+        events=events,
+        errors_as_results=agent.tool_errors_to_agent,
+    )
     with deadline_alarm(deadline):
         outcome = agent.step(ctx)
         if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):

@@ -148,3 +148,17 @@ def test_a_cost_budget_counts_the_model_s_prices(chat, user, settings):
     assert task.status == "failed"
     assert "cost" in task.error and task.error.startswith("budget_exceeded")
     assert float(sum(c.cost for c in ModelCall.objects.filter(task=task))) <= 0.5
+
+
+def test_a_tool_s_permanent_error_goes_back_to_the_model_not_to_the_task(chat, user):
+    chat.script = [
+        {"tool_calls": [{"name": "calc", "arguments": {"expression": "2 +"}}]},
+        {"content": "that expression was incomplete"},
+    ]
+    task = finish(start(user, tools=["calc"]))
+    assert task.status == "completed", task.error
+    second = chat.received(task=task.pk)[1].body["messages"]
+    assert second[-1]["role"] == "tool"
+    assert second[-1]["content"].startswith("error:")
+    result = AuditEvent.objects.get(task=task, type="tool_result")
+    assert result.payload["ok"] is False
