@@ -37,6 +37,7 @@ def outbound_allow_list_parses(app_configs: Any = None, **kwargs: Any) -> list[E
     return []
 
 
+@register()
 def credentials_keys_are_fernet_keys(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """Every ``AGENTS_CREDENTIALS_KEY`` entry must be a Fernet key: a placeholder would
     pass start-up and only fail at the first ``credentials set`` or tool call."""

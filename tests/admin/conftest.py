@@ -16,7 +16,7 @@ def reader(django_user_model):
     user = django_user_model.objects.create_user(username="reader", password="pw", is_staff=True)
     user.user_permissions.add(
         *Permission.objects.filter(
-            codename__in=("view_agenttask", "view_auditevent", "view_deadletter", "view_breaker")
+            codename__in=("view_agenttask", "view_auditevent", "view_deadletter")
         )
     )
     return user

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents_project import metrics
 from tests.api.factories import completed, dead_lettered, waiting_for_approval
+from tools import breakers
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "docker" / "prometheus"
@@ -77,6 +78,8 @@ def test_alerts_dashboard_and_runbook_name_only_metrics_the_runtime_exposes(clie
     dead_lettered(user)
     waiting_for_approval(user)
     metrics.step_started(agent="scripted", queued_seconds=0.01)
+    # A breaker in use (this run's Redis key prefix holds none yet).
+    breakers.force_close("monitoring-check", actor="test")
     client.get("/healthz")
     response = client.get("/metrics")
     assert response.status_code == 200

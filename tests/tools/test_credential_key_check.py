@@ -18,6 +18,7 @@ def deploy_check(key: str) -> subprocess.CompletedProcess[str]:
         **os.environ,
         "AGENTS_ENVIRONMENT": "production",
         "AGENTS_CREDENTIALS_KEY": key,
+        "AGENTS_METRICS_TOKEN": "a-scrape-token-for-this-test",
         "DJANGO_SECRET_KEY": Fernet.generate_key().decode() * 2,
     }
     return subprocess.run(
