@@ -77,6 +77,9 @@ def test_every_model_call_is_an_audit_event_and_the_usage_adds_up(chat, user):
     assert set(payload["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert payload["duration_ms"] >= 0
     calls = ModelCall.objects.filter(task=task)
+    first = calls.get(key=payload["key"]) if "key" in payload else calls.order_by("id")[0]
+    # Token counts are numbers in the trail, never masked as if they were secrets.
+    assert payload["usage"]["total_tokens"] == first.total_tokens > 0
     usage = task_usage(task_id=task.pk)
     assert usage["model_calls"] == 2
     assert usage["total_tokens"] == sum(c.total_tokens for c in calls) > 0
