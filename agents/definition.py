@@ -196,6 +196,10 @@ class Agent:
       per step, as always) every ``commit_every`` steps, each group in one transaction.
       The trade-off: after a crash, the steps since the last commit run again.
       ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
+    - ``max_running_per_owner``: at most this many tasks of this agent per owner are
+      admitted (``pending`` with a message, or ``running``) at once; more wait, without
+      a broker message, for admission (``agents.core.admission``). None: only
+      ``AGENTS_OWNER_MAX_RUNNING`` applies. 0: no per-agent limit.
     """
 
     name: ClassVar[str]
@@ -208,6 +212,7 @@ class Agent:
     learned_limits: ClassVar[bool] = False
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
+    max_running_per_owner: ClassVar[int | None] = None
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

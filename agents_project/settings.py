@@ -155,6 +155,10 @@ AGENTS = {
     "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
     # Per agent name, {"steps_per_delivery": N, "commit_every": K}: see Agent's docstring.
     "CHECKPOINT_POLICY": env.json("AGENTS_CHECKPOINT_POLICY", default={}),
+    # Fair sharing (agents/core/admission.py): tasks of one owner admitted (pending with
+    # a message, or running) at once; more wait for admission without a broker message.
+    # 0: unlimited. An agent may set its own per-owner limit (max_running_per_owner).
+    "OWNER_MAX_RUNNING": env.int("AGENTS_OWNER_MAX_RUNNING", default=0),
     # Bytes of task inputs each worker process keeps in memory.
     "INPUT_CACHE_BYTES": env.int("AGENTS_INPUT_CACHE_BYTES", default=32 * 1024 * 1024),
     # Seconds between two drains of RabbitMQ's dead-letter queue into DeadLetter rows.
