@@ -183,6 +183,11 @@ AGENTS = {
     # it stays open before one trial call is let through.
     "BREAKER_FAIL_MAX": env.int("AGENTS_BREAKER_FAIL_MAX", default=5),
     "BREAKER_RESET_TIMEOUT": env.float("AGENTS_BREAKER_RESET_TIMEOUT", default=30.0),
+    # Tool calls go through their owner's own breaker (``<name>@owner:<id>``) inside the
+    # shared one, which opens only when its failures in a row come from at least this
+    # many distinct owners within the window (seconds): one tenant cannot trip it.
+    "BREAKER_SHARED_MIN_OWNERS": env.int("AGENTS_BREAKER_SHARED_MIN_OWNERS", default=2),
+    "BREAKER_OWNER_WINDOW": env.float("AGENTS_BREAKER_OWNER_WINDOW", default=60.0),
     # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
     # first encrypts, every one decrypts (rotation). Required in production.
     "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),
