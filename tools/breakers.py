@@ -413,10 +413,7 @@ def _shared_guarded(breaker: _Breaker, func: Callable[[], T], owner_id: int) -> 
         breaker.storage.increment_counter()
         owners = _failing_owners_add(str(breaker.name), owner_id)
         failures = breaker.fail_counter
-        if (
-            failures >= breaker.fail_max
-            and owners >= settings.AGENTS["BREAKER_SHARED_MIN_OWNERS"]
-        ):
+        if failures >= breaker.fail_max and owners >= settings.AGENTS["BREAKER_SHARED_MIN_OWNERS"]:
             breaker.open(reason=f"{failures} failures in a row from {owners} owners")
             raise CircuitOpen(
                 str(breaker.name),

@@ -16,9 +16,7 @@ LIMIT = 4
 FLOOD = 2000
 
 
-def test_a_flooding_owner_does_not_delay_another_owners_task(
-    workers, user, other_user, settings
-):
+def test_a_flooding_owner_does_not_delay_another_owners_task(workers, user, other_user, settings):
     settings.AGENTS = {**settings.AGENTS, "OWNER_MAX_RUNNING": LIMIT}
     script = {"script": [{"think": "a"}, {"think": "b"}, {"final": "done"}]}
     for _ in range(FLOOD):
