@@ -199,6 +199,10 @@ class Agent:
     - ``tool_errors_to_agent``: a tool's permanent error (bad arguments, a refused
       request) becomes that call's failed ``ToolResult`` for the next step, instead of
       failing the task (LLM agents show it to the model).
+    - ``max_running_per_owner``: at most this many tasks of this agent per owner are
+      admitted (``pending`` with a message, or ``running``) at once; more wait, without
+      a broker message, for admission (``agents.core.admission``). None: only
+      ``AGENTS_OWNER_MAX_RUNNING`` applies. 0: no per-agent limit.
     """
 
     name: ClassVar[str]
@@ -212,6 +216,7 @@ class Agent:
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
     tool_errors_to_agent: ClassVar[bool] = False
+    max_running_per_owner: ClassVar[int | None] = None
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

@@ -173,6 +173,10 @@ AGENTS = {
     "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
     # Per agent name, {"steps_per_delivery": N, "commit_every": K}: see Agent's docstring.
     "CHECKPOINT_POLICY": env.json("AGENTS_CHECKPOINT_POLICY", default={}),
+    # Fair sharing (agents/core/admission.py): tasks of one owner admitted (pending with
+    # a message, or running) at once; more wait for admission without a broker message.
+    # 0: unlimited. An agent may set its own per-owner limit (max_running_per_owner).
+    "OWNER_MAX_RUNNING": env.int("AGENTS_OWNER_MAX_RUNNING", default=0),
     # Bytes of task inputs each worker process keeps in memory.
     "INPUT_CACHE_BYTES": env.int("AGENTS_INPUT_CACHE_BYTES", default=32 * 1024 * 1024),
     # Seconds between two drains of RabbitMQ's dead-letter queue into DeadLetter rows.
@@ -200,6 +204,11 @@ AGENTS = {
     # it stays open before one trial call is let through.
     "BREAKER_FAIL_MAX": env.int("AGENTS_BREAKER_FAIL_MAX", default=5),
     "BREAKER_RESET_TIMEOUT": env.float("AGENTS_BREAKER_RESET_TIMEOUT", default=30.0),
+    # Tool calls go through their owner's own breaker (``<name>@owner:<id>``) inside the
+    # shared one, which opens only when its failures in a row come from at least this
+    # many distinct owners within the window (seconds): one tenant cannot trip it.
+    "BREAKER_SHARED_MIN_OWNERS": env.int("AGENTS_BREAKER_SHARED_MIN_OWNERS", default=2),
+    "BREAKER_OWNER_WINDOW": env.float("AGENTS_BREAKER_OWNER_WINDOW", default=60.0),
     # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
     # first encrypts, every one decrypts (rotation). Required in production.
     "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),

@@ -116,6 +116,7 @@ def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) ->
                 func=lambda: tool.func(ctx, args),
                 trial_timeout=tool.timeout,
                 transitions=transitions,
+                owner_id=run.owner_id,
             )
     except Exception as exc:
         for transition in transitions:
@@ -130,7 +131,8 @@ def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) ->
                 "error": str(error),
                 "error_type": type(error).__name__,
                 "duration_ms": _ms_since(started),
-                **({"breaker": breaker} if breaker else {}),
+                # The breaker that failed fast (the owner's own or the shared one).
+                **({"breaker": getattr(exc, "breaker", breaker)} if breaker else {}),
             },
         )
         if error is not exc:

@@ -325,7 +325,7 @@ def test_an_open_breaker_answers_at_once_where_a_hanging_service_takes_its_timeo
     breaker_events = [p for t, p in run.events if t == EventType.BREAKER]
     assert breaker_events == [
         {
-            "breaker": f"http:127.0.0.1:{flaky.port}",
+            "breaker": f"http:127.0.0.1:{flaky.port}@owner:{user.pk}",
             "from": CLOSED,
             "to": OPEN,
             "failures": 3,
@@ -393,7 +393,8 @@ def test_an_outage_opens_the_breaker_tasks_wait_and_all_complete_after_it(
         workers.start(concurrency=3, **conf)
     get = {"tool": "http.get", "args": {"url": flaky.url("/data"), "timeout": 1}}
     ids = [start(user, get, {"final": "recovered"}).pk for _ in range(12)]
-    name = f"http:127.0.0.1:{flaky.port}"
+    # One owner: its own breaker opens, not the shared one (see test_tenant_breakers).
+    name = f"http:127.0.0.1:{flaky.port}@owner:{user.pk}"
     failures = AuditEvent.objects.filter(task_id__in=ids, type=EventType.STEP_FAILED)
 
     def waits_per_task() -> dict[uuid.UUID, int]:
