@@ -201,6 +201,13 @@ class Agent:
       per step, as always) every ``commit_every`` steps, each group in one transaction.
       The trade-off: after a crash, the steps since the last commit run again.
       ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
+    - ``tool_errors_to_agent``: a tool's permanent error (bad arguments, a refused
+      request) becomes that call's failed ``ToolResult`` for the next step, instead of
+      failing the task (LLM agents show it to the model).
+    - ``max_running_per_owner``: at most this many tasks of this agent per owner are
+      admitted (``pending`` with a message, or ``running``) at once; more wait, without
+      a broker message, for admission (``agents.core.admission``). None: only
+      ``AGENTS_OWNER_MAX_RUNNING`` applies. 0: no per-agent limit.
     """
 
     name: ClassVar[str]
@@ -214,6 +221,8 @@ class Agent:
     learned_limits: ClassVar[bool] = False
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
+    tool_errors_to_agent: ClassVar[bool] = False
+    max_running_per_owner: ClassVar[int | None] = None
 
     def runs_version(self, version: str) -> bool:
         """True if this code may run steps of a task started on agent ``version``: its

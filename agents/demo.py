@@ -9,13 +9,19 @@ With ``llm=True`` (``bin/demo --llm``) it runs the built-in ``llm`` agent on the
 refund instead: against the model server in ``AGENTS_LLM_BASE_URL`` if that is set,
 else against a small SCRIPTED chat-completions server the demo starts on loopback
 (``llm.testing.chat_server``; no language model is involved, and the output says so).
+
+Its output is the story of the task only: the demo process's own log lines go to
+``var/demo.log`` (the worker's to ``var/demo-worker.log``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +29,7 @@ from django.core.management import call_command
 
 from agents.core.scheduler import stuck_tasks_republish
 from agents.models import ACTIVE_STATUSES, AgentTask, TaskStatus
+from agents.permissions import operator_group_ensure
 from agents.scheduling import task_approve
 from agents.services import service_user, task_start
 from agents.state_machine import FINAL
@@ -81,9 +88,32 @@ def _scripted_model(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def demo_run(*, out: Out, llm: bool = False) -> AgentTask:
-    if llm:
-        return _with_model_server(out)
-    return _demo(out, agent="scripted", input={"script": SCRIPT}, env={})
+    """Run (or resume) the demo task to its end, narrating it through ``out``; with
+    ``llm``, the ``llm`` agent's run instead.
+
+    ``KeyboardInterrupt`` propagates once the worker is stopped; the task is left where
+    it was, and the next run resumes it.
+    """
+    with _logs_to(settings.VAR_DIR / "demo.log"):
+        if llm:
+            return _with_model_server(out)
+        return _demo(out, agent="scripted", input={"script": SCRIPT}, env={})
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """Send this process's log records to ``path`` instead of the terminal."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = logging.FileHandler(path)
+    if saved and saved[0].formatter is not None:
+        handler.setFormatter(saved[0].formatter)
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
 
 
 def _with_model_server(out: Out) -> AgentTask:
@@ -112,9 +142,12 @@ def _demo(out: Out, *, agent: str, input: dict[str, Any], env: dict[str, str]) -
     if not manager.is_staff:
         manager.is_staff = True
         manager.save(update_fields=["is_staff"])
+    # An operator may decide approvals (``agents.permissions``): being staff is not enough.
+    manager.groups.add(operator_group_ensure())
     log_path = settings.VAR_DIR / "demo-worker.log"
     out(f"Database {settings.DATABASES['default']['NAME']}, broker {settings.CELERY_BROKER_URL}")
-    out(f"Starting a worker process (its log: {log_path})")
+    own_log = log_path.parent / "demo.log"
+    out(f"Starting a worker process (its log: {log_path}; the demo's own: {own_log})")
     with open(log_path, "ab") as log:
         # If the demo is killed, its worker dies too (SIGKILL: a crash, not a clean stop),
         # so the next run finds the task unfinished and resumes it.

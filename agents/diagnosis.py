@@ -53,7 +53,7 @@ def task_diagnosis(task: AgentTask, *, now: datetime | None = None) -> dict[str,
           "status": "running",
           "summary": "waits for circuit breaker 'http:db:5432' to close (retry at ...)",
           "waiting_on": {"kind": "approval" | "event" | "timer" | "breaker" | "retry"
-                                 | "worker" | "operator",
+                                 | "admission" | "worker" | "operator",
                          "detail": str, "since": datetime | None,
                          "until": datetime | None} | None,
           "last_error": {"message": str, "type": str, "step": int | None,
@@ -169,6 +169,8 @@ def waiting_on_short(task: AgentTask) -> str:
             wake = getattr(task, "wait_wake_at", None)
             return f"timer until {_clock(wake)}" if wake else "timer"
         return "a wait"
+    if status == TaskStatus.PENDING and task.queued_for_admission:
+        return "admission (owner at its limit)"
     if status == TaskStatus.RUNNING and task.retry_at is not None:
         if getattr(task, "last_error_class", None) == CIRCUIT_OPEN:
             return "open circuit breaker"
@@ -309,6 +311,16 @@ def _waiting_on(
             "since": since,
             "until": task.retry_at,
         }
+    if status == TaskStatus.PENDING and task.queued_for_admission:
+        return {
+            "kind": "admission",
+            "detail": (
+                "its owner's limit of tasks running at once (AGENTS_OWNER_MAX_RUNNING or"
+                " the agent's max_running_per_owner); admitted in turn as places free"
+            ),
+            "since": task.created_at,
+            "until": None,
+        }
     if status in (TaskStatus.PENDING, TaskStatus.RUNNING) and task.needs_state_version is not None:
         # Refused and parked (agents.core.engine): it waits for a worker that can run it.
         if task.needs_state_version > 0:
@@ -373,6 +385,8 @@ def _summary(
         return f"Waiting for {waiting['detail']}."
     if kind == "timer":
         return f"Waiting for a timer until {_clock(waiting['until'])}."
+    if kind == "admission":
+        return f"Waiting for admission: {waiting['detail']}."
     return f"Waiting for a worker: {waiting['detail']}."
 
 

@@ -69,6 +69,10 @@ class AgentTask(models.Model):
     # newer than its code): only a worker whose agent has at least this state version
     # takes the step again, so refusals do not loop.
     needs_state_version = models.PositiveIntegerField(null=True, blank=True)
+    # Fair sharing (``agents.core.admission``): the task is ``pending`` and waits for its
+    # owner's (or its agent's per-owner) limit of tasks running at once; it has no
+    # broker message, and nothing publishes its step until admission clears this flag.
+    queued_for_admission = models.BooleanField(default=False)
     # Sequence number of the last audit event written for this task.
     audit_seq = models.PositiveIntegerField(default=0)
     replayed_from = models.ForeignKey(
@@ -95,8 +99,24 @@ class AgentTask(models.Model):
             models.Index(fields=["owner", "-created_at"], name="agent_task_owner_created"),
             models.Index(
                 fields=["updated_at"],
-                condition=Q(status__in=("pending", "running"), in_flight__lte=0),
+                condition=Q(
+                    status__in=("pending", "running"),
+                    in_flight__lte=0,
+                    queued_for_admission=False,
+                ),
                 name="agent_task_sweepable",
+            ),
+            # The admission queue: per owner, oldest first.
+            models.Index(
+                fields=["owner", "created_at"],
+                condition=Q(queued_for_admission=True, status="pending"),
+                name="agent_task_admission_queue",
+            ),
+            # What counts against an owner's limit (``agents.core.admission``).
+            models.Index(
+                fields=["owner", "agent_name"],
+                condition=Q(status__in=("pending", "running"), queued_for_admission=False),
+                name="agent_task_owner_admitted",
             ),
             models.Index(
                 fields=["retry_at"],

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 
 from agents import permissions
 from agents.core import clock
+from agents.core.admission import admission_needed
 from agents.core.dispatch import step_publish
 from agents.core.leases import task_creation_lock
 from agents.definition import get_agent
@@ -47,6 +48,11 @@ def task_start(
     task id, ``agents.core.leases``), so no stall between publish and commit can make
     it drop the step. With an ``idempotency_key`` already
     used by this owner, the existing task is returned and nothing new is created.
+
+    Fair sharing (``agents.core.admission``): when the owner is at
+    ``AGENTS_OWNER_MAX_RUNNING`` or the agent's ``max_running_per_owner``, or already
+    has tasks waiting, the task is created ``pending`` with ``queued_for_admission`` and
+    no message; the scheduler admits it (and publishes step 1) when a place frees.
     """
     if not isinstance(agent, str) or not agent:
         raise InvalidInput("must be the name of an agent", field="agent")
@@ -71,6 +77,7 @@ def task_start(
             return existing, False
     try:
         with transaction.atomic():
+            queued = admission_needed(owner_id=owner.pk, agent=definition)
             task = AgentTask.objects.create(
                 owner=owner,
                 agent_name=definition.name,
@@ -79,7 +86,8 @@ def task_start(
                 state_version=definition.state_version,
                 deadline=deadline,
                 idempotency_key=idempotency_key,
-                in_flight=1,
+                in_flight=0 if queued else 1,
+                queued_for_admission=queued,
             )
             task_creation_lock(task_id=task.pk)
             Checkpoint.objects.create(
@@ -102,7 +110,8 @@ def task_start(
             )
             audit.flush()
             task.save(update_fields=("audit_seq",))
-            step_publish(task_id=task.pk, step=1, agent=definition)
+            if not queued:
+                step_publish(task_id=task.pk, step=1, agent=definition)
     except IntegrityError:
         # Two requests with one idempotency key raced; the other one created it.
         existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
@@ -142,6 +151,7 @@ def task_replay(
     definition = get_agent(original.agent_name)
     new_owner = owner or original.owner
     with transaction.atomic():
+        queued = admission_needed(owner_id=new_owner.pk, agent=definition)
         task = AgentTask.objects.create(
             owner=new_owner,
             agent_name=original.agent_name,
@@ -151,7 +161,8 @@ def task_replay(
             current_step=checkpoint.step + 1,
             replayed_from=original,
             replayed_from_step=checkpoint.step,
-            in_flight=1,
+            in_flight=0 if queued else 1,
+            queued_for_admission=queued,
         )
         task_creation_lock(task_id=task.pk)
         Checkpoint.objects.create(
@@ -169,7 +180,8 @@ def task_replay(
         )
         audit.flush()
         task.save(update_fields=("audit_seq",))
-        step_publish(task_id=task.pk, step=task.current_step, agent=definition)
+        if not queued:
+            step_publish(task_id=task.pk, step=task.current_step, agent=definition)
     return task
 
 

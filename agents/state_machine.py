@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Final
 
 from django.db import transaction
-from django.utils import timezone
 
+from agents.core import clock
 from agents.models import AgentTask, TaskStatus
 from agents_project.errors import IllegalTransition
 from audit.models import EventType
@@ -74,7 +74,8 @@ def transition(task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: st
     if reason:
         payload["reason"] = reason
     audit.add(EventType.TRANSITION, payload, step=task.current_step)
-    now = timezone.now()
+    # The database's clock, like the deadlines and timers these times are compared with.
+    now = clock.now()
     task.status = to
     task.status_changed_at = now
     task.updated_at = now

@@ -43,7 +43,11 @@ def run_step(self: Task, task_id: str, step: int) -> str:
         "delivery_info": {k: v for k, v in delivery.items() if isinstance(v, str | int | bool)},
     }
     result = step_execute(
-        task_id=UUID(task_id), step=step, message=message, node=request.hostname or "local"
+        task_id=UUID(task_id),
+        step=step,
+        message=message,
+        node=request.hostname or "local",
+        published_at=request.get("agents_published_at"),
     )
     if result == StepResult.DEAD_LETTERED:
         raise Reject(f"task {task_id} dead-lettered at step {step}", requeue=False)

@@ -7,9 +7,16 @@ the p99 with headroom (``HEADROOM`` times), rounded up, never below ``FLOOR`` se
 Outliers are what limits are for, so the recommendation follows the tail of the
 distribution, not its maximum.
 
+A task's duration is the time it ran: from creation to its end, less the time it was
+suspended (waiting for a person, an event or a timer), which says nothing about how
+long the agent's work takes.
+
 ``learned_limits_apply`` stores the per-agent recommendation; an agent that sets
 ``learned_limits = True`` then gets it as its step time limit (and, for tasks started
-without ``timeout_seconds``, as their deadline).
+without ``timeout_seconds``, as their deadline). A limit learned from too few samples
+would cut off the first slow run: nothing is stored from fewer than
+``AGENTS_LEARN_MIN_SAMPLES`` (50) finished steps of an agent, and no task deadline from
+fewer finished tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from django.db.models import F
+from django.conf import settings
+from django.db.models import DurationField, F, Sum
+from django.db.models.functions import Coalesce
 
 from agents.definition import Agent
 from agents.models import AgentTask, LearnedLimit, TaskStatus
@@ -70,16 +79,39 @@ def duration_report(*, agents: Iterable[str] | None = None) -> list[DurationRow]
         if "duration_ms" in payload:
             by_kind[(agent, payload.get("outcome", "?"))].append(payload["duration_ms"] / 1000)
     whole: dict[str, list[float]] = defaultdict(list)
-    runs = tasks.annotate(took=F("finished_at") - F("created_at"))
-    for agent, took in runs.values_list("agent_name", "took")[:SAMPLE]:
-        whole[agent].append(took.total_seconds())
+    # Time spent suspended: each wait from its start to its end (or the task's end).
+    waited = Sum(
+        Coalesce("suspensions__resolved_at", "finished_at") - F("suspensions__created_at"),
+        output_field=DurationField(),
+    )
+    runs = tasks.annotate(took=F("finished_at") - F("created_at"), waited=waited)
+    for agent, took, wait in runs.values_list("agent_name", "took", "waited")[:SAMPLE]:
+        ran = took - wait if wait is not None else took
+        whole[agent].append(max(ran.total_seconds(), 0.0))
     rows = [_row(agent, kind, values) for (agent, kind), values in sorted(by_kind.items())]
     rows += [_row(agent, TASK_KIND, values) for agent, values in sorted(whole.items())]
     return rows
 
 
-def learned_limits_apply(*, rows: list[DurationRow]) -> list[LearnedLimit]:
-    """Store, per agent, the largest step recommendation and the task recommendation."""
+@dataclass(frozen=True)
+class TooFewSamples:
+    """An agent whose limits ``learned_limits_apply`` did not store, and why."""
+
+    agent: str
+    samples: int
+    needed: int
+
+
+def learned_limits_apply(
+    *, rows: list[DurationRow]
+) -> tuple[list[LearnedLimit], list[TooFewSamples]]:
+    """Store, per agent, the largest step recommendation and the task recommendation.
+
+    Returns what was stored, and the agents left alone because they have fewer than
+    ``AGENTS_LEARN_MIN_SAMPLES`` finished steps (their stored limits, if any, stay). An
+    agent with enough steps but too few finished tasks gets no task deadline.
+    """
+    needed = settings.AGENTS["LEARN_MIN_SAMPLES"]
     steps: dict[str, list[DurationRow]] = defaultdict(list)
     tasks: dict[str, DurationRow] = {}
     for row in rows:
@@ -87,21 +119,28 @@ def learned_limits_apply(*, rows: list[DurationRow]) -> list[LearnedLimit]:
             tasks[row.agent] = row
         else:
             steps[row.agent].append(row)
-    saved = []
+    saved: list[LearnedLimit] = []
+    refused: list[TooFewSamples] = []
     for agent, kinds in steps.items():
+        samples = sum(r.samples for r in kinds)
+        if samples < needed:
+            refused.append(TooFewSamples(agent, samples, needed))
+            continue
         task = tasks.get(agent)
+        if task is not None and task.samples < needed:
+            task = None
         limit, _ = LearnedLimit.objects.update_or_create(
             agent_name=agent,
             defaults={
                 "step_time_limit": max(r.recommended for r in kinds),
-                "step_samples": sum(r.samples for r in kinds),
+                "step_samples": samples,
                 "task_timeout": task.recommended if task else None,
                 "task_samples": task.samples if task else 0,
             },
         )
         saved.append(limit)
     _cache.clear()
-    return saved
+    return saved, refused
 
 
 # Per process: publishing a step must not cost a query for this.

@@ -20,16 +20,24 @@ import threading
 import time
 from typing import Any
 
+import structlog
 from celery import Celery, bootsteps, signals
+from celery.worker.state import maybe_shutdown
 
 from agents_project import broker  # noqa: F401  (registers the embedded transport)
 from agents_project.metrics import ServeWorkerMetrics
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agents_project.settings")
 
+logger = structlog.get_logger(__name__)
+
 app = Celery("agents_project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def _waiting_for_broker(exc: BaseException, interval: float) -> None:
+    logger.warning("broker unreachable; waiting for it", error=repr(exc), retry_in=interval)
 
 
 class DeclareDeadLetterTopology(bootsteps.StartStopStep):
@@ -45,7 +53,14 @@ class DeclareDeadLetterTopology(bootsteps.StartStopStep):
         if not settings.BROKER_IS_AMQP:
             return
         with worker.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=10)
+            # Wait for the broker however long it takes (no "Unrecoverable error"),
+            # and still honour a SIGTERM meanwhile (``maybe_shutdown``).
+            conn.ensure_connection(
+                errback=_waiting_for_broker,
+                max_retries=None,
+                interval_max=5,
+                callback=maybe_shutdown,
+            )
             dead_letter_queue(settings.AGENTS)(conn.default_channel).declare()
 
 

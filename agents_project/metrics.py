@@ -2,16 +2,25 @@
 
 Two sources:
 
-- **Observed in the worker**, where a step runs: ``agents_step_duration_seconds``
-  (histogram, by agent) and ``agents_step_failures_total`` (by agent and the tool that
-  failed, ``none`` when the agent's own code raised). A Celery prefork worker runs steps
-  in child processes, so these use prometheus-client's multiprocess mode: set
-  ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the worker starts, and every
+- **Observed where things happen** (counters and histograms):
+  ``agents_step_duration_seconds`` (histogram of committed steps, by agent, buckets from
+  1 ms), ``agents_step_queue_seconds`` (histogram: a step's message published to the step
+  starting, by agent), ``agents_step_failures_total`` (by agent and the tool that failed,
+  ``none`` when the agent's own code raised), ``agents_tasks_created_total`` (by agent)
+  and ``agents_tasks_finished_total`` (by agent and the status entered: ``completed``,
+  ``failed``, ``timed_out``, ``cancelled``, ``dead_lettered``; counted once the
+  transition commits). HTTP requests of the web process are counted by django-prometheus
+  (``django_http_*``). A Celery prefork worker runs steps in child processes and gunicorn
+  serves from several, so these use prometheus-client's multiprocess mode: set
+  ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the process starts, and every
   child writes its values there.
 - **Read when Prometheus scrapes**, from the truth rather than from counters that could
   drift: tasks by status, suspended tasks, the least recent progress of active tasks,
   open dead letters, retries waiting, the work and dead-letter queue depths (a passive
-  ``queue_declare``: it creates nothing) and circuit-breaker states.
+  ``queue_declare``: it creates nothing) and circuit-breaker states. Each source is read
+  in its own thread within ``AGENTS_METRICS_SOURCE_TIMEOUT`` seconds (2): a source that
+  is down or hangs is reported as ``agents_metrics_source_up{source} 0`` and the scrape
+  still answers in time.
 
 Where to scrape:
 
@@ -26,13 +35,15 @@ Where to scrape:
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import structlog
 from celery import bootsteps
 from django.conf import settings
+from django.db import connections
 from django.http import HttpRequest, HttpResponse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_GET
@@ -48,11 +59,32 @@ if os.environ.get(MULTIPROC_DIR_ENV):
     # prometheus-client writes there from the first observation; it must exist by then.
     os.makedirs(os.environ[MULTIPROC_DIR_ENV], exist_ok=True)
 
+# Scripted steps take about a millisecond; model calls seconds; the hard limit is 300 s.
+STEP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+# A step waits in the queue from milliseconds (idle workers) to minutes (a backlog).
+QUEUE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
+)  # fmt: skip
+
 STEP_DURATION = Histogram(
     "agents_step_duration_seconds",
     "Time a committed step took: the agent's code and its tool calls, by agent.",
     ["agent"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    buckets=STEP_BUCKETS,
+)
+STEP_QUEUE_TIME = Histogram(
+    "agents_step_queue_seconds",
+    "Time a step's message waited: published to the step starting in a worker, by agent.",
+    ["agent"],
+    buckets=QUEUE_BUCKETS,
+)
+TASKS_CREATED = Counter("agents_tasks_created", "Tasks accepted, by agent.", ["agent"])
+TASKS_FINISHED = Counter(
+    "agents_tasks_finished",
+    "Tasks that entered a final status or dead_lettered, by agent and that status.",
+    ["agent", "status"],
 )
 STEP_FAILURES = Counter(
     "agents_step_failures",
@@ -61,6 +93,9 @@ STEP_FAILURES = Counter(
 )
 
 BREAKER_STATES = ("closed", "open", "half-open")
+# The statuses counted by agents_tasks_finished_total: the final ones, and dead_lettered
+# (a task there waits for an operator; requeued, it is counted again when it ends).
+FINISHED = frozenset({"completed", "failed", "timed_out", "cancelled", "dead_lettered"})
 
 
 # --- Observed in the worker (agents.engine calls these) ---------------------------------
@@ -72,6 +107,30 @@ def step_committed(*, agent: str, duration_ms: float) -> None:
         STEP_DURATION.labels(agent=agent).observe(duration_ms / 1000)
     except Exception as exc:  # a metric must never fail a step
         logger.warning("step metric not recorded", error=repr(exc))
+
+
+def step_started(*, agent: str, queued_seconds: float) -> None:
+    """A step started in a worker ``queued_seconds`` after its message was published."""
+    try:
+        STEP_QUEUE_TIME.labels(agent=agent).observe(max(queued_seconds, 0.0))
+    except Exception as exc:
+        logger.warning("step metric not recorded", error=repr(exc))
+
+
+def task_created(*, agent: str) -> None:
+    """A task of ``agent`` was accepted (call once its transaction commits)."""
+    try:
+        TASKS_CREATED.labels(agent=agent).inc()
+    except Exception as exc:
+        logger.warning("task metric not recorded", error=repr(exc))
+
+
+def task_finished(*, agent: str, status: str) -> None:
+    """A task of ``agent`` entered ``status`` (final, or dead_lettered), once committed."""
+    try:
+        TASKS_FINISHED.labels(agent=agent, status=status).inc()
+    except Exception as exc:
+        logger.warning("task metric not recorded", error=repr(exc))
 
 
 def step_failed(*, agent: str, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -96,32 +155,80 @@ def _failed_tool(events: Sequence[tuple[str, dict[str, Any]]]) -> str:
 class RuntimeCollector:
     """Gauges computed from PostgreSQL, the broker and the breakers on every scrape.
 
-    A source that cannot be read is reported as ``agents_metrics_source_up{source}`` 0
-    and its gauges are left out, rather than failing the whole scrape.
+    The sources are read concurrently, each in its own daemon thread, and each within
+    ``AGENTS_METRICS_SOURCE_TIMEOUT`` seconds. A source that fails or takes longer is
+    reported as ``agents_metrics_source_up{source}`` 0 and its gauges are left out,
+    rather than failing or stalling the whole scrape. A read that hangs is left behind;
+    while it still hangs, later scrapes report that source down without starting another.
     """
 
     def collect(self) -> Iterator[Metric]:
+        timeout = settings.METRICS_SOURCE_TIMEOUT
         up = GaugeMetricFamily(
             "agents_metrics_source_up",
             "1 if the source could be read for this scrape, else 0.",
             labels=["source"],
         )
-        for source, read in (
-            ("database", _database_metrics),
-            ("broker", _queue_metrics),
-            ("breakers", _breaker_metrics),
-        ):
-            started = time.monotonic()
-            try:
-                metrics = list(read())
-            except Exception as exc:
-                logger.warning("metrics source unavailable", source=source, error=repr(exc))
+        reads = [(source, _SourceRead.start(source, read)) for source, read in _sources()]
+        deadline = time.monotonic() + timeout
+        for source, pending in reads:
+            metrics = pending.result(max(deadline - time.monotonic(), 0.0)) if pending else None
+            if metrics is None:
                 up.add_metric([source], 0)
                 continue
             up.add_metric([source], 1)
-            logger.debug("metrics source read", source=source, seconds=time.monotonic() - started)
             yield from metrics
         yield up
+
+
+def _sources() -> tuple[tuple[str, Callable[[], Iterable[Metric]]], ...]:
+    return (
+        ("database", _database_metrics),
+        ("broker", _queue_metrics),
+        ("breakers", _breaker_metrics),
+    )
+
+
+class _SourceRead:
+    """One source read in a daemon thread; at most one per source at a time."""
+
+    _running: set[str] = set()
+    _lock = threading.Lock()
+
+    def __init__(self, source: str, read: Callable[[], Iterable[Metric]]) -> None:
+        self.source = source
+        self.read = read
+        self.done = threading.Event()
+        self.metrics: list[Metric] | None = None
+
+    @classmethod
+    def start(cls, source: str, read: Callable[[], Iterable[Metric]]) -> _SourceRead | None:
+        with cls._lock:
+            if source in cls._running:
+                logger.warning("metrics source still hanging from an earlier scrape", source=source)
+                return None
+            cls._running.add(source)
+        pending = cls(source, read)
+        threading.Thread(target=pending._run, name=f"metrics-{source}", daemon=True).start()
+        return pending
+
+    def _run(self) -> None:
+        try:
+            self.metrics = list(self.read())
+        except Exception as exc:
+            logger.warning("metrics source unavailable", source=self.source, error=repr(exc))
+        finally:
+            connections.close_all()  # this thread's own database connection
+            with self._lock:
+                self._running.discard(self.source)
+            self.done.set()
+
+    def result(self, timeout: float) -> list[Metric] | None:
+        """The source's metrics, or None if it failed or did not answer in ``timeout`` s."""
+        if not self.done.wait(timeout):
+            logger.warning("metrics source timed out", source=self.source, seconds=timeout)
+            return None
+        return self.metrics
 
 
 def _database_metrics() -> Iterable[Metric]:
@@ -205,11 +312,20 @@ def _queue_metrics() -> Iterable[Metric]:
         "Consumers (worker processes) attached to the broker queue.",
         labels=["queue", "role"],
     )
+    limit = GaugeMetricFamily(
+        "agents_queue_max_messages",
+        "Ready messages the work queue takes before publishes are refused "
+        "(AGENTS_QUEUE_MAX_LENGTH): task creation then answers 503.",
+        labels=["queue"],
+    )
     queues = [("work", settings.CELERY_TASK_QUEUES[0])]
+    limit.add_metric([queues[0][1].name], settings.AGENTS["QUEUE_MAX_LENGTH"])
     if settings.BROKER_IS_AMQP:
         queues.append(("dead_letter", dead_letter_queue(settings.AGENTS)))
-    with app.connection_for_read() as conn:
-        conn.connect()
+    timeout = settings.METRICS_SOURCE_TIMEOUT
+    with app.connection_for_read(connect_timeout=timeout) as conn:
+        # One attempt: a broker that is down is reported, not waited for.
+        conn.ensure_connection(max_retries=1, timeout=timeout)
         for role, queue in queues:
             # A channel per queue: a passive declare of a missing queue closes its channel.
             channel = conn.channel()
@@ -219,7 +335,7 @@ def _queue_metrics() -> Iterable[Metric]:
                 channel.close()
             messages.add_metric([queue.name, role], ready)
             consumers.add_metric([queue.name, role], attached)
-    return [messages, consumers]
+    return [messages, consumers, limit]
 
 
 def _breaker_metrics() -> Iterable[Metric]:

@@ -35,6 +35,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_prometheus",
     "agents",
     "tools",
     "audit",
@@ -44,6 +46,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # HTTP metrics (django_http_*): the first and the last middleware, to time them all.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the API docs' static files from the web process itself
     # (after collectstatic), so a deployment needs no separate file server.
@@ -54,6 +58,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "agents_project.urls"
@@ -93,6 +98,13 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=600)
     # A reused connection is checked before use, so a worker survives a database restart.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Parameters bound by the server, so psycopg prepares the statements a worker sends
+    # on every step (after five uses) and PostgreSQL stops parsing and planning them
+    # (Django's PostgreSQL notes, "Server-side parameters binding"; psycopg's
+    # prepare_threshold).
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = env.bool(
+        "DB_SERVER_SIDE_BINDING", default=True
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -111,7 +123,10 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+# Workers wait for the broker, at start and after losing it, however long it takes
+# (Celery's default gives up after 100 attempts and the worker exits).
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # How long the worker waits for the result of a pool process that died before declaring
 # it lost and giving its message back. Steps publish no results, so waiting the default
@@ -129,6 +144,9 @@ else:
 # --- Redis (shared fast state: circuit breakers, rate counters) -----------------------
 
 REDIS_URL = env.str("REDIS_URL", default="")
+# Every key this deployment writes in Redis starts with this (breakers, throttle
+# counters), so that two deployments or test runs can share one Redis database.
+REDIS_KEY_PREFIX = env.str("AGENTS_REDIS_KEY_PREFIX", default="agents")
 
 # --- The runtime ------------------------------------------------------------------------
 
@@ -157,6 +175,10 @@ AGENTS = {
     "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
     # Per agent name, {"steps_per_delivery": N, "commit_every": K}: see Agent's docstring.
     "CHECKPOINT_POLICY": env.json("AGENTS_CHECKPOINT_POLICY", default={}),
+    # Fair sharing (agents/core/admission.py): tasks of one owner admitted (pending with
+    # a message, or running) at once; more wait for admission without a broker message.
+    # 0: unlimited. An agent may set its own per-owner limit (max_running_per_owner).
+    "OWNER_MAX_RUNNING": env.int("AGENTS_OWNER_MAX_RUNNING", default=0),
     # Bytes of task inputs each worker process keeps in memory.
     "INPUT_CACHE_BYTES": env.int("AGENTS_INPUT_CACHE_BYTES", default=32 * 1024 * 1024),
     # Seconds between two drains of RabbitMQ's dead-letter queue into DeadLetter rows.
@@ -170,6 +192,9 @@ AGENTS = {
     # messages go back to the queue; see agents_project/celery.py). Keep Kubernetes'
     # terminationGracePeriodSeconds above it.
     "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
+    # suggest_timeouts --apply stores nothing for an agent with fewer samples than this
+    # (finished steps for the step limit, finished tasks for the task deadline).
+    "LEARN_MIN_SAMPLES": env.int("AGENTS_LEARN_MIN_SAMPLES", default=50),
     # Largest accepted task input, in bytes of JSON.
     "MAX_INPUT_BYTES": env.int("AGENTS_MAX_INPUT_BYTES", default=256 * 1024),
     # Deepest nesting of objects and arrays accepted in any JSON a user sends (API bodies,
@@ -181,6 +206,11 @@ AGENTS = {
     # it stays open before one trial call is let through.
     "BREAKER_FAIL_MAX": env.int("AGENTS_BREAKER_FAIL_MAX", default=5),
     "BREAKER_RESET_TIMEOUT": env.float("AGENTS_BREAKER_RESET_TIMEOUT", default=30.0),
+    # Tool calls go through their owner's own breaker (``<name>@owner:<id>``) inside the
+    # shared one, which opens only when its failures in a row come from at least this
+    # many distinct owners within the window (seconds): one tenant cannot trip it.
+    "BREAKER_SHARED_MIN_OWNERS": env.int("AGENTS_BREAKER_SHARED_MIN_OWNERS", default=2),
+    "BREAKER_OWNER_WINDOW": env.float("AGENTS_BREAKER_OWNER_WINDOW", default=60.0),
     # Fernet keys for credentials at rest (tools/credentials.py), comma-separated: the
     # first encrypts, every one decrypts (rotation). Required in production.
     "CREDENTIALS_KEYS": env.list("AGENTS_CREDENTIALS_KEY", default=[]),
@@ -325,10 +355,11 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "agents.api.schema.add_common_error_responses",
     ],
-    # Swagger UI's assets come from this URL (a CDN by default; self-host on closed networks).
-    "SWAGGER_UI_DIST": env.str(
-        "SWAGGER_UI_DIST", default="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
-    ),
+    # Swagger UI's assets are served by this deployment (drf-spectacular-sidecar, through
+    # WhiteNoise): the page works on a closed network, and loads nothing from elsewhere.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 # A request body larger than this is refused (413) before it is parsed. It leaves room
 # for an input near AGENTS_MAX_INPUT_BYTES sent with \u escapes, so that such an input
@@ -342,11 +373,16 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "agents",
+            "KEY_PREFIX": REDIS_KEY_PREFIX,
         }
     }
 # Worker processes serve their step metrics on this port (0: off); see metrics.py.
 METRICS_PORT = env.int("AGENTS_METRICS_PORT", default=0)
+# Each scrape-time source (database, broker, breakers) answers within this many seconds
+# or is reported down (agents_metrics_source_up 0); keep it below the scrape timeout.
+METRICS_SOURCE_TIMEOUT = env.float("AGENTS_METRICS_SOURCE_TIMEOUT", default=2.0)
+# django-prometheus: no migration gauges (they would query the database at start-up).
+PROMETHEUS_EXPORT_MIGRATIONS = False
 # When set, GET /metrics needs "Authorization: Bearer <token>".
 METRICS_TOKEN = env.str("AGENTS_METRICS_TOKEN", default="")
 

@@ -25,7 +25,8 @@ from urllib.parse import quote, quote_plus
 
 MASK = "[redacted]"
 _SECRET_KEY = re.compile(
-    r"(pass(word|wd)?|secret|token|api[_-]?key|authori[sz]ation|credential|private[_-]?key|cookie)",
+    # "token", "access_token" are secrets; token counts ("prompt_tokens") are not.
+    r"(pass(word|wd)?|secret|token(?!s)|api[_-]?key|authori[sz]ation|credential|private[_-]?key|cookie)",
     re.IGNORECASE,
 )
 

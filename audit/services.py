@@ -51,10 +51,21 @@ class AuditBatch:
     commit or vanish together with the change they describe.
     """
 
-    def __init__(self, task: AgentTask, *, actor: str, secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        task: AgentTask,
+        *,
+        actor: str,
+        secrets: Iterable[str] = (),
+        head: tuple[int, str] | None = None,
+    ) -> None:
+        """``head``: ``(seq, hash)`` of the task's last event, when the caller already
+        read it; used only if ``seq`` is still ``task.audit_seq`` at ``flush``, which
+        then needs no query for the hash the chain continues from."""
         self.task = task
         self.actor = actor
         self.secrets = tuple(secrets)
+        self.head = head
         self._events: list[AuditEvent] = []
 
     def add(
@@ -91,7 +102,10 @@ class AuditBatch:
         now = timezone.now()
         # Each event is chained to the one before it in its task (audit.integrity); the
         # row lock the caller holds keeps the chain linear.
-        prev_hash = _last_hash(self.task)
+        if self.head is not None and self.head[0] == self.task.audit_seq:
+            prev_hash = self.head[1]
+        else:
+            prev_hash = _last_hash(self.task)
         for offset, event in enumerate(self._events, start=1):
             event.seq = self.task.audit_seq + offset
             event.created_at = now
@@ -99,6 +113,7 @@ class AuditBatch:
             prev_hash = event.hash
         AuditEvent.objects.bulk_create(self._events)
         self.task.audit_seq += len(self._events)
+        _count_when_committed(self.task.agent_name, self._events)
         self._events = []
 
 
@@ -134,3 +149,27 @@ def audit_verify(*, task_ids: Iterable[Any] | None = None) -> VerifyReport:
     return VerifyReport(
         tasks=count, verified=verified, unverifiable=unverifiable.count(), breaks=breaks
     )
+
+
+def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
+    """The task counters (``agents_tasks_created_total``, ``agents_tasks_finished_total``)
+    follow the trail: a ``created`` event, a ``transition`` into a finishing status. They
+    are counted once the transaction commits, so a rolled-back change counts nothing."""
+    from agents_project import metrics
+
+    created = sum(1 for event in events if event.type == EventType.CREATED)
+    finished = [
+        str(event.payload.get("to"))
+        for event in events
+        if event.type == EventType.TRANSITION and event.payload.get("to") in metrics.FINISHED
+    ]
+    if not created and not finished:
+        return
+
+    def count() -> None:
+        for _ in range(created):
+            metrics.task_created(agent=agent)
+        for status in finished:
+            metrics.task_finished(agent=agent, status=status)
+
+    transaction.on_commit(count)

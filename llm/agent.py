@@ -166,6 +166,8 @@ class LLMAgent(Agent):
     budget: ClassVar[Mapping[str, Any]] = {}
     on_budget: ClassVar[str] = "fail"
     max_steps: ClassVar[int] = 20
+    # A tool's permanent error goes back to the model as that call's result.
+    tool_errors_to_agent: ClassVar[bool] = True
 
     # --- hooks ----------------------------------------------------------------------------
 

@@ -365,12 +365,31 @@ def _limiter(url: str) -> SlidingWindowCounterRateLimiter:
     return SlidingWindowCounterRateLimiter(storage_from_string(url or "memory://"))
 
 
+def _namespace(kind: str) -> str:
+    """The Redis key namespace of a rate limit (``AGENTS_REDIS_KEY_PREFIX``)."""
+    return f"{settings.REDIS_KEY_PREFIX}:llm-{kind}"
+
+
 def _limits(config: ModelConfig, tokens: int) -> list[tuple[Any, int]]:
     items: list[tuple[Any, int]] = []
     if config.rpm:
-        items.append((RateLimitItemPerMinute(config.rpm, namespace="agents-llm-rpm"), 1))
+        items.append(
+            (
+                RateLimitItemPerMinute(
+                    config.rpm, namespace=f"{settings.REDIS_KEY_PREFIX}:llm-rpm"
+                ),
+                1,
+            )
+        )
     if config.tpm:
-        items.append((RateLimitItemPerMinute(config.tpm, namespace="agents-llm-tpm"), tokens))
+        items.append(
+            (
+                RateLimitItemPerMinute(
+                    config.tpm, namespace=f"{settings.REDIS_KEY_PREFIX}:llm-tpm"
+                ),
+                tokens,
+            )
+        )
     return items
 
 
@@ -404,7 +423,7 @@ def rate_limit_correct(*, config: ModelConfig, estimated: int, used: int) -> Non
     """Count the tokens a call used beyond its estimate."""
     if not config.tpm or used <= estimated:
         return
-    item = RateLimitItemPerMinute(config.tpm, namespace="agents-llm-tpm")
+    item = RateLimitItemPerMinute(config.tpm, namespace=_namespace("tpm"))
     try:
         _limiter(settings.REDIS_URL).hit(item, config.name, cost=used - estimated)
     except redis.RedisError as exc:

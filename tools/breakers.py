@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -77,9 +78,11 @@ CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 
-PREFIX = "agents:breaker"
+PREFIX = f"{settings.REDIS_KEY_PREFIX}:breaker"  # AGENTS_REDIS_KEY_PREFIX
 # Every breaker name any process has used, so that listings see per-host breakers too.
-NAMES_KEY = "agents:breakers"
+NAMES_KEY = f"{settings.REDIS_KEY_PREFIX}:breakers"
+# ``<dependency>@owner:<id>``: an owner's own breaker on a dependency.
+OWNER_SEPARATOR = "@owner:"
 # Seconds a caller waits while another process makes the trial call.
 TRIAL_WAIT = 1.0
 # The trial lease outlives the trial call's own timeout by this much.
@@ -284,19 +287,66 @@ def _trial(name: str, lease: float) -> _Trial:
     return _RedisTrial(client, name, lease) if client is not None else _LocalTrial(name)
 
 
+def owner_breaker_name(name: str, owner_id: int) -> str:
+    """The name of ``owner_id``'s own breaker on the dependency ``name``:
+    ``<name>@owner:<id>`` (``http:api.example.com:443@owner:12``)."""
+    return f"{name}{OWNER_SEPARATOR}{owner_id}"
+
+
+def breaker_scope(name: str) -> tuple[str, int | None]:
+    """``(dependency, owner id)`` of a breaker name; owner None for a shared breaker."""
+    base, sep, owner = name.rpartition(OWNER_SEPARATOR)
+    if sep and owner.isdigit():
+        return base, int(owner)
+    return name, None
+
+
 def breaker_call(
     *,
     name: str,
     func: Callable[[], T],
     trial_timeout: float,
     transitions: list[Transition],
+    owner_id: int | None = None,
 ) -> T:
     """Call ``func`` through the breaker ``name``; ``CircuitOpen`` instead, if it is open.
 
     ``trial_timeout`` bounds how long a trial call may take (the tool's timeout): the
     trial lease lasts that long plus a margin. Transitions this call causes are
     appended to ``transitions``.
+
+    ``owner_id`` (the task's owner; the tool runner always passes it) scopes the
+    breaker so that one owner cannot trip it for another (issue 12, item 5): the call
+    goes through the owner's own breaker ``owner_breaker_name(name, owner_id)``, which
+    counts that owner's failures in a row as above, inside the shared breaker ``name``,
+    which fails fast for everyone but opens only when ``AGENTS_BREAKER_FAIL_MAX``
+    failures in a row come from at least ``AGENTS_BREAKER_SHARED_MIN_OWNERS`` distinct
+    owners within ``AGENTS_BREAKER_OWNER_WINDOW`` seconds (``_shared_guarded``).
+    Without ``owner_id`` only the breaker ``name`` is used, counting every failure.
     """
+    token = _transitions.set(transitions)
+    try:
+        if owner_id is None:
+            return _through(name, func, trial_timeout, _guarded)
+        own = owner_breaker_name(name, owner_id)
+
+        def shared(breaker: _Breaker, call: Callable[[], T]) -> T:
+            return _shared_guarded(breaker, call, owner_id)
+
+        return _through(
+            name, lambda: _through(own, func, trial_timeout, _guarded), trial_timeout, shared
+        )
+    finally:
+        _transitions.reset(token)
+
+
+def _through(
+    name: str,
+    func: Callable[[], T],
+    trial_timeout: float,
+    guarded: Callable[[_Breaker, Callable[[], T]], T],
+) -> T:
+    """One breaker's rules around ``func``; ``guarded`` makes the call and counts it."""
     try:
         breaker = _breaker(name)
         forced = _forced(name)
@@ -306,28 +356,22 @@ def breaker_call(
             "circuit breaker state unavailable; calling unguarded", breaker=name, error=repr(exc)
         )
         return func()
-    token = _transitions.set(transitions)
+    if forced:
+        raise CircuitOpen(name, delay=breaker.reset_timeout, reason="is held open by an operator")
+    if state == OPEN:
+        remaining = _remaining(breaker)
+        if remaining > 0:
+            raise CircuitOpen(name, delay=remaining)
+    if state == CLOSED:
+        return guarded(breaker, func)
+    # Open for long enough, or half-open: one trial call, in one process.
+    trial = _trial(name, trial_timeout + TRIAL_MARGIN)
+    if not trial.acquire():
+        raise CircuitOpen(name, delay=TRIAL_WAIT, reason="is making a trial call")
     try:
-        if forced:
-            raise CircuitOpen(
-                name, delay=breaker.reset_timeout, reason="is held open by an operator"
-            )
-        if state == OPEN:
-            remaining = _remaining(breaker)
-            if remaining > 0:
-                raise CircuitOpen(name, delay=remaining)
-        if state == CLOSED:
-            return _guarded(breaker, func)
-        # Open for long enough, or half-open: one trial call, in one process.
-        trial = _trial(name, trial_timeout + TRIAL_MARGIN)
-        if not trial.acquire():
-            raise CircuitOpen(name, delay=TRIAL_WAIT, reason="is making a trial call")
-        try:
-            return _guarded(breaker, func)
-        finally:
-            trial.release()
+        return guarded(breaker, func)
     finally:
-        _transitions.reset(token)
+        trial.release()
 
 
 def _guarded(breaker: _Breaker, func: Callable[[], T]) -> T:
@@ -340,6 +384,101 @@ def _guarded(breaker: _Breaker, func: Callable[[], T]) -> T:
         reason = f"opened after {type(cause).__name__}" if cause is not None else "is open"
         delay = _remaining(breaker) or breaker.reset_timeout
         raise CircuitOpen(str(breaker.name), delay=delay, reason=reason) from exc
+
+
+def _shared_guarded(breaker: _Breaker, func: Callable[[], T], owner_id: int) -> T:
+    """Call ``func`` (the owner's own breaker around the dependency) and count the
+    outcome against the shared breaker, which opens only when failures in a row come
+    from enough distinct owners. A ``RetryLater`` (the owner's breaker failing fast,
+    or the tool asking for a later retry) counts neither way; any other error that is
+    not a dependency failure means the dependency answered, like a success."""
+    state = breaker.current_state
+    if state == OPEN:
+        breaker.half_open()  # this process holds the trial lease (``_through``)
+        state = HALF_OPEN
+    try:
+        result = func()
+    except BaseException as exc:
+        if isinstance(exc, RetryLater) and not _tripped_by(exc):
+            raise
+        if _not_a_dependency_failure(exc) and not _tripped_by(exc):
+            _shared_success(breaker, state)
+            raise
+        if state == HALF_OPEN:
+            breaker.open(reason=f"trial call failed ({type(exc).__name__})")
+            _failing_owners_clear(str(breaker.name))
+            raise CircuitOpen(
+                str(breaker.name), delay=breaker.reset_timeout, reason="trial call failed"
+            ) from exc
+        breaker.storage.increment_counter()
+        owners = _failing_owners_add(str(breaker.name), owner_id)
+        failures = breaker.fail_counter
+        if failures >= breaker.fail_max and owners >= settings.AGENTS["BREAKER_SHARED_MIN_OWNERS"]:
+            breaker.open(reason=f"{failures} failures in a row from {owners} owners")
+            raise CircuitOpen(
+                str(breaker.name),
+                delay=breaker.reset_timeout,
+                reason=f"opened after {type(exc).__name__} seen by {owners} owners",
+            ) from exc
+        raise
+    _shared_success(breaker, state)
+    return result
+
+
+def _tripped_by(exc: BaseException) -> BaseException | None:
+    """The dependency failure behind a ``CircuitOpen`` that the owner's breaker raised
+    when that very failure opened it (``_guarded``); None for a fail-fast."""
+    if not isinstance(exc, CircuitOpen):
+        return None
+    cause = exc.__cause__
+    failure = cause.__context__ if isinstance(cause, pybreaker.CircuitBreakerError) else None
+    if failure is not None and not _not_a_dependency_failure(failure):
+        return failure
+    return None
+
+
+def _shared_success(breaker: _Breaker, state: str) -> None:
+    if state == HALF_OPEN:
+        breaker.close(reason="trial call succeeded")
+    elif breaker.fail_counter:
+        breaker.storage.reset_counter()
+    else:
+        return
+    _failing_owners_clear(str(breaker.name))
+
+
+_LOCAL_FAILING: dict[str, dict[int, float]] = {}
+
+
+def _failing_owners_add(name: str, owner_id: int) -> int:
+    """Record a failure of ``owner_id`` on the shared breaker ``name``; return how many
+    distinct owners failed on it within ``AGENTS_BREAKER_OWNER_WINDOW`` seconds (a
+    Redis sorted set of owner ids scored by time, so every process shares it)."""
+    window = float(settings.AGENTS["BREAKER_OWNER_WINDOW"])
+    now = time.time()
+    client = _client()
+    if client is None:
+        seen = _LOCAL_FAILING.setdefault(name, {})
+        seen[owner_id] = now
+        for owner, at in list(seen.items()):
+            if at < now - window:
+                del seen[owner]
+        return len(seen)
+    key = f"{PREFIX}:{name}:failing-owners"
+    pipe = client.pipeline()
+    pipe.zadd(key, {str(owner_id): now})
+    pipe.zremrangebyscore(key, "-inf", now - window)
+    pipe.zcard(key)
+    pipe.expire(key, max(int(window) + 1, 1))
+    return int(pipe.execute()[2])
+
+
+def _failing_owners_clear(name: str) -> None:
+    client = _client()
+    if client is None:
+        _LOCAL_FAILING.pop(name, None)
+    else:
+        client.delete(f"{PREFIX}:{name}:failing-owners")
 
 
 def breaker_names() -> list[str]:

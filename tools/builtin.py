@@ -92,7 +92,8 @@ def _evaluate(node: ast.AST) -> int | float:
 
 
 def _http_breaker(args: dict[str, Any]) -> str:
-    """One circuit breaker per host and port: ``http:<host>:<port>``."""
+    """One circuit breaker per host and port: ``http:<host>:<port>`` (scoped per owner
+    by the runner, ``tools.breakers``)."""
     parts = urlsplit(args["url"])
     try:
         port = parts.port
@@ -114,7 +115,12 @@ def _http_breaker(args: dict[str, Any]) -> str:
     breaker=_http_breaker,
 )
 def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
-    """GET a URL through its host's circuit breaker, under the outbound policy.
+    """GET a URL through its host's circuit breakers, under the outbound policy.
+
+    The call goes through the task owner's own breaker on the host
+    (``http:<host>:<port>@owner:<id>``) inside the host-wide one, which opens only
+    when failures come from several owners (``tools.breakers.breaker_call``): one
+    tenant calling a failing path on another tenant's host trips only its own breaker.
 
     The URL must pass ``tools.outbound`` (no loopback, private, link-local or metadata
     address unless allowed; every redirect hop checked; body at most

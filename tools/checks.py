@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
@@ -34,3 +35,24 @@ def outbound_allow_list_parses(app_configs: Any = None, **kwargs: Any) -> list[E
     except ValueError as exc:
         return [Error(str(exc), id="tools.E001")]
     return []
+
+
+@register()
+def credentials_keys_are_fernet_keys(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """Every ``AGENTS_CREDENTIALS_KEY`` entry must be a Fernet key: a placeholder would
+    pass start-up and only fail at the first ``credentials set`` or tool call."""
+    errors = []
+    for position, key in enumerate(settings.AGENTS["CREDENTIALS_KEYS"], start=1):
+        try:
+            Fernet(key.strip())
+        except (ValueError, TypeError):
+            errors.append(
+                Error(
+                    f"AGENTS_CREDENTIALS_KEY: key {position} is not a Fernet key "
+                    "(32 url-safe base64-encoded bytes)",
+                    hint="Generate one with: python -c 'from cryptography.fernet import "
+                    "Fernet; print(Fernet.generate_key().decode())'",
+                    id="tools.E002",
+                )
+            )
+    return errors

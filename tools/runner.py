@@ -47,10 +47,14 @@ class ToolRun:
     credentials: Mapping[str, str] | None = None
     # The hosts each credential is bound to (read with the credentials).
     credential_hosts: Mapping[str, tuple[str, ...]] | None = None
+    # A permanent error of a tool becomes that call's failed result, for the agent to
+    # read next step (an LLM agent shows it to the model), instead of failing the task.
+    errors_as_results: bool = False
 
 
 def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
-    """Call each tool in order; raise the first failure (the engine classifies it)."""
+    """Call each tool in order; raise the first failure (the engine classifies it), or
+    with ``run.errors_as_results`` turn a ``PermanentError`` into a failed result."""
     if not calls:
         return []
     if run.credentials is None:
@@ -59,7 +63,18 @@ def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
         run.credential_hosts = {name: hosts for name, (_, hosts) in loaded.items()}
     secrets = tuple(v for v in run.credentials.values() if v)
     with secrets_scope(secrets):
-        return [_call(run, index, call, secrets) for index, call in enumerate(calls)]
+        return [_call_or_result(run, index, call, secrets) for index, call in enumerate(calls)]
+
+
+def _call_or_result(
+    run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]
+) -> ToolResult:
+    try:
+        return _call(run, index, call, secrets)
+    except PermanentError as exc:
+        if not run.errors_as_results:
+            raise
+        return ToolResult(name=call.name, args=call.args, ok=False, error=str(exc))
 
 
 def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) -> ToolResult:
@@ -101,6 +116,7 @@ def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) ->
                 func=lambda: tool.func(ctx, args),
                 trial_timeout=tool.timeout,
                 transitions=transitions,
+                owner_id=run.owner_id,
             )
     except Exception as exc:
         for transition in transitions:
@@ -115,7 +131,8 @@ def _call(run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]) ->
                 "error": str(error),
                 "error_type": type(error).__name__,
                 "duration_ms": _ms_since(started),
-                **({"breaker": breaker} if breaker else {}),
+                # The breaker that failed fast (the owner's own or the shared one).
+                **({"breaker": getattr(exc, "breaker", breaker)} if breaker else {}),
             },
         )
         if error is not exc:

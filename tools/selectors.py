@@ -18,6 +18,11 @@ def breaker_states() -> list[BreakerStatus]:
     return breakers.breaker_states()
 
 
+def breaker_known(*, name: str) -> bool:
+    """Whether a tool declares the breaker ``name`` or any process has used it."""
+    return name in breakers.breaker_names()
+
+
 def breaker_get(*, name: str) -> BreakerStatus:
     if name not in breakers.breaker_names():
         raise NotFound(f"no circuit breaker {name!r}", field="name")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +25,10 @@ from tools.models import KVEntry
 logger = structlog.get_logger(__name__)
 
 
+# A breaker name as tools make them: "weather-api", "http:api.example.com:443".
+BREAKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\[\]@/-]{0,199}")
+
+
 def _known_breaker(name: str) -> None:
     if name not in breakers.breaker_names():
         raise NotFound(f"no circuit breaker {name!r}", field="name")
@@ -33,12 +38,22 @@ def breaker_force_open(*, name: str, actor: str) -> BreakerStatus:
     """Hold the breaker ``name`` open: calls through it fail fast and their steps wait,
     with no trial calls, until ``breaker_force_close``. Safe to call twice.
 
-    For a dependency known to be down or under maintenance. Only breakers the runtime
-    knows (``tools.selectors.breaker_states``) can be forced; anything else is ``NotFound``.
+    For a dependency known to be down or under maintenance, including one nothing has
+    called yet (planned maintenance): the name is then registered, listed from now on,
+    and the first call through a breaker of exactly that name waits. ``InvalidInput``
+    (field ``name``) for a name no tool could use: 1 to 200 characters, letters, digits
+    and ``. _ : - / @ [ ]``, starting with a letter or digit.
     """
-    _known_breaker(name)
+    if not isinstance(name, str) or not BREAKER_NAME.fullmatch(name):
+        raise InvalidInput(
+            "must be a breaker name such as 'weather-api' or 'http:api.example.com:443'",
+            field="name",
+        )
+    known = name in breakers.breaker_names()
     breakers.force_open(name, actor=actor)
-    logger.warning("circuit breaker held open by an operator", breaker=name, actor=actor)
+    logger.warning(
+        "circuit breaker held open by an operator", breaker=name, actor=actor, used_before=known
+    )
     return breakers.breaker_status(name)
 
 

@@ -202,7 +202,16 @@ class TaskSerializer(serializers.ModelSerializer):
 
 class WaitingOnSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(
-        choices=["approval", "event", "timer", "breaker", "retry", "worker", "operator"]
+        choices=[
+            "approval",
+            "event",
+            "timer",
+            "breaker",
+            "retry",
+            "admission",
+            "worker",
+            "operator",
+        ]
     )
     detail = serializers.CharField()
     since = serializers.DateTimeField(allow_null=True)

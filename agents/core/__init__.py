@@ -19,7 +19,10 @@ The flow is one way; a module imports only those below it::
     agents.models, audit               the store
 
     scheduler.Scheduler                the clock thread of every worker: retries,
-         |                             timers, deadlines, the sweep, DLQ reconciling
+         |                             timers, deadlines, the sweep, admissions,
+         |                             DLQ reconciling
+         +--> admission                fair sharing: per-owner limits, round-robin
+         |                             admission (also used by agents.services)
          +--> dead_letters             DLQ inbox -> DeadLetter rows; requeue
          +--> versions                 announce the agent versions this worker serves
          +--> dispatch, agents.scheduling

@@ -22,6 +22,7 @@ Messages are sent by task name, so this module imports no task and no engine.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -93,6 +94,9 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
         app.send_task(
             RUN_STEP,
             args=(str(task_id), step),
+            # When it was published: the worker observes the time in queue
+            # (agents_step_queue_seconds) when the step starts.
+            headers={"agents_published_at": time.time()},
             soft_time_limit=soft,
             time_limit=hard,
             retry=True,

@@ -58,6 +58,7 @@ from agents.core.leases import (
     lease_claim,
     lease_held,
     lease_owner_name,
+    lease_release_later,
     lease_release_values,
 )
 from agents.core.results import StepResult
@@ -135,12 +136,15 @@ def step_execute(
     step: int,
     message: Mapping[str, Any] | None = None,
     node: str = "local",
+    published_at: float | None = None,
 ) -> StepResult:
     """Run ``step`` of the task once, as its only live copy. Safe to call any number of
     times, concurrently, for the same step: at most one call runs the agent's code at a
     time, and only a call that holds the lease commits.
 
-    ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``).
+    ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``);
+    ``published_at`` the time (``time.time()``) its message was published, for the
+    time-in-queue metric.
     Retries are scheduled in the database (``agents.core.retries``), not by raising. A
     ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
     dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
@@ -151,7 +155,7 @@ def step_execute(
         waited, delay = 0.0, 0.5
         while True:
             try:
-                return _execute(task_id, step, dict(message or {}), owner)
+                return _execute(task_id, step, dict(message or {}), owner, published_at)
             except DATABASE_ERRORS as exc:
                 # The database is restarting or unreachable. Nothing can progress without
                 # it, so this step holds its message and waits, rather than failing a
@@ -159,6 +163,9 @@ def step_execute(
                 # owns its lease under ``owner`` and takes it back.
                 if waited >= settings.AGENTS["DATABASE_PATIENCE"]:
                     logger.error("database unavailable too long; message given back")
+                    # Its redelivery must not be taken for a death: release the lease
+                    # as soon as the database answers again.
+                    lease_release_later(task_id=task_id, owner=owner)
                     return StepResult.REQUEUE
                 logger.warning("database unavailable; the step waits", error=repr(exc))
                 with contextlib.suppress(*DATABASE_ERRORS):
@@ -176,7 +183,9 @@ _DROPPED = {
 }
 
 
-def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> StepResult:
+def _execute(
+    task_id: UUID, step: int, message: dict[str, Any], owner: str, published_at: float | None
+) -> StepResult:
     claim = lease_claim(task_id=task_id, step=step, owner=owner)
     if claim.verdict in _DROPPED:
         logger.info(_DROPPED[claim.verdict])
@@ -203,7 +212,7 @@ def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> S
         return StepResult.REFUSED
     with lease_held(task_id=task_id, fence=fence, owner=owner):
         try:
-            return _run(claim, agent, step, message)
+            return _run(claim, agent, step, message, published_at)
         except DeadlineReached:
             scheduling.task_time_out(task_id=task_id, actor=_actor())
             return StepResult.TIMED_OUT
@@ -226,7 +235,9 @@ def _execute(task_id: UUID, step: int, message: dict[str, Any], owner: str) -> S
             )
 
 
-def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> StepResult:
+def _run(
+    claim: Claim, agent: Agent, step: int, message: dict[str, Any], published_at: float | None
+) -> StepResult:
     task, checkpoint, fence = claim.task, claim.checkpoint, claim.fence
     assert task is not None
     task_id = task.pk
@@ -269,6 +280,10 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
         task_id=task_id, actor=_actor()
     ):
         return StepResult.STALE
+    if published_at is not None and not claim.took_over:
+        # Publish to start, for agents_step_queue_seconds (a take-over's time includes
+        # the copy that died, so it is left out).
+        metrics.step_started(agent=agent.name, queued_seconds=time.time() - published_at)
 
     events: list[tuple[str, dict[str, Any]]] = []
     if fresh:
@@ -288,6 +303,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
         events=events,
     )
     per_delivery, commit_every = checkpoint_policy(agent)
+    heads = [claim.audit_head]  # the chain head the claim read: good for the first commit
     done: list[_Done] = []
     while True:
         try:
@@ -303,7 +319,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
             return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
         done.append(record)
         if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
-            return _commit(task_id, fence, agent, done, hand_on=True)
+            return _commit(task_id, fence, agent, done, hand_on=True, audit_head=heads.pop())
         if len(done) >= commit_every:
             if _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
                 return StepResult.STALE
@@ -322,7 +338,7 @@ def _run(claim: Claim, agent: Agent, step: int, message: dict[str, Any]) -> Step
 def _commit_part(task: AgentTask, fence: int, agent: Agent, done: list[_Done]) -> StepResult:
     """Commit some steps of a delivery that goes on (keeping its lease and message), and
     note on ``task`` where it now is, for a failure recorded later."""
-    result = _commit(task.pk, fence, agent, done, hand_on=False)
+    result = _commit(task.pk, fence, agent, done, hand_on=False, audit_head=None)
     if result == StepResult.COMMITTED:
         task.current_step = done[-1].step + 1
     return result
@@ -359,7 +375,13 @@ def _step_once(
 ) -> _Done:
     """Run the agent's step and its tools, and check the outcome can be stored."""
     started = time.monotonic()
-    tool_run = ToolRun(task_id=ctx.task_id, owner_id=owner_id, step=ctx.step, events=events)
+    tool_run = ToolRun(
+        task_id=ctx.task_id,
+        owner_id=owner_id,
+        step=ctx.step,
+        events=events,
+        errors_as_results=agent.tool_errors_to_agent,
+    )
     with deadline_alarm(deadline):
         outcome = agent.step(ctx)
         if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):
@@ -502,7 +524,13 @@ def _resumption(task_id: UUID, step: int, checkpoint: Checkpoint) -> Resumption 
 
 
 def _commit(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    audit_head: tuple[int, str] | None,
 ) -> StepResult:
     """Write the checkpoints and audit events of ``done`` (consecutive steps, all but the
     last a ``Continue``) in one transaction, fenced, and advance the task past them.
@@ -510,13 +538,15 @@ def _commit(
     ``hand_on``: this delivery ends here, so release the lease and publish the next step
     (inside the transaction). Otherwise the delivery goes on (a batch of steps, or a
     failure of the next step to record) and keeps its lease and its message.
-    Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if the lease was lost.
+    ``audit_head``: the task's last audit event as the claim read it (see
+    ``AuditBatch``). Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if
+    the lease was lost.
     """
     last = done[-1].outcome
     if connection.vendor == "postgresql" and (
         not hand_on or isinstance(last, Continue | CallTools)
     ):
-        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on)
+        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on, head=audit_head)
         if result is not None:
             return result
     return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
@@ -561,7 +591,13 @@ def _committed(agent: Agent, done: list[_Done]) -> StepResult:
 
 
 def _commit_advance(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    head: tuple[int, str] | None,
 ) -> StepResult | None:
     """The hot path (PostgreSQL, the task only moves on): one fenced ``UPDATE ...
     RETURNING`` advances the task and reserves the audit sequence numbers, then one
@@ -612,7 +648,7 @@ def _commit_advance(
             audit_seq=audit_seq - events,
             deadline=deadline,
         )
-        audit = AuditBatch(task, actor=_actor())
+        audit = AuditBatch(task, actor=_actor(), head=head)
         _checkpoints_and_events(task, agent, done, audit)
         audit.flush()
         fault_point("before_commit", step=done[-1].step)

@@ -53,6 +53,7 @@ from django.db.models.functions import Greatest
 from agents.core import clock
 from agents.models import AgentTask, Checkpoint
 from agents.state_machine import RUNNABLE
+from audit.models import AuditEvent
 
 logger = structlog.get_logger(__name__)
 
@@ -97,6 +98,9 @@ class Claim:
     checkpoint: Checkpoint | None = None
     fence: int = 0
     took_over: bool = False
+    # (seq, hash) of the task's last audit event when the claim read it, so the step's
+    # commit continues the hash chain without reading it again (``AuditBatch``).
+    audit_head: tuple[int, str] | None = None
 
 
 def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
@@ -159,6 +163,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
     now = clock.now()
     task_table = AgentTask._meta.db_table
     checkpoint_table = Checkpoint._meta.db_table
+    audit_table = AuditEvent._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
@@ -171,10 +176,13 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
                AND (t.deadline IS NULL OR t.deadline > %(now)s)
          RETURNING t.fence, t.owner_id, t.agent_name, t.status, t.attempt, t.worker_losses,
-                   t.deadline, t.in_flight, t.agent_version,
+                   t.deadline, t.in_flight, t.audit_seq,
                    (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
                       FROM {checkpoint_table} AS c
-                     WHERE c.task_id = t.id AND c.step = %(step)s - 1)
+                     WHERE c.task_id = t.id AND c.step = %(step)s - 1),
+                   (SELECT a.hash FROM {audit_table} AS a
+                     WHERE a.task_id = t.id AND a.seq = t.audit_seq),
+                   t.agent_version
             """,
             {
                 "id": task_id,
@@ -187,7 +195,11 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, version, saved = row
+    (fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, seq, saved) = row[
+        :10
+    ]
+    audit_head = (seq, row[10] or "") if row[10] is not None or seq == 0 else None
+    version = row[11]
     task = AgentTask(
         id=task_id,
         owner_id=owner_id,
@@ -215,7 +227,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
             observations=observations,
             schema_version=schema_version,
         )
-    return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over=False)
+    return Claim(Verdict.CLAIMED, task, checkpoint, fence, took_over=False, audit_head=audit_head)
 
 
 def _read(task_id: UUID, step: int, *, confirm: bool) -> tuple[AgentTask | None, Checkpoint | None]:
@@ -317,19 +329,30 @@ def leases_hand_back(*, node: str) -> int:
 
 
 class _Heartbeat:
-    """One thread per process renewing the lease of the step this process runs."""
+    """One thread per process renewing the lease of the step this process runs, and
+    releasing the leases of steps whose message it gave back during a database outage
+    (once the database answers again), so their redelivery is not taken for a death."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: tuple[UUID, int, str] | None = None
+        self._to_release: set[tuple[UUID, str]] = set()
         self._wake = threading.Event()
         self._pid = 0
         self.lost = False
+
+    def release_later(self, task_id: UUID, owner: str) -> None:
+        with self._lock:
+            self._to_release.add((task_id, owner))
+        self._start()
 
     def hold(self, task_id: UUID, fence: int, owner: str) -> None:
         with self._lock:
             self._held = (task_id, fence, owner)
             self.lost = False
+        self._start()
+
+    def _start(self) -> None:
         if self._pid != os.getpid():
             # First use in this process (pool children are forked): start the thread.
             self._pid = os.getpid()
@@ -344,6 +367,9 @@ class _Heartbeat:
             self._wake.wait(lease_ttl() / 6)
             with self._lock:
                 held = self._held
+                to_release = set(self._to_release)
+            if to_release:
+                self._release(to_release)
             if held is None:
                 # Hold no connection while idle (most steps end before the first beat).
                 connection.close()
@@ -369,8 +395,28 @@ class _Heartbeat:
                     task_id=str(held[0]),
                 )
 
+    def _release(self, leases: set[tuple[UUID, str]]) -> None:
+        for task_id, owner in leases:
+            try:
+                # The owner names one delivery: a lease taken over since is not touched.
+                AgentTask.objects.filter(pk=task_id, lease_owner=owner).update(
+                    lease_owner="", lease_expires_at=None
+                )
+            except Exception:  # still away: try again next beat
+                with contextlib.suppress(Exception):
+                    connection.close()
+                return
+            with self._lock:
+                self._to_release.discard((task_id, owner))
+
 
 _heartbeat = _Heartbeat()
+
+
+def lease_release_later(*, task_id: UUID, owner: str) -> None:
+    """Release ``owner``'s lease as soon as the database answers: for a delivery that
+    gave its message back because the database stayed away."""
+    _heartbeat.release_later(task_id, owner)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clo
   act on (agents it knows, at a state version it can run), so rows it cannot act on
   never fill its batch; and only tasks pinned to a version this worker's code serves
   (``agents.core.versions``), so a parked step goes only to a worker of its version;
+- admits tasks waiting for their owner's limit of tasks running at once, round-robin
+  across owners (``agents.core.admission``);
 - every ``AGENTS_WORKER_TTL / 3`` seconds, announces the agent versions this worker
   serves (``rollout.WorkerVersion``); ``stop`` withdraws them;
 - every ``AGENTS_DLQ_RECONCILE_INTERVAL`` seconds, drains RabbitMQ's dead-letter queue
@@ -38,6 +40,7 @@ from django.db.models import Q, QuerySet
 
 from agents import scheduling
 from agents.core import clock
+from agents.core.admission import admissions_grant
 from agents.core.dead_letters import dead_letter_queue_reconcile
 from agents.core.dispatch import current_step_publish
 from agents.core.versions import worker_ttl, worker_versions_announce, worker_versions_withdraw
@@ -85,8 +88,9 @@ def deadlines_enforce(*, actor: str) -> int:
 def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
     """Runnable tasks whose current step nothing will run: no retry pending, no live
     lease and no message that can still arrive; limited to the agents this process
-    knows, at a state version it can run, pinned to a version it serves.
-    ``include_queued`` drops the lease and message conditions (an operator's
+    knows, at a state version it can run, pinned to a version it serves. Tasks waiting
+    for admission (``agents.core.admission``) are never stuck: they have no message on
+    purpose. ``include_queued`` drops the lease and message conditions (an operator's
     ``resume_stuck --include-queued`` after a queue was purged, or the demo after its
     worker was killed with its embedded broker's message)."""
     agents = registered_agents()
@@ -102,7 +106,9 @@ def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
             for name, a in agents.items()
         ),
     )
-    tasks = AgentTask.objects.filter(runnable_here, status__in=RUNNABLE, retry_at__isnull=True)
+    tasks = AgentTask.objects.filter(
+        runnable_here, status__in=RUNNABLE, retry_at__isnull=True, queued_for_admission=False
+    )
     if not include_queued:
         tasks = tasks.filter(in_flight__lte=0).filter(
             Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
@@ -169,6 +175,7 @@ def tick(*, actor: str) -> dict[str, int]:
         "wakeups": suspensions_expire(actor=actor),
         "deadlines": deadlines_enforce(actor=actor),
         "republished": stuck_tasks_republish(actor=actor),
+        "admitted": admissions_grant(),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
@@ -105,7 +106,8 @@ def test_an_operator_holds_a_breaker_open_closes_it_and_pre_opens_one_by_name(op
             pass
 
 
-def test_breakers_can_be_read_but_not_changed_without_the_permission(reader_client):
+def test_breakers_can_be_read_but_not_changed_without_the_permission(reader, reader_client):
+    reader.user_permissions.add(Permission.objects.get(codename="view_breaker"))
     page = reverse("admin-breakers")
     html = reader_client.get(page).content.decode()
     assert 'id="preopen"' not in html and "needs the permission" in html

@@ -15,7 +15,7 @@ from agents.services import task_start
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_an_ordinary_step_costs_seven_statements(user):
+def test_an_ordinary_step_costs_six_statements(user):
     script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
     task, _ = task_start(owner=user, agent="scripted", input={"script": script})
     assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED  # input cached
@@ -23,9 +23,7 @@ def test_an_ordinary_step_costs_seven_statements(user):
     with CaptureQueriesContext(connection) as queries:
         assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
-    # Claim the lease and read the checkpoint (one UPDATE ... RETURNING); then one
-    # transaction: advance the task, insert the checkpoint, read the hash the audit
-    # chain continues from, insert the audit events.
-    assert statements == ["UPDATE", "BEGIN", "UPDATE", "INSERT", "SELECT", "INSERT", "COMMIT"], (
-        statements
-    )
+    # Claim the lease and read the checkpoint and the audit chain's head (one UPDATE ...
+    # RETURNING); then one transaction: advance the task, insert the checkpoint, insert
+    # the audit events (sealed onto the head the claim read).
+    assert statements == ["UPDATE", "BEGIN", "UPDATE", "INSERT", "INSERT", "COMMIT"], statements

@@ -23,7 +23,8 @@ def test_recommend_follows_the_tail_with_headroom_and_a_floor():
     assert recommend(40.0) == 60
 
 
-def test_suggest_timeouts_reports_percentiles_and_applies_them(user):
+def test_suggest_timeouts_reports_percentiles_and_applies_them(user, settings):
+    settings.AGENTS = {**settings.AGENTS, "LEARN_MIN_SAMPLES": 9}
     script = [{"sleep": 0.05}, {"sleep": 0.05}, {"final": "ok"}]
     for _ in range(8):
         task_start(owner=user, agent="scripted", input={"script": script})
@@ -61,3 +62,33 @@ def test_suggest_timeouts_reports_percentiles_and_applies_them(user):
         assert step_time_limits(original) != (soft, hard), "agents that did not opt in keep theirs"
     finally:
         _REGISTRY["scripted"] = original
+
+
+def test_nothing_is_stored_from_fewer_samples_than_the_minimum(user, settings):
+    settings.AGENTS = {**settings.AGENTS, "LEARN_MIN_SAMPLES": 50}
+    for _ in range(3):
+        task_start(owner=user, agent="scripted", input={"script": [{"final": "ok"}]})
+    run_until_idle()
+    out = StringIO()
+    call_command("suggest_timeouts", "--agent", "scripted", "--apply", stdout=out)
+    assert "not stored scripted: 3 finished steps, at least 50 needed" in out.getvalue()
+    assert not LearnedLimit.objects.filter(agent_name="scripted").exists()
+
+
+def test_a_tasks_duration_leaves_out_the_time_it_waited_for_a_person(user):
+    from datetime import timedelta
+
+    from agents.models import AgentTask, Suspension
+
+    approval = [{"approval": "ok?"}, {"final": "done"}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": approval})
+    run_until_idle()
+    wait = Suspension.objects.get(task=task)
+    # The person took an hour to answer.
+    Suspension.objects.filter(pk=wait.pk).update(created_at=wait.created_at - timedelta(hours=1))
+    AgentTask.objects.filter(pk=task.pk).update(created_at=task.created_at - timedelta(hours=1))
+    call_command("approve", str(task.pk))
+    run_until_idle()
+    (whole,) = [r for r in duration_report(agents=["scripted"]) if r.kind == "(whole task)"]
+    assert whole.samples == 1
+    assert whole.p99 < 60, whole

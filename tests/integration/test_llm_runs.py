@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from agents.models import AgentTask, TaskStatus
+from agents.permissions import operator_group_ensure
 from agents.scheduling import task_approve
 from agents.services import task_start
 from audit.models import AuditEvent
@@ -28,7 +29,9 @@ TOOLS_MODULE = "tests.integration.llm_tools"
 
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user(username="olga", password="pw", is_staff=True)
+    olga = django_user_model.objects.create_user(username="olga", password="pw", is_staff=True)
+    olga.groups.add(operator_group_ensure())  # staff alone may not approve
+    return olga
 
 
 @pytest.fixture

@@ -25,14 +25,14 @@ from tests.integration import versioned_v1, versioned_v2
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-V1 = {"AGENTS_MODULES": "tests.integration.versioned_v1", "AGENTS_WORKER_TTL": "3"}
-V2 = {"AGENTS_MODULES": "tests.integration.versioned_v2", "AGENTS_WORKER_TTL": "3"}
+V1 = {"AGENTS_MODULES": "tests.integration.versioned_v1", "AGENTS_WORKER_TTL": "10"}
+V2 = {"AGENTS_MODULES": "tests.integration.versioned_v2", "AGENTS_WORKER_TTL": "10"}
 
 
 @pytest.fixture
 def api_code(settings):
     """The code of the process that accepts tasks (the API's), as a deploy swaps it."""
-    settings.AGENTS = {**settings.AGENTS, "WORKER_TTL": 3.0, "VERSION_RAMP": {}}
+    settings.AGENTS = {**settings.AGENTS, "WORKER_TTL": 10.0, "VERSION_RAMP": {}}
 
     def deploy(cls):
         register(cls)

@@ -77,6 +77,9 @@ def test_every_model_call_is_an_audit_event_and_the_usage_adds_up(chat, user):
     assert set(payload["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert payload["duration_ms"] >= 0
     calls = ModelCall.objects.filter(task=task)
+    first = calls.get(key=payload["key"]) if "key" in payload else calls.order_by("id")[0]
+    # Token counts are numbers in the trail, never masked as if they were secrets.
+    assert payload["usage"]["total_tokens"] == first.total_tokens > 0
     usage = task_usage(task_id=task.pk)
     assert usage["model_calls"] == 2
     assert usage["total_tokens"] == sum(c.total_tokens for c in calls) > 0
@@ -148,3 +151,17 @@ def test_a_cost_budget_counts_the_model_s_prices(chat, user, settings):
     assert task.status == "failed"
     assert "cost" in task.error and task.error.startswith("budget_exceeded")
     assert float(sum(c.cost for c in ModelCall.objects.filter(task=task))) <= 0.5
+
+
+def test_a_tool_s_permanent_error_goes_back_to_the_model_not_to_the_task(chat, user):
+    chat.script = [
+        {"tool_calls": [{"name": "calc", "arguments": {"expression": "2 +"}}]},
+        {"content": "that expression was incomplete"},
+    ]
+    task = finish(start(user, tools=["calc"]))
+    assert task.status == "completed", task.error
+    second = chat.received(task=task.pk)[1].body["messages"]
+    assert second[-1]["role"] == "tool"
+    assert second[-1]["content"].startswith("error:")
+    result = AuditEvent.objects.get(task=task, type="tool_result")
+    assert result.payload["ok"] is False

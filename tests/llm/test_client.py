@@ -94,7 +94,9 @@ def test_connection_failures_open_the_endpoint_s_breaker(settings):
 def test_the_rate_limit_is_shared_through_redis(chat, settings):
     import redis
 
-    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(f"*{settings.REDIS_KEY_PREFIX}:llm-*"):
+        client.delete(key)
     settings.LLM = {**settings.LLM, "MODELS": {"scripted": {"rpm": 2, "tpm": 100}}}
     config = model_config()
     rate_limit_acquire(config=config, tokens=10)

@@ -21,9 +21,9 @@ def flaky() -> Iterator[FlakyServer]:
 
 
 def _forget_breakers() -> None:
-    # Only the breaker keys, in this run's own Redis database (TEST_REDIS_URL).
+    # Only this run's breaker keys (AGENTS_REDIS_KEY_PREFIX, set by bin/test).
     client = redis.Redis.from_url(settings.REDIS_URL)
-    keys = list(client.scan_iter(match="agents:breaker*"))
+    keys = list(client.scan_iter(match=f"{breakers.PREFIX}*"))
     if keys:
         client.delete(*keys)
     breakers._BREAKERS.clear()

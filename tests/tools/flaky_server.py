@@ -105,6 +105,8 @@ class FlakyServer:
             with contextlib.suppress(OSError):
                 request.wfile.write(b"x" * size)
             return
+        if parts.path.startswith("/fail"):
+            mode = FAILING  # a path that always fails, whatever the mode (a 503)
         if mode == HANGING:
             # Never answer while hanging; the client gives up at its own timeout.
             self._release.wait(timeout=120)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pybreaker
 import pytest
@@ -16,7 +20,7 @@ from agents.definition import ToolCall
 from agents.errors import CircuitOpen, PermanentError, RetryableError, ToolArgumentError
 from agents.models import AgentTask, TaskStatus
 from agents.services import task_start
-from agents_project.errors import NotFound
+from agents_project.errors import InvalidInput, NotFound
 from audit.models import AuditEvent, DeadLetter, EventType
 from tests.helpers import run_until_idle, wait_until
 from tests.tools.flaky_server import FAILING, HANGING, HEALTHY
@@ -191,7 +195,10 @@ def test_a_failed_trial_opens_the_breaker_for_another_period(tight):
 
 def test_an_operator_holds_a_breaker_open_until_closing_it(tight):
     with pytest.raises(NotFound):
-        breaker_force_open(name="no-such-breaker", actor="test")
+        breaker_force_close(name="no-such-breaker", actor="test")
+    with pytest.raises(InvalidInput) as refused:
+        breaker_force_open(name="not a name", actor="test")
+    assert refused.value.field == "name"
     call(Dependency())
     status = breaker_force_open(name=NAME, actor="operator")
     assert (status.state, status.forced, status.remaining) == (OPEN, True, None)
@@ -249,12 +256,41 @@ def test_the_breakers_command_lists_and_forces_breakers(tight, capsys):
     call_command("breakers", "--open", NAME)
     assert "held open" in capsys.readouterr().out
     call_command("breakers", "--json")
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
-    assert (line["name"], line["state"], line["forced"]) == (NAME, OPEN, True)
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["name"], listed["state"], listed["forced"]) == (NAME, OPEN, True)
     call_command("breakers", "--close", NAME)
     assert breaker_get(name=NAME).state == CLOSED
     with pytest.raises(CommandError, match="no circuit breaker"):
-        call_command("breakers", "--open", "nope")
+        call_command("breakers", "--close", "nope")
+
+
+def test_a_breaker_nothing_has_used_yet_can_be_held_open_for_maintenance(tight, capsys):
+    name = "http:maintenance.example:443"
+    call_command("breakers", "--open", name)
+    captured = capsys.readouterr()
+    assert "has not been used yet" in captured.err
+    assert name in captured.out and OPEN in captured.out
+    healthy = Dependency()
+    with pytest.raises(CircuitOpen, match="held open"):
+        call(healthy, name=name)
+    assert healthy.calls == 0
+    call_command("breakers", "--close", name)
+    assert call(healthy, name=name) == "answer"
+
+
+def test_the_json_listing_is_an_empty_array_when_there_is_no_breaker():
+    # A namespace of its own (AGENTS_REDIS_KEY_PREFIX) in which nothing was ever used.
+    env = {**os.environ, "AGENTS_REDIS_KEY_PREFIX": f"empty-{uuid.uuid4().hex}"}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "breakers", "--json"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
 
 
 @pytest.mark.django_db
@@ -289,7 +325,7 @@ def test_an_open_breaker_answers_at_once_where_a_hanging_service_takes_its_timeo
     breaker_events = [p for t, p in run.events if t == EventType.BREAKER]
     assert breaker_events == [
         {
-            "breaker": f"http:127.0.0.1:{flaky.port}",
+            "breaker": f"http:127.0.0.1:{flaky.port}@owner:{user.pk}",
             "from": CLOSED,
             "to": OPEN,
             "failures": 3,
@@ -357,7 +393,8 @@ def test_an_outage_opens_the_breaker_tasks_wait_and_all_complete_after_it(
         workers.start(concurrency=3, **conf)
     get = {"tool": "http.get", "args": {"url": flaky.url("/data"), "timeout": 1}}
     ids = [start(user, get, {"final": "recovered"}).pk for _ in range(12)]
-    name = f"http:127.0.0.1:{flaky.port}"
+    # One owner: its own breaker opens, not the shared one (see test_tenant_breakers).
+    name = f"http:127.0.0.1:{flaky.port}@owner:{user.pk}"
     failures = AuditEvent.objects.filter(task_id__in=ids, type=EventType.STEP_FAILED)
 
     def waits_per_task() -> dict[uuid.UUID, int]:

@@ -22,6 +22,14 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        task = demo_run(out=self.stdout.write, llm=options["llm"])
+        try:
+            task = demo_run(out=self.stdout.write, llm=options["llm"])
+        except KeyboardInterrupt:
+            self.stdout.write("")
+            self.stdout.write(
+                "Interrupted. The task stays where it was: run the demo again and it "
+                "resumes from its last checkpoint."
+            )
+            raise SystemExit(130) from None
         if task.status != TaskStatus.COMPLETED:
             raise SystemExit(1)

@@ -37,9 +37,15 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"(recommended = p99 x {HEADROOM:g}, rounded up, at least 1 s)")
         if options["apply"]:
-            for limit in learned_limits_apply(rows=rows):
+            stored, refused = learned_limits_apply(rows=rows)
+            for limit in stored:
                 timeout = f"{limit.task_timeout:g} s" if limit.task_timeout else "none"
                 self.stdout.write(
                     f"stored {limit.agent_name}: step limit {limit.step_time_limit:g} s, "
                     f"task deadline {timeout}"
+                )
+            for skip in refused:
+                self.stdout.write(
+                    f"not stored {skip.agent}: {skip.samples} finished steps, at least "
+                    f"{skip.needed} needed (AGENTS_LEARN_MIN_SAMPLES)"
                 )

@@ -1,0 +1,136 @@
+"""The deployment files pass the same offline checks CI runs (bin/validate-deploy), the
+checks catch what they are for, and the image gets what it needs: a lock file it
+installs from, and a wheel with the templates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy import lockcheck
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def run(*argv: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_every_deployment_check_passes():
+    done = run(ROOT / "bin" / "validate-deploy")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all deployment checks passed" in done.stderr
+
+
+def test_the_compose_check_refuses_a_broken_start_up_order(tmp_path):
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(compose.replace("service_completed_successfully", "service_done", 1))
+    done = run(VENV_BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", broken)
+    assert done.returncode != 0
+    assert "service_done" in done.stdout
+
+
+def test_the_manifest_check_refuses_an_unknown_field(tmp_path):
+    worker = (ROOT / "docker" / "k8s" / "worker.yaml").read_text()
+    broken = tmp_path / "worker.yaml"
+    broken.write_text(worker.replace("terminationGracePeriodSeconds", "terminationGraceSeconds"))
+    done = run(VENV_BIN / "kubernetes-validate", "--strict", broken)
+    assert done.returncode != 0
+
+
+def test_the_dockerfile_check_refuses_a_root_image(tmp_path):
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(dockerfile.replace("USER 10001:10001", "USER root"))
+    done = run(VENV_BIN / "hadolint", broken)
+    assert done.returncode != 0
+    assert "DL3002" in done.stdout  # "Last USER should not be root"
+
+
+def test_compose_starts_in_order_with_healthchecks_and_restarts():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("postgres", "rabbitmq", "redis", "web", "worker", "flower"):
+        assert "healthcheck" in services[name], name
+        assert services[name]["restart"] == "unless-stopped", name
+    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("web", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"] == {"condition": "service_completed_successfully"}
+        assert deps["rabbitmq"] == {"condition": "service_healthy"}
+        assert services[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    # No secret has a default: compose refuses to start until docker/.env provides it.
+    env = services["web"]["environment"]
+    assert env["AGENTS_CREDENTIALS_KEY"].startswith("${AGENTS_CREDENTIALS_KEY:?")
+    assert env["DJANGO_SECRET_KEY"].startswith("${DJANGO_SECRET_KEY:?")
+    grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert grace > int(services["worker"]["environment"]["AGENTS_SHUTDOWN_GRACE"])
+
+
+def test_the_generated_env_file_has_a_real_credentials_key():
+    from cryptography.fernet import Fernet
+
+    done = run(sys.executable, ROOT / "docker" / "make-env.py")
+    assert done.returncode == 0, done.stderr
+    values = dict(
+        line.split("=", 1) for line in done.stdout.splitlines() if line and line[0] != "#"
+    )
+    Fernet(values["AGENTS_CREDENTIALS_KEY"])
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    for required in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_PASSWORD"):
+        assert "${" + required + ":?" in compose
+        assert values[required]
+
+
+def test_the_image_installs_exactly_the_locked_versions():
+    assert lockcheck.problems() == []
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "--requirement requirements.lock" in dockerfile
+    assert "--no-deps ." in dockerfile
+
+
+def test_kubernetes_pins_its_image_and_bounds_every_container():
+    for path in sorted((ROOT / "docker" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc.get("kind") not in ("Deployment", "Job"):
+                continue
+            pod = doc["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, path
+            for container in pod["containers"]:
+                assert not container["image"].endswith(":latest"), path
+                assert ":" in container["image"], path
+                assert {"requests", "limits"} <= set(container["resources"]), path
+                assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.timeout(600)
+def test_a_built_wheel_contains_the_templates(tmp_path):
+    done = run(sys.executable, "-m", "build", "--wheel", "--outdir", tmp_path, ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {
+        str(p.relative_to(ROOT))
+        for package in ("agents", "tools", "audit", "agents_project")
+        for p in (ROOT / package).rglob("templates/**/*")
+        if p.is_file()
+    }
+    assert "agents/templates/admin/agents/agenttask/change_form.html" in templates
+    assert templates <= names, templates - names
+    static = {
+        str(p.relative_to(ROOT))
+        for package in ("agents", "tools", "audit", "agents_project")
+        for p in (ROOT / package).rglob("static/**/*")
+        if p.is_file()
+    }
+    assert static <= names, static - names
