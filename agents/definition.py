@@ -179,7 +179,12 @@ class Agent:
 
     Class attributes a subclass may set:
 
-    - ``version``: the code's version, recorded on each task it starts.
+    - ``version``: the code's version, recorded on each task it starts. A task runs to
+      its end on workers whose code has that version (``agents.core.versions``); a
+      worker of another version refuses its steps, which wait for one that serves it.
+    - ``compatible_versions``: older versions whose tasks this code may take over
+      (declare one only when ``migrations`` cover its state schema and the step logic
+      accepts its states). A task taken over is pinned to this version from then on.
     - ``state_version`` and ``migrations``: the schema version of the state this code
       reads and writes, and for each older version N the function that turns a state
       of version N into version N + 1. A checkpoint written by older code is migrated
@@ -207,6 +212,7 @@ class Agent:
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    compatible_versions: ClassVar[Sequence[str]] = ()
     state_version: ClassVar[int] = 1
     migrations: ClassVar[Mapping[int, Migration]] = {}
     max_retries: ClassVar[int | None] = None
@@ -217,6 +223,11 @@ class Agent:
     commit_every: ClassVar[int] = 1
     tool_errors_to_agent: ClassVar[bool] = False
     max_running_per_owner: ClassVar[int | None] = None
+
+    def runs_version(self, version: str) -> bool:
+        """True if this code may run steps of a task started on agent ``version``: its
+        own version, or one it declares compatible."""
+        return version == self.version or version in self.compatible_versions
 
     def validate_input(self, input: Any) -> None:
         """Refuse input this agent can never run, with ``InvalidInput(field=...)``."""

@@ -321,6 +321,18 @@ def _waiting_on(
             "since": task.created_at,
             "until": None,
         }
+    if status in (TaskStatus.PENDING, TaskStatus.RUNNING) and task.needs_state_version is not None:
+        # Refused and parked (agents.core.engine): it waits for a worker that can run it.
+        if task.needs_state_version > 0:
+            needed = f"code that knows state schema {task.needs_state_version}"
+        else:
+            needed = f"{task.agent_name} version {task.agent_version}"
+        return {
+            "kind": "worker",
+            "detail": f"step {task.current_step} waits for a worker running {needed}",
+            "since": failure.created_at if failure is not None else task.updated_at,
+            "until": None,
+        }
     if status in (TaskStatus.PENDING, TaskStatus.RUNNING):
         return {
             "kind": "worker",

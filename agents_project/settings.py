@@ -41,6 +41,8 @@ INSTALLED_APPS = [
     "tools",
     "audit",
     "llm",
+    "evals",
+    "rollout",
 ]
 
 MIDDLEWARE = [
@@ -233,6 +235,11 @@ AGENTS = {
     "EVENTS_POLL_INTERVAL": env.float("AGENTS_EVENTS_POLL_INTERVAL", default=0.5),
     "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=3600.0),
     "EVENTS_HEARTBEAT": env.float("AGENTS_EVENTS_HEARTBEAT", default=15.0),
+    # Version-pinned runs (agents/core/versions.py): seconds a worker's announcement of
+    # the agent versions it serves stays live, and the share of new tasks (percent) per
+    # agent and version during a ramp, e.g. {"refunds": {"2": 10}}.
+    "WORKER_TTL": env.float("AGENTS_WORKER_TTL", default=15.0),
+    "VERSION_RAMP": env.json("AGENTS_VERSION_RAMP", default={}),
     # development | test | production. Fault injection needs "test".
     "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
     # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.
@@ -242,6 +249,21 @@ if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
     raise ImproperlyConfigured(
         "AGENTS_FAULT_INJECTION kills worker processes on purpose; it is refused unless "
         "AGENTS_ENVIRONMENT=test"
+    )
+
+_ramp = AGENTS["VERSION_RAMP"]
+if not isinstance(_ramp, dict) or not all(
+    isinstance(shares, dict)
+    and all(
+        isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p <= 100
+        for p in shares.values()
+    )
+    and sum(shares.values()) <= 100
+    for shares in _ramp.values()
+):
+    raise ImproperlyConfigured(
+        'AGENTS_VERSION_RAMP must be {"agent": {"version": percent}}, percents 0..100 '
+        "summing to at most 100 per agent"
     )
 
 # --- LLM agents (llm/): the model server, per-model settings, budgets ------------------

@@ -24,6 +24,9 @@ runtime decides):
   turns into a smaller request when its context policy can make one.
 - Any other 4xx (a bad key, an unknown model): ``PermanentError``.
 
+An evaluation run (``evals``) puts a transport in front of all this with
+``chat_transport``: it replays recorded replies, or records what the server answers.
+
 Per-model rate limits (``rpm``, ``tpm``) are counted in Redis by every worker together
 (``limits``' sliding-window counters); a call that would pass one waits for it with
 ``RetryLater``. Without Redis (the demo), each process counts alone.
@@ -34,7 +37,9 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -144,6 +149,35 @@ class ChatReply:
     duration_ms: float
 
 
+@dataclass(frozen=True)
+class ChatRequest:
+    """One request as a transport sees it: ``call`` is the runtime's key of the call
+    (``task id : step : purpose``, the ``X-Agents-Call`` header)."""
+
+    config: ModelConfig
+    messages: Sequence[dict[str, Any]]
+    tools: Sequence[dict[str, Any]]
+    call: str
+
+
+# (request, send) -> reply; ``send()`` makes the real request. None: always send.
+Transport = Callable[[ChatRequest, Callable[[], ChatReply]], ChatReply]
+_transport: ContextVar[Transport | None] = ContextVar("chat_transport", default=None)
+
+
+@contextmanager
+def chat_transport(transport: Transport) -> Iterator[None]:
+    """While the block runs, every ``chat_complete`` of this thread goes through
+    ``transport(request, send)``: it may answer from a recording without calling
+    ``send`` (no rate limit, breaker or network involved), or call ``send`` and keep
+    what it returns. Used by ``evals`` (``--replay`` and ``--live``)."""
+    token = _transport.set(transport)
+    try:
+        yield
+    finally:
+        _transport.reset(token)
+
+
 def chat_complete(
     *,
     config: ModelConfig,
@@ -161,6 +195,31 @@ def chat_complete(
     Breaker transitions this call causes are appended to ``transitions``. Raises the
     errors listed in the module docstring.
     """
+
+    def send() -> ChatReply:
+        return _chat_send(config, messages, tools, api_key, headers, estimated_tokens, transitions)
+
+    transport = _transport.get()
+    if transport is None:
+        return send()
+    request = ChatRequest(
+        config=config,
+        messages=messages,
+        tools=tools,
+        call=(headers or {}).get("X-Agents-Call", ""),
+    )
+    return transport(request, send)
+
+
+def _chat_send(
+    config: ModelConfig,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]],
+    api_key: str,
+    headers: dict[str, str] | None,
+    estimated_tokens: int,
+    transitions: list[Transition],
+) -> ChatReply:
     rate_limit_acquire(config=config, tokens=estimated_tokens)
     started = time.monotonic()
     completion = breaker_call(

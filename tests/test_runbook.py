@@ -10,6 +10,7 @@ otherwise), ``N`` (a step of it), ``EVENT`` (the event it waits for).
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_the_runbook_shows_the_commands_an_operator_needs():
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("command", runbook_commands())
-def test_a_runbook_command_runs_as_written(command, user, monkeypatch):
+def test_a_runbook_command_runs_as_written(command, user, monkeypatch, tmp_path):
     argv = shlex.split(command)[2:]
     name = argv[0]
     if name == "approve":
@@ -68,6 +69,10 @@ def test_a_runbook_command_runs_as_written(command, user, monkeypatch):
     else:
         task = completed(user)
     values = {"TASK_ID": str(task.pk), "N": "2", "EVENT": "paid"}
+    # The procedures' shell variables: the scripted agent, a case file and its baseline.
+    values |= {"$AGENT": "scripted", "$VERSION": "1.0"}
+    if name == "evaluate":
+        values |= _evaluation_files(tmp_path)
     args = [values.get(arg, arg) for arg in argv[1:]]
     monkeypatch.setattr("sys.stdin", io.StringIO("a-secret-value\n"))
     out, err = io.StringIO(), io.StringIO()
@@ -75,3 +80,18 @@ def test_a_runbook_command_runs_as_written(command, user, monkeypatch):
         call_command(name, *args, stdout=out, stderr=err)
     except SystemExit as exc:
         assert name in REPORTS_BY_EXIT_CODE and exc.code == 1, (command, exc, err.getvalue())
+
+
+def _evaluation_files(folder: Path) -> dict[str, str]:
+    """``$CASES`` (one case of the scripted agent), ``$BASELINE`` saved from it, and
+    where ``$REPORT`` goes."""
+    cases, baseline = folder / "cases.jsonl", folder / "baseline.json"
+    case = {
+        "id": "final",
+        "input": {"script": [{"final": "ok"}]},
+        "expect": {"answer_equals": "ok"},
+    }
+    cases.write_text(json.dumps(case) + "\n")
+    call_command("evaluate", str(cases), "--agent", "scripted", "--save-baseline", str(baseline),
+                 stdout=io.StringIO())  # fmt: skip
+    return {"$CASES": str(cases), "$BASELINE": str(baseline), "$REPORT": str(folder / "r.json")}

@@ -12,7 +12,8 @@ The flow is one way; a module imports only those below it::
          +--> retries                  retry later, fail, refuse, dead-letter (fenced)
          +--> agents.scheduling        suspend / resume / approve / cancel / time out
          +--> dispatch                 publish a step inside the transaction that makes
-         |                             it runnable (no task or engine import)
+         |                             it runnable (no task or engine import); or, for
+         |                             an in-process runner, collect it (evals)
          v
     clock                              the database's clock, for every comparison
     agents.models, audit               the store
@@ -23,7 +24,16 @@ The flow is one way; a module imports only those below it::
          +--> admission                fair sharing: per-owner limits, round-robin
          |                             admission (also used by agents.services)
          +--> dead_letters             DLQ inbox -> DeadLetter rows; requeue
+         +--> versions                 announce the agent versions this worker serves
          +--> dispatch, agents.scheduling
+
+    versions                           version-pinned runs: intake (newest served
+                                       version, ramp, holds), worker announcements;
+                                       the engine refuses a step of another version
+                                       (``Agent.runs_version``) and the sweep selects
+                                       only versions it serves; imports clock,
+                                       agents.definition and the store
+                                       (rollout.models) only
 
 ``faults`` holds the crash points the fault tests use; ``results`` the engine's answer.
 """

@@ -13,6 +13,9 @@ message before the commit waits on the row lock (``agents.core.leases``).
   step's checkpoint, which must not be lost to a broker outage, so a refused publish
   leaves the step to the stuck-task sweep instead (``in_flight`` back to 0).
 - ``current_step_publish`` is for services that resume a task (``agents.scheduling``).
+- ``publishes_collected`` is for an in-process runner (``python manage.py evaluate``):
+  while its block runs, this thread's publishes are collected in a list instead of
+  being sent, and the runner executes them itself (``engine.step_execute``).
 
 Messages are sent by task name, so this module imports no task and no engine.
 """
@@ -20,6 +23,9 @@ Messages are sent by task name, so this module imports no task and no engine.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from uuid import UUID
 
 import structlog
@@ -37,6 +43,27 @@ logger = structlog.get_logger(__name__)
 
 PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError)
 RUN_STEP = "agents.run_step"
+
+# The publishes of an in-process runner, ``(task id, step)`` in order; None: publish.
+_collected: ContextVar[list[tuple[UUID, int]] | None] = ContextVar("collected", default=None)
+
+
+@contextmanager
+def publishes_collected() -> Iterator[list[tuple[UUID, int]]]:
+    """While the block runs, every step publish of this thread (and context) is appended
+    to the yielded list as ``(task id, step)`` and sent nowhere: the caller runs those
+    steps itself with ``agents.core.engine.step_execute``, in order, and removes each
+    from the list as it does. Every other guarantee is unchanged: the publish still
+    happens inside the transaction that makes the step runnable and counts in
+    ``in_flight``, so the stuck-task sweep never publishes such a step a second time.
+    Used by ``evals`` (an evaluation run needs no broker); nested blocks each collect
+    their own."""
+    collected: list[tuple[UUID, int]] = []
+    token = _collected.set(collected)
+    try:
+        yield collected
+    finally:
+        _collected.reset(token)
 
 
 def step_time_limits(agent: Agent) -> tuple[float, float]:
@@ -58,6 +85,10 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
 
     Safe to call twice for the same step: the engine drops the second delivery.
     """
+    collected = _collected.get()
+    if collected is not None:
+        collected.append((task_id, step))
+        return
     soft, hard = step_time_limits(agent)
     try:
         app.send_task(

@@ -9,8 +9,9 @@ A delivery of ``(task id, step)`` goes through:
 2. the deadline and, when this delivery took over the lease of a holder that died,
    the count of lost workers: either may end the task here;
 3. the checkpoint of the previous step, migrated if older code wrote it; a step this
-   worker cannot run (agent unknown, checkpoint newer than its code) is refused and
-   parked until a worker that can run it sweeps it;
+   worker cannot run (agent unknown, checkpoint newer than its code, the task pinned
+   to another version of the agent: ``agents.core.versions``) is refused and parked
+   until a worker that can run it sweeps it;
 4. the agent's ``step``, then the tools it asked for, each with the idempotency key
    ``task id : step : call index``; no database transaction is open meanwhile, a
    heartbeat renews the lease, and an alarm stops the step at the task's deadline;
@@ -104,6 +105,7 @@ _ADVANCE_FIELDS = (
     "retry_at",
     "worker_losses",
     "state_version",
+    "agent_version",
     "audit_seq",
     "updated_at",
     "lease_owner",
@@ -241,6 +243,10 @@ def _run(
     task_id = task.pk
     if checkpoint is None:
         raise PermanentError(f"task {task_id} has no checkpoint {step - 1}")
+    # Checkpoint 0 of schema version 0: the process that accepted the task runs another
+    # version of the agent than the task's (``agents.core.versions``), so the worker of
+    # the task's version computes the ``initial_state`` of the input itself.
+    fresh = checkpoint.step == 0 and checkpoint.schema_version == 0
     if checkpoint.schema_version > agent.state_version:
         step_refuse(
             task_id=task_id,
@@ -255,6 +261,21 @@ def _run(
             actor=_actor(),
         )
         return StepResult.REFUSED
+    if not agent.runs_version(task.agent_version):
+        # Pinned to another version of the agent (``agents.core.versions``): park the
+        # step untouched; the sweep of a worker that serves the version publishes it.
+        step_refuse(
+            task_id=task_id,
+            step=step,
+            fence=fence,
+            needs_state_version=0,
+            reason=(
+                f"the task runs {agent.name} version {task.agent_version}; this worker "
+                f"serves version {agent.version}. The step waits for a worker of its version."
+            ),
+            actor=_actor(),
+        )
+        return StepResult.REFUSED
     if task.status == TaskStatus.PENDING and not scheduling.task_begin(
         task_id=task_id, actor=_actor()
     ):
@@ -265,7 +286,10 @@ def _run(
         metrics.step_started(agent=agent.name, queued_seconds=time.time() - published_at)
 
     events: list[tuple[str, dict[str, Any]]] = []
-    state = _migrate(agent, checkpoint, events)
+    if fresh:
+        state = agent.initial_state(_task_input(task_id))
+    else:
+        state = _migrate(agent, checkpoint, events)
     ctx = StepContext(
         task_id=task_id,
         step=step,
@@ -594,6 +618,7 @@ def _commit_advance(
                 UPDATE {AgentTask._meta.db_table}
                    SET current_step = %(next)s, attempt = 0, retry_at = NULL,
                        worker_losses = 0, state_version = %(version)s,
+                       agent_version = %(agent_version)s,
                        audit_seq = audit_seq + %(events)s, updated_at = %(now)s,
                        needs_state_version = NULL{release}
                  WHERE id = %(id)s AND fence = %(fence)s AND current_step = %(first)s
@@ -606,6 +631,7 @@ def _commit_advance(
                     "first": done[0].step,
                     "next": done[-1].step + 1,
                     "version": agent.state_version,
+                    "agent_version": agent.version,
                     "events": events,
                     "now": now,
                 },
@@ -675,6 +701,8 @@ def _commit_general(
         task.retry_at = None
         task.worker_losses = 0
         task.state_version = agent.state_version
+        # A compatible newer version that ran a step keeps the task from then on.
+        task.agent_version = agent.version
         task.updated_at = now
         task.needs_state_version = None
         if hand_on:

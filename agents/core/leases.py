@@ -181,7 +181,8 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                       FROM {checkpoint_table} AS c
                      WHERE c.task_id = t.id AND c.step = %(step)s - 1),
                    (SELECT a.hash FROM {audit_table} AS a
-                     WHERE a.task_id = t.id AND a.seq = t.audit_seq)
+                     WHERE a.task_id = t.id AND a.seq = t.audit_seq),
+                   t.agent_version
             """,
             {
                 "id": task_id,
@@ -198,10 +199,12 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         :10
     ]
     audit_head = (seq, row[10] or "") if row[10] is not None or seq == 0 else None
+    version = row[11]
     task = AgentTask(
         id=task_id,
         owner_id=owner_id,
         agent_name=agent_name,
+        agent_version=version,
         status=status,
         current_step=step,
         attempt=attempt,

@@ -11,9 +11,12 @@ Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clo
   while its holder then died. It never looks at the time since the last commit, so a
   long step or a long queue is never copied; and it selects only rows this worker can
   act on (agents it knows, at a state version it can run), so rows it cannot act on
-  never fill its batch;
+  never fill its batch; and only tasks pinned to a version this worker's code serves
+  (``agents.core.versions``), so a parked step goes only to a worker of its version;
 - admits tasks waiting for their owner's limit of tasks running at once, round-robin
   across owners (``agents.core.admission``);
+- every ``AGENTS_WORKER_TTL / 3`` seconds, announces the agent versions this worker
+  serves (``rollout.WorkerVersion``); ``stop`` withdraws them;
 - every ``AGENTS_DLQ_RECONCILE_INTERVAL`` seconds, drains RabbitMQ's dead-letter queue
   into ``DeadLetter`` rows (``agents.core.dead_letters``).
 
@@ -40,6 +43,7 @@ from agents.core import clock
 from agents.core.admission import admissions_grant
 from agents.core.dead_letters import dead_letter_queue_reconcile
 from agents.core.dispatch import current_step_publish
+from agents.core.versions import worker_ttl, worker_versions_announce, worker_versions_withdraw
 from agents.definition import registered_agents
 from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
 from agents.state_machine import RUNNABLE
@@ -84,11 +88,11 @@ def deadlines_enforce(*, actor: str) -> int:
 def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
     """Runnable tasks whose current step nothing will run: no retry pending, no live
     lease and no message that can still arrive; limited to the agents this process
-    knows, at a state version it can run. Tasks waiting for admission
-    (``agents.core.admission``) are never stuck: they have no message on purpose.
-    ``include_queued`` drops the lease and message
-    conditions (an operator's ``resume_stuck --include-queued`` after a queue was purged,
-    or the demo after its worker was killed with its embedded broker's message)."""
+    knows, at a state version it can run, pinned to a version it serves. Tasks waiting
+    for admission (``agents.core.admission``) are never stuck: they have no message on
+    purpose. ``include_queued`` drops the lease and message conditions (an operator's
+    ``resume_stuck --include-queued`` after a queue was purged, or the demo after its
+    worker was killed with its embedded broker's message)."""
     agents = registered_agents()
     if not agents:
         return AgentTask.objects.none()
@@ -97,6 +101,7 @@ def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
         or_,
         (
             Q(agent_name=name)
+            & Q(agent_version__in=[a.version, *a.compatible_versions])
             & (Q(needs_state_version__isnull=True) | Q(needs_state_version__lte=a.state_version))
             for name, a in agents.items()
         ),
@@ -183,6 +188,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reconciled_at = float("-inf")
+        self._announced_at = float("-inf")
+        # The worker, as it announces the versions it serves: its main process.
+        self.worker = process_actor("worker")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="agents-scheduler", daemon=True)
@@ -192,11 +200,25 @@ class Scheduler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        try:
+            worker_versions_withdraw(worker=self.worker)
+        except Exception:
+            # The database may be away: the announcement then expires by itself.
+            logger.exception("could not withdraw this worker's versions")
+        finally:
+            connection.close()
+
+    def announce(self) -> None:
+        """Announce the versions this worker serves, at most every ``WORKER_TTL / 3``."""
+        if time.monotonic() - self._announced_at >= worker_ttl() / 3:
+            worker_versions_announce(worker=self.worker)
+            self._announced_at = time.monotonic()
 
     def _run(self) -> None:
         logger.info("scheduler started", interval=self.interval)
         while not self._stop.wait(self.interval):
             try:
+                self.announce()
                 tick(actor=self.actor)
                 every = settings.AGENTS["DLQ_RECONCILE_INTERVAL"]
                 if every > 0 and time.monotonic() - self._reconciled_at >= every:

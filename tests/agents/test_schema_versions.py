@@ -40,6 +40,8 @@ class CounterV1(Agent):
 class CounterV3(Agent):
     name = "counter"
     version = "3.0"
+    # Its migrations cover version 1.0's states: it takes over 1.0's tasks.
+    compatible_versions = ("1.0",)
     state_version = 3
     migrations = {1: v1_to_v2, 2: v2_to_v3}
 
