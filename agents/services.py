@@ -17,6 +17,7 @@ from agents.core import clock
 from agents.core.admission import admission_needed
 from agents.core.dispatch import step_publish
 from agents.core.leases import task_creation_lock
+from agents.core.versions import version_for_new_task
 from agents.definition import get_agent
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
@@ -76,12 +77,17 @@ def task_start(
         if existing is not None:
             return existing, False
     try:
+        # The version intake pins the task to (``agents.core.versions``): the newest one
+        # live workers serve, or the AGENTS_VERSION_RAMP split. When it is not this
+        # process's code, the task's own worker computes the initial state at step 1.
+        version = version_for_new_task(agent=definition)
+        local = version == definition.version
         with transaction.atomic():
             queued = admission_needed(owner_id=owner.pk, agent=definition)
             task = AgentTask.objects.create(
                 owner=owner,
                 agent_name=definition.name,
-                agent_version=definition.version,
+                agent_version=version,
                 input=input,
                 state_version=definition.state_version,
                 deadline=deadline,
@@ -93,15 +99,15 @@ def task_start(
             Checkpoint.objects.create(
                 task=task,
                 step=0,
-                state=definition.initial_state(input),
-                schema_version=definition.state_version,
+                state=definition.initial_state(input) if local else {},
+                schema_version=definition.state_version if local else 0,
             )
             audit = AuditBatch(task, actor=actor or user_actor(owner))
             audit.add(
                 EventType.CREATED,
                 {
                     "agent": definition.name,
-                    "version": definition.version,
+                    "version": version,
                     "input": input,
                     "deadline": deadline.isoformat() if deadline else None,
                     "idempotency_key": idempotency_key,
@@ -155,7 +161,7 @@ def task_replay(
         task = AgentTask.objects.create(
             owner=new_owner,
             agent_name=original.agent_name,
-            agent_version=definition.version,
+            agent_version=version_for_new_task(agent=definition),
             input=original.input,
             state_version=checkpoint.schema_version,
             current_step=checkpoint.step + 1,

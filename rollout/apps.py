@@ -5,7 +5,3 @@ class RolloutConfig(AppConfig):
     name = "rollout"
     verbose_name = "Agent versions and rollout"
     default_auto_field = "django.db.models.BigAutoField"
-
-    def ready(self) -> None:
-        # New tasks get the version intake chooses (``agents.core.versions``).
-        from rollout import receivers  # noqa: F401
