@@ -2,7 +2,8 @@
 done twice. Usable in-process, or as ``python -m tests.integration.scenario`` against
 other servers (the database-restart test runs on a private PostgreSQL).
 
-    python -m tests.integration.scenario create N      -> prints task ids, one per line
+    python -m tests.integration.scenario create N [S]  -> prints task ids, one per line
+                                                          (S: the sleep step's seconds)
     python -m tests.integration.scenario check ID...   -> prints the problems found (JSON)
     python -m tests.integration.scenario flood N       -> POSTs N tasks to the API; prints
                                                           each answer's status, Retry-After
@@ -127,7 +128,10 @@ def main(argv: list[str]) -> None:
     django.setup()
     command, *rest = argv
     if command == "create":
-        print("\n".join(create(int(rest[0]))))
+        # create N [SLEEP]: the script's sleep step takes SLEEP seconds (same steps).
+        sleep = float(rest[1]) if len(rest) > 1 else None
+        script = [{"sleep": sleep} if "sleep" in e and sleep else e for e in SCRIPT]
+        print("\n".join(create(int(rest[0]), script=script)))
     elif command == "finished":
         print(json.dumps(finished(rest)))
     elif command == "check":

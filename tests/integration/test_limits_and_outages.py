@@ -274,7 +274,8 @@ def test_a_database_outage_longer_than_patience_gives_the_message_back(workers):
             timeout=120,
         )
         workers.start(concurrency=2, **env)
-        ids = scenario.run(env, "create", "6").split()
+        # Steps that sleep 4 s: some are running when the database goes away.
+        ids = scenario.run(env, "create", "6", "4").split()
 
         def count(sql: str) -> int:
             try:
