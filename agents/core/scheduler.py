@@ -27,6 +27,7 @@ row and re-checks it, skipping rows another scheduler holds.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -216,7 +217,10 @@ class Scheduler:
 
     def _run(self) -> None:
         logger.info("scheduler started", interval=self.interval)
-        while not self._stop.wait(self.interval):
+        # Jittered: the sweeps of many workers then publish at varied moments, so the
+        # broker's round-robin cannot hand a parked step to the wrong version's worker
+        # in lock-step, tick after tick.
+        while not self._stop.wait(self.interval * random.uniform(0.5, 1.5)):
             try:
                 self.announce()
                 tick(actor=self.actor)
