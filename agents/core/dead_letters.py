@@ -28,6 +28,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agents.core.dispatch import current_step_publish
+from agents.core.leases import RELEASE_FIELDS
 from agents.core.retries import dead_letter_record
 from agents.definition import registered_agents
 from agents.models import AgentTask, TaskStatus
@@ -134,16 +135,7 @@ def _reconcile_one(message: Any, *, actor: str) -> int:
             message={"args": [str(task_id), step], "headers": _plain(message.headers)},
         )
         audit.flush()
-        task.save(
-            update_fields=(
-                "audit_seq",
-                "error",
-                "in_flight",
-                "lease_owner",
-                "lease_expires_at",
-                *TRANSITION_FIELDS,
-            )
-        )
+        task.save(update_fields=("audit_seq", "error", *RELEASE_FIELDS, *TRANSITION_FIELDS))
     return 1
 
 

@@ -51,6 +51,7 @@ from agents import scheduling
 from agents.core import clock, dispatch
 from agents.core.faults import fault_point
 from agents.core.leases import (
+    RELEASE_FIELDS,
     Claim,
     DeadlineReached,
     Verdict,
@@ -113,8 +114,6 @@ _ADVANCE_FIELDS = (
     "in_flight",
     "needs_state_version",
 )
-
-_RELEASE_FIELDS = ("lease_owner", "lease_expires_at", "in_flight")
 
 _OUTCOME_NAMES = {
     Continue: "continue",
@@ -677,7 +676,7 @@ def _commit_general(
         publish_next = False
         fields = list(_ADVANCE_FIELDS)
         if not hand_on:
-            fields = [f for f in fields if f not in _RELEASE_FIELDS]
+            fields = [f for f in fields if f not in RELEASE_FIELDS]
         elif task.status != TaskStatus.RUNNING:
             # Cancelled or timed out while the step ran: keep its work, start nothing new.
             logger.info("step recorded after the task stopped", status=task.status)

@@ -313,6 +313,10 @@ def _in_flight_drop(task_id: UUID, step: int) -> None:
     )
 
 
+# The fields a write that ends a delivery saves: its lease and its count of messages.
+RELEASE_FIELDS = ("lease_owner", "lease_expires_at", "in_flight")
+
+
 def lease_release_values() -> dict[str, object]:
     """The fields that end a lease, for a write that also ends the step's delivery."""
     return {"lease_owner": "", "lease_expires_at": None}

@@ -33,7 +33,7 @@ from django.conf import settings
 from django.db import transaction
 
 from agents.core import clock
-from agents.core.leases import lease_release_values
+from agents.core.leases import RELEASE_FIELDS, lease_release_values
 from agents.core.results import StepResult
 from agents.definition import Agent
 from agents.errors import RetryableError
@@ -46,7 +46,6 @@ from audit.services import AuditBatch
 logger = structlog.get_logger(__name__)
 
 Events = list[tuple[str, dict[str, Any]]]
-_RELEASE_FIELDS = ("lease_owner", "lease_expires_at", "in_flight")
 
 
 def safe_text(text: Any) -> str:
@@ -59,10 +58,6 @@ def _storable(events: Events) -> Events:
     """The step's events, made storable: a failure is recorded even when what the step
     produced is what the database refused."""
     return [(kind, json_storable(payload)) for kind, payload in events]
-
-
-def _error_text(error: BaseException) -> str:
-    return safe_text(error)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -152,13 +147,13 @@ def retry_or_dead_letter(
             audit,
             step=step,
             reason=DeadLetter.Reason.RETRIES_EXHAUSTED,
-            error=f"{type(error).__name__}: {_error_text(error)}",
+            error=f"{type(error).__name__}: {safe_text(error)}",
             tb=safe_text("".join(traceback.format_exception(error))),
             message=message,
         )
         audit.flush()
         task.save(
-            update_fields=("attempt", "audit_seq", "error", *_RELEASE_FIELDS, *TRANSITION_FIELDS)
+            update_fields=("attempt", "audit_seq", "error", *RELEASE_FIELDS, *TRANSITION_FIELDS)
         )
     return StepResult.DEAD_LETTERED
 
@@ -171,7 +166,7 @@ def _retry_later(
     audit.add(
         EventType.STEP_FAILED,
         {
-            "error": _error_text(error),
+            "error": safe_text(error),
             "error_type": type(error).__name__,
             "attempt": task.attempt,
             "retry_in_seconds": round(delay, 3),
@@ -183,14 +178,14 @@ def _retry_later(
     task.updated_at = now
     _end_delivery(task)
     audit.flush()
-    task.save(update_fields=("attempt", "retry_at", "audit_seq", "updated_at", *_RELEASE_FIELDS))
+    task.save(update_fields=("attempt", "retry_at", "audit_seq", "updated_at", *RELEASE_FIELDS))
 
 
 def step_fail(
     *, task_id: UUID, step: int, fence: int, error: BaseException, events: Events, actor: str
 ) -> StepResult:
     """A permanent error: the task ends ``failed``; what the step did is still recorded."""
-    logger.warning("step failed permanently", error=_error_text(error))
+    logger.warning("step failed permanently", error=safe_text(error))
     with transaction.atomic():
         task = task_lock_if_current(task_id=task_id, step=step, fence=fence)
         if task is None:
@@ -200,7 +195,7 @@ def step_fail(
         audit.add(
             EventType.STEP_FAILED,
             {
-                "error": _error_text(error),
+                "error": safe_text(error),
                 "error_type": type(error).__name__,
                 "permanent": True,
                 "attempt": task.attempt + 1,
@@ -208,11 +203,11 @@ def step_fail(
             },
             step=step,
         )
-        task.error = _error_text(error)
+        task.error = safe_text(error)
         _end_delivery(task)
         transition(task, TaskStatus.FAILED, audit=audit, reason=task.error)
         audit.flush()
-        task.save(update_fields=("error", "audit_seq", *_RELEASE_FIELDS, *TRANSITION_FIELDS))
+        task.save(update_fields=("error", "audit_seq", *RELEASE_FIELDS, *TRANSITION_FIELDS))
     return StepResult.FAILED
 
 
@@ -235,7 +230,7 @@ def step_refuse(
             return
         task.needs_state_version = needs_state_version
         _end_delivery(task)
-        fields = ["needs_state_version", *_RELEASE_FIELDS]
+        fields = ["needs_state_version", *RELEASE_FIELDS]
         said = AuditEvent.objects.filter(
             task_id=task_id, step=step, type=EventType.SCHEMA_REFUSED, payload__reason=reason
         ).exists()
@@ -272,7 +267,7 @@ def worker_loss_record(
                 tb="",
                 message=message,
             )
-            fields += ["error", *_RELEASE_FIELDS, *TRANSITION_FIELDS]
+            fields += ["error", *RELEASE_FIELDS, *TRANSITION_FIELDS]
         audit.flush()
         task.save(update_fields=fields)
     if dead:
