@@ -98,12 +98,17 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=600)
     # A reused connection is checked before use, so a worker survives a database restart.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-    # Parameters bound by the server, so psycopg prepares the statements a worker sends
-    # on every step (after five uses) and PostgreSQL stops parsing and planning them
-    # (Django's PostgreSQL notes, "Server-side parameters binding"; psycopg's
-    # prepare_threshold).
+    # Parameters bound by the server, and statements prepared once a connection has run
+    # them DB_PREPARE_THRESHOLD times, so PostgreSQL stops parsing and planning the ones
+    # a worker sends on every step (Django's PostgreSQL notes, "Server-side parameters
+    # binding"; psycopg's prepare_threshold, which Django sets to None, preparing
+    # nothing, unless told). "none" behind a pooler in transaction mode.
     DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = env.bool(
         "DB_SERVER_SIDE_BINDING", default=True
+    )
+    _threshold = env.str("DB_PREPARE_THRESHOLD", default="2")
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
+        None if _threshold.lower() in {"", "none", "off"} else int(_threshold)
     )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -94,27 +94,40 @@ class AuditBatch:
     def __len__(self) -> int:
         return len(self._events)
 
-    def flush(self) -> None:
-        if not self._events:
-            return
+    def seal(self) -> list[AuditEvent]:
+        """Number the collected events after ``task.audit_seq``, time-stamp them and chain
+        each to the one before it (``audit.integrity``), advance ``task.audit_seq`` past
+        them and hand them over, unsaved: the caller inserts them in its transaction
+        (``flush`` does). The task counters they imply are counted when it commits.
+
+        Raises ``RuntimeError`` outside a transaction.
+        """
+        events, self._events = self._events, []
+        if not events:
+            return []
         if not transaction.get_connection().in_atomic_block:
             raise RuntimeError("audit events are written in the transaction of their change")
         now = timezone.now()
-        # Each event is chained to the one before it in its task (audit.integrity); the
-        # row lock the caller holds keeps the chain linear.
+        # The row lock the caller holds (or the fenced UPDATE that checks audit_seq)
+        # keeps the chain linear.
         if self.head is not None and self.head[0] == self.task.audit_seq:
             prev_hash = self.head[1]
         else:
             prev_hash = _last_hash(self.task)
-        for offset, event in enumerate(self._events, start=1):
+        for offset, event in enumerate(events, start=1):
             event.seq = self.task.audit_seq + offset
             event.created_at = now
             event_seal(event, prev_hash=prev_hash)
             prev_hash = event.hash
-        AuditEvent.objects.bulk_create(self._events)
-        self.task.audit_seq += len(self._events)
-        _count_when_committed(self.task.agent_name, self._events)
-        self._events = []
+        self.task.audit_seq += len(events)
+        _count_when_committed(self.task.agent_name, events)
+        return events
+
+    def flush(self) -> None:
+        """Seal the collected events (``seal``) and insert them with one INSERT."""
+        events = self.seal()
+        if events:
+            AuditEvent.objects.bulk_create(events)
 
 
 @dataclass(frozen=True)

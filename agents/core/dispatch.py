@@ -22,7 +22,10 @@ Messages are sent by task name, so this module imports no task and no engine.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -90,21 +93,50 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
         collected.append((task_id, step))
         return
     soft, hard = step_time_limits(agent)
+    args = (str(task_id), step)
+    # What ``app.send_task`` sends, without its per-call routing, configuration lookups
+    # and argument repr (1.4 ms of CPU per publish against 0.5 ms here, on the
+    # project's benchmark machine, the broker's confirm in neither): the message is
+    # built by Celery's own ``app.amqp.as_task_v2`` (task message protocol 2, as a
+    # worker reads it) and published to the work queue by a producer of the app's
+    # pool (kombu ``Producer.publish``, with its retries).
+    message = app.amqp.as_task_v2(
+        str(uuid.uuid4()),
+        RUN_STEP,
+        args=args,
+        kwargs={},
+        time_limit=hard,
+        soft_time_limit=soft,
+        ignore_result=True,
+        origin=f"{_HOST}:{os.getpid()}",
+        argsrepr=repr(args),
+        kwargsrepr="{}",
+    )
+    # When it was published: the worker observes the time in queue
+    # (agents_step_queue_seconds) when the step starts.
+    message.headers["agents_published_at"] = time.time()
+    queue = app.amqp.queues[settings.AGENTS["QUEUE"]]
     try:
-        app.send_task(
-            RUN_STEP,
-            args=(str(task_id), step),
-            # When it was published: the worker observes the time in queue
-            # (agents_step_queue_seconds) when the step starts.
-            headers={"agents_published_at": time.time()},
-            soft_time_limit=soft,
-            time_limit=hard,
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-        )
+        with app.producer_pool.acquire(block=True) as producer:
+            producer.publish(
+                message.body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                serializer="json",
+                headers=message.headers,
+                delivery_mode=2,
+                declare=[queue],
+                retry=True,
+                retry_policy=_RETRY_POLICY,
+                **message.properties,
+            )
     except PUBLISH_ERRORS as exc:
         logger.warning("step publish refused", task_id=str(task_id), step=step, error=repr(exc))
         raise Backpressure("the work queue cannot take more work now") from exc
+
+
+_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+_HOST = socket.gethostname()
 
 
 def step_publish_in_commit(*, task: AgentTask, agent: Agent) -> None:

@@ -90,7 +90,7 @@ from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.state_machine import TRANSITION_FIELDS, transition
 from agents.validation import json_path_check
 from agents_project import metrics
-from audit.models import EventType
+from audit.models import AuditEvent, EventType
 from audit.services import AuditBatch, process_actor
 from tools.runner import ToolRun, tools_run
 
@@ -302,25 +302,26 @@ def _run(
         events=events,
     )
     per_delivery, commit_every = checkpoint_policy(agent)
-    heads = [claim.audit_head]  # the chain head the claim read: good for the first commit
+    # The audit chain's head as the claim read it, then as each commit left it.
+    chain = _Chain(claim.audit_head)
     done: list[_Done] = []
     while True:
         try:
             record = _step_once(agent, ctx, task.owner_id, task.deadline, events)
         except DeadlineReached:
             if done:
-                _commit_part(task, fence, agent, done)
+                _commit_part(task, fence, agent, done, chain)
             raise
         except Exception as exc:
             # The steps of this delivery before this one succeeded: keep them first.
-            if done and _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
+            if done and _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
                 return StepResult.STALE
             return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
         done.append(record)
         if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
-            return _commit(task_id, fence, agent, done, hand_on=True, audit_head=heads.pop())
+            return _commit(task_id, fence, agent, done, hand_on=True, chain=chain)
         if len(done) >= commit_every:
-            if _commit_part(task, fence, agent, done) != StepResult.COMMITTED:
+            if _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
                 return StepResult.STALE
             done = []
         events = []
@@ -334,10 +335,12 @@ def _run(
         )
 
 
-def _commit_part(task: AgentTask, fence: int, agent: Agent, done: list[_Done]) -> StepResult:
+def _commit_part(
+    task: AgentTask, fence: int, agent: Agent, done: list[_Done], chain: _Chain
+) -> StepResult:
     """Commit some steps of a delivery that goes on (keeping its lease and message), and
     note on ``task`` where it now is, for a failure recorded later."""
-    result = _commit(task.pk, fence, agent, done, hand_on=False, audit_head=None)
+    result = _commit(task.pk, fence, agent, done, hand_on=False, chain=chain)
     if result == StepResult.COMMITTED:
         task.current_step = done[-1].step + 1
     return result
@@ -351,6 +354,14 @@ def checkpoint_policy(agent: Agent) -> tuple[int, int]:
     per_delivery = max(int(override.get("steps_per_delivery", agent.steps_per_delivery)), 1)
     commit_every = max(int(override.get("commit_every", agent.commit_every)), 1)
     return per_delivery, min(commit_every, per_delivery)
+
+
+@dataclass
+class _Chain:
+    """The task's audit chain head ``(seq, hash)`` as this delivery last knew it (from
+    its claim, then from its own commits); None when unknown (read at the commit)."""
+
+    head: tuple[int, str] | None
 
 
 @dataclass
@@ -529,7 +540,7 @@ def _commit(
     done: list[_Done],
     *,
     hand_on: bool,
-    audit_head: tuple[int, str] | None,
+    chain: _Chain,
 ) -> StepResult:
     """Write the checkpoints and audit events of ``done`` (consecutive steps, all but the
     last a ``Continue``) in one transaction, fenced, and advance the task past them.
@@ -537,17 +548,18 @@ def _commit(
     ``hand_on``: this delivery ends here, so release the lease and publish the next step
     (inside the transaction). Otherwise the delivery goes on (a batch of steps, or a
     failure of the next step to record) and keeps its lease and its message.
-    ``audit_head``: the task's last audit event as the claim read it (see
-    ``AuditBatch``). Raises ``DeadlineReached`` if the deadline passed; ``STALE`` if
-    the lease was lost.
+    ``chain``: the task's last audit event as this delivery knows it (see
+    ``AuditBatch``), updated by a commit on the hot path. Raises ``DeadlineReached`` if
+    the deadline passed; ``STALE`` if the lease was lost.
     """
     last = done[-1].outcome
     if connection.vendor == "postgresql" and (
         not hand_on or isinstance(last, Continue | CallTools)
     ):
-        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on, head=audit_head)
+        result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on, chain=chain)
         if result is not None:
             return result
+    chain.head = None
     return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
 
 
@@ -573,6 +585,10 @@ def _checkpoints_and_events(
         )
         for record in done
     )
+    _events_add(audit, done)
+
+
+def _events_add(audit: AuditBatch, done: list[_Done]) -> None:
     for record in done:
         audit.add_all(record.events, step=record.step)
         audit.add(
@@ -596,13 +612,13 @@ def _commit_advance(
     done: list[_Done],
     *,
     hand_on: bool,
-    head: tuple[int, str] | None,
+    chain: _Chain,
 ) -> StepResult | None:
-    """The hot path (PostgreSQL, the task only moves on): one fenced ``UPDATE ...
-    RETURNING`` advances the task and reserves the audit sequence numbers, then one
-    INSERT for the checkpoints and one for the events. None: not applicable (lease
-    lost, deadline passed); the general path finds out which."""
-    events = sum(len(record.events) + 1 for record in done)
+    """The hot path (PostgreSQL, the task only moves on): one statement advances the
+    task, fenced, and inserts the checkpoints and the audit events, sealed onto the
+    chain head this delivery knows; then the next step's publish and the commit. None:
+    not applicable (lease lost, deadline passed, or another writer added audit events
+    meanwhile); nothing was written and the general path finds out which."""
     now = clock.now()
     release = (
         ", lease_owner = '', lease_expires_at = NULL,"
@@ -611,19 +627,17 @@ def _commit_advance(
         else ""
     )
     with transaction.atomic():
+        head = chain.head or _audit_head(task_id)
+        task = AgentTask(
+            id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
+        )
+        audit = AuditBatch(task, actor=_actor(), head=head)
+        _events_add(audit, done)
+        events = audit.seal()
+        created = events[0].created_at
         with connection.cursor() as cursor:
             cursor.execute(
-                f"""
-                UPDATE {AgentTask._meta.db_table}
-                   SET current_step = %(next)s, attempt = 0, retry_at = NULL,
-                       worker_losses = 0, state_version = %(version)s,
-                       agent_version = %(agent_version)s,
-                       audit_seq = audit_seq + %(events)s, updated_at = %(now)s,
-                       needs_state_version = NULL{release}
-                 WHERE id = %(id)s AND fence = %(fence)s AND current_step = %(first)s
-                   AND (deadline IS NULL OR deadline > %(now)s)
-             RETURNING status, audit_seq, deadline
-                """,
+                _ADVANCE_SQL.format(release=release),
                 {
                     "id": task_id,
                     "fence": fence,
@@ -631,30 +645,89 @@ def _commit_advance(
                     "next": done[-1].step + 1,
                     "version": agent.state_version,
                     "agent_version": agent.version,
-                    "events": events,
+                    "seq": head[0],
+                    "last_seq": task.audit_seq,
                     "now": now,
+                    "created": created,
+                    "checkpoints": json.dumps(
+                        [
+                            {"step": r.step, "state": r.state, "observations": _observations(r)}
+                            for r in done
+                        ]
+                    ),
+                    "events": json.dumps(
+                        [
+                            {
+                                "seq": e.seq,
+                                "type": e.type,
+                                "step": e.step,
+                                "payload": e.payload,
+                                "actor": e.actor,
+                                "prev_hash": e.prev_hash,
+                                "hash": e.hash,
+                            }
+                            for e in events
+                        ]
+                    ),
                 },
             )
             row = cursor.fetchone()
         if row is None:
+            transaction.set_rollback(True)  # nothing was written; forget the counters
             return None
-        status, audit_seq, deadline = row
-        task = AgentTask(
-            id=task_id,
-            agent_name=agent.name,
-            status=status,
-            current_step=done[-1].step + 1,
-            audit_seq=audit_seq - events,
-            deadline=deadline,
-        )
-        audit = AuditBatch(task, actor=_actor(), head=head)
-        _checkpoints_and_events(task, agent, done, audit)
-        audit.flush()
+        task.status = row[0]
         fault_point("before_commit", step=done[-1].step)
-        if hand_on and status == TaskStatus.RUNNING:
+        if hand_on and task.status == TaskStatus.RUNNING:
             dispatch.step_publish_in_commit(task=task, agent=agent)
         fault_point("after_publish", step=done[-1].step)
+    chain.head = (events[-1].seq, events[-1].hash)
     return _committed(agent, done)
+
+
+# Advance the task (fenced; only if no other writer added audit events since ``seq``)
+# and insert the checkpoints and the sealed events, in one statement: the INSERTs read
+# the UPDATE's row, so they write nothing when it matched nothing.
+_ADVANCE_SQL = f"""
+WITH advanced AS (
+    UPDATE {AgentTask._meta.db_table}
+       SET current_step = %(next)s, attempt = 0, retry_at = NULL, worker_losses = 0,
+           state_version = %(version)s, agent_version = %(agent_version)s,
+           audit_seq = %(last_seq)s, updated_at = %(now)s,
+           needs_state_version = NULL{{release}}
+     WHERE id = %(id)s AND fence = %(fence)s AND current_step = %(first)s
+       AND audit_seq = %(seq)s AND (deadline IS NULL OR deadline > %(now)s)
+ RETURNING status
+), checkpoints AS (
+    INSERT INTO {Checkpoint._meta.db_table}
+           (task_id, step, state, observations, schema_version, created_at)
+    SELECT %(id)s, c.step, c.state, c.observations, %(version)s, %(created)s
+      FROM advanced,
+           jsonb_to_recordset(%(checkpoints)s::jsonb)
+               AS c(step integer, state jsonb, observations jsonb)
+), events AS (
+    INSERT INTO {AuditEvent._meta.db_table}
+           (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
+    SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s, e.prev_hash, e.hash
+      FROM advanced,
+           jsonb_to_recordset(%(events)s::jsonb)
+               AS e(seq integer, type text, step integer, payload jsonb, actor text,
+                    prev_hash text, hash text)
+)
+SELECT status FROM advanced
+"""
+
+
+def _audit_head(task_id: UUID) -> tuple[int, str]:
+    """``(audit_seq, hash of that event)`` of the task, read now ("" before any event)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT t.audit_seq, (SELECT a.hash FROM {AuditEvent._meta.db_table} AS a"
+            "  WHERE a.task_id = t.id AND a.seq = t.audit_seq)"
+            f" FROM {AgentTask._meta.db_table} AS t WHERE t.id = %s",
+            [task_id],
+        )
+        row = cursor.fetchone()
+    return (row[0], row[1] or "") if row else (0, "")
 
 
 def _commit_general(

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -60,10 +61,22 @@ logger = structlog.get_logger(__name__)
 _HOST = socket.gethostname()
 # A claim re-reads the task at most this many times when a concurrent write changed it.
 _CLAIM_ATTEMPTS = 5
+# How often the heartbeat tries to release a given-back lease, in seconds.
+_RELEASE_INTERVAL = 0.2
 # How often a delivery that found the lease held looks at it again, in seconds.
 _WATCH_INTERVAL = 0.1
 # The hot path never reads these (possibly large) fields.
 LARGE_FIELDS = ("task__input", "task__result")
+# Over the task row ``t``: its audit sequence, the hash of its last audit event, and the
+# checkpoint of the step before ``%(step)s`` (state, observations, schema version).
+_PREVIOUS = f"""
+    t.audit_seq,
+    (SELECT a.hash FROM {AuditEvent._meta.db_table} AS a
+      WHERE a.task_id = t.id AND a.seq = t.audit_seq),
+    (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
+       FROM {Checkpoint._meta.db_table} AS c
+      WHERE c.task_id = t.id AND c.step = %(step)s - 1)
+"""
 
 
 def lease_ttl() -> float:
@@ -160,46 +173,59 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
 
 
 def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
+    """The common case in one ``UPDATE ... RETURNING``; None: take the general path.
+
+    The message of a step is published inside the commit of the step before it, so it
+    often arrives while that commit is still open. The UPDATE therefore also matches
+    the row as that commit found it (``current_step = step - 1``): the row is locked,
+    so it waits for the commit, then PostgreSQL evaluates the WHERE again on the row
+    as committed (READ COMMITTED, PostgreSQL manual 13.2.1) and takes the lease. Had
+    it matched only the committed shape, it would have seen the old row, matched
+    nothing and sent the claim down the general path. If the row it gets is still at
+    the previous step (that commit rolled back), the CASEs leave every field as it was.
+    """
     now = clock.now()
     task_table = AgentTask._meta.db_table
-    checkpoint_table = Checkpoint._meta.db_table
-    audit_table = AuditEvent._meta.db_table
+    params: dict[str, Any] = {
+        "id": task_id,
+        "step": step,
+        "owner": owner,
+        "now": now,
+        "expires": now + timedelta(seconds=lease_ttl()),
+    }
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
             UPDATE {task_table} AS t
-               SET fence = t.fence + 1, lease_owner = %(owner)s,
-                   lease_expires_at = %(expires)s, retry_at = NULL
-             WHERE t.id = %(id)s AND t.current_step = %(step)s
-               AND t.status IN ('pending', 'running')
-               AND (t.retry_at IS NULL OR t.retry_at <= %(now)s)
-               AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
-               AND (t.deadline IS NULL OR t.deadline > %(now)s)
-         RETURNING t.fence, t.owner_id, t.agent_name, t.status, t.attempt, t.worker_losses,
-                   t.deadline, t.in_flight, t.audit_seq,
-                   (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
-                      FROM {checkpoint_table} AS c
-                     WHERE c.task_id = t.id AND c.step = %(step)s - 1),
-                   (SELECT a.hash FROM {audit_table} AS a
-                     WHERE a.task_id = t.id AND a.seq = t.audit_seq),
-                   t.agent_version
+               SET fence = CASE WHEN t.current_step = %(step)s THEN t.fence + 1 ELSE t.fence END,
+                   lease_owner = CASE WHEN t.current_step = %(step)s
+                                      THEN %(owner)s ELSE t.lease_owner END,
+                   lease_expires_at = CASE WHEN t.current_step = %(step)s
+                                           THEN %(expires)s ELSE t.lease_expires_at END,
+                   retry_at = CASE WHEN t.current_step = %(step)s THEN NULL ELSE t.retry_at END
+             WHERE t.id = %(id)s
+               AND ((t.current_step = %(step)s
+                     AND t.status IN ('pending', 'running')
+                     AND (t.retry_at IS NULL OR t.retry_at <= %(now)s)
+                     AND (t.lease_expires_at IS NULL OR t.lease_owner = %(owner)s)
+                     AND (t.deadline IS NULL OR t.deadline > %(now)s))
+                    OR t.current_step = %(step)s - 1)
+         RETURNING t.current_step, t.fence, t.owner_id, t.agent_name, t.status, t.attempt,
+                   t.worker_losses, t.deadline, t.in_flight, t.agent_version, {_PREVIOUS}
             """,
-            {
-                "id": task_id,
-                "step": step,
-                "owner": owner,
-                "now": now,
-                "expires": now + timedelta(seconds=lease_ttl()),
-            },
+            params,
         )
         row = cursor.fetchone()
-    if row is None:
-        return None
-    (fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, seq, saved) = row[
-        :10
-    ]
-    audit_head = (seq, row[10] or "") if row[10] is not None or seq == 0 else None
-    version = row[11]
+        if row is None or row[0] != step:
+            return None
+        seq, head_hash, saved = row[10:]
+        if saved is None or (head_hash is None and seq):
+            # The step before committed while this claim waited for the row: the claim's
+            # subqueries saw the tables as they were when it started. Read them again.
+            cursor.execute(f"SELECT {_PREVIOUS} FROM {task_table} AS t WHERE t.id = %(id)s", params)
+            seq, head_hash, saved = cursor.fetchone()
+    (fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, version) = row[1:10]
+    audit_head = (seq, head_hash or "") if head_hash is not None or seq == 0 else None
     task = AgentTask(
         id=task_id,
         owner_id=owner_id,
@@ -214,10 +240,8 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         fence=fence,
         lease_owner=owner,
     )
-    if saved is None:
-        # Written by a transaction that committed while this one waited for the row.
-        checkpoint = Checkpoint.objects.get(task_id=task_id, step=step - 1)
-    else:
+    checkpoint = None
+    if saved is not None:
         # Django's PostgreSQL backend hands jsonb over as text (its fields decode it).
         state, observations, schema_version = json.loads(saved) if isinstance(saved, str) else saved
         checkpoint = Checkpoint(
@@ -326,10 +350,21 @@ def leases_hand_back(*, node: str) -> int:
     """Release every lease held by processes of the Celery node ``node``: called by a
     worker whose graceful shutdown ran out of time, just before it stops its pool, so
     the redelivered steps start at once and are not counted as lost workers. Bumping
-    the fence keeps the stopping copies from renewing or committing. Returns how many."""
-    return AgentTask.objects.filter(lease_owner__startswith=f"{node}/").update(
-        lease_owner="", lease_expires_at=None, fence=F("fence") + 1
-    )
+    the fence keeps the stopping copies from renewing or committing. Returns how many.
+
+    A row locked by a transaction is skipped (``SKIP LOCKED``): the pool is frozen
+    first, and a process frozen inside its step's commit holds its task's row until it
+    is killed, which would otherwise make this wait forever. That step's lease then
+    ends as a dead holder's does."""
+    with transaction.atomic():
+        held = list(
+            AgentTask.objects.select_for_update(skip_locked=True)
+            .filter(lease_owner__startswith=f"{node}/")
+            .values_list("pk", flat=True)
+        )
+        return AgentTask.objects.filter(pk__in=held).update(
+            lease_owner="", lease_expires_at=None, fence=F("fence") + 1
+        )
 
 
 class _Heartbeat:
@@ -349,6 +384,7 @@ class _Heartbeat:
         with self._lock:
             self._to_release.add((task_id, owner))
         self._start()
+        self._wake.set()
 
     def hold(self, task_id: UUID, fence: int, owner: str) -> None:
         with self._lock:
@@ -368,7 +404,13 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(lease_ttl() / 6)
+            with self._lock:
+                releasing = bool(self._to_release)
+            # A lease to release is tried every _RELEASE_INTERVAL: its message was given
+            # back, and the release must land before the redelivery's claim, which waits
+            # for the database with a longer backoff (``engine.step_execute``).
+            self._wake.wait(_RELEASE_INTERVAL if releasing else lease_ttl() / 6)
+            self._wake.clear()
             with self._lock:
                 held = self._held
                 to_release = set(self._to_release)

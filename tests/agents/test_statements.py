@@ -3,19 +3,27 @@ up here as a failing count, not as a timing."""
 
 from __future__ import annotations
 
+import threading
+import time
+from io import StringIO
+
 import pytest
-from django.db import connection
+from django.core.management import call_command
+from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from agents.core import clock
+from agents.core import clock, dispatch, engine
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
+from agents.models import AgentTask
 from agents.services import task_start
+from audit.models import AuditEvent, EventType
+from audit.services import AuditBatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_an_ordinary_step_costs_six_statements(user):
+def test_an_ordinary_step_costs_four_statements(user):
     script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
     task, _ = task_start(owner=user, agent="scripted", input={"script": script})
     assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED  # input cached
@@ -24,6 +32,84 @@ def test_an_ordinary_step_costs_six_statements(user):
         assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
     # Claim the lease and read the checkpoint and the audit chain's head (one UPDATE ...
-    # RETURNING); then one transaction: advance the task, insert the checkpoint, insert
-    # the audit events (sealed onto the head the claim read).
-    assert statements == ["UPDATE", "BEGIN", "UPDATE", "INSERT", "INSERT", "COMMIT"], statements
+    # RETURNING); then one transaction of one statement: advance the task, insert the
+    # checkpoint and the audit events (sealed onto the head the claim read).
+    assert statements == ["UPDATE", "BEGIN", "WITH", "COMMIT"], statements
+
+
+def test_a_delivery_that_arrives_before_the_commit_waits_for_it(user, monkeypatch):
+    """The next step's message is published inside the commit of the step before, so it
+    often arrives first: its claim waits for that commit on the row lock, then reads the
+    checkpoint that commit wrote (its own snapshot predates it). It used to miss the
+    row and take the general path: four more reads and a write."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+
+    def next_step() -> None:
+        try:
+            with CaptureQueriesContext(connections["default"]) as queries:
+                raced["result"] = step_execute(task_id=task.pk, step=3)
+            raced["statements"] = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+        finally:
+            connections["default"].close()
+
+    racer = threading.Thread(target=next_step)
+    publish = dispatch.step_publish_in_commit
+
+    def publish_then_race(**kwargs: object) -> None:
+        publish(**kwargs)
+        if kwargs["task"].current_step != 3:  # type: ignore[attr-defined]
+            return
+        racer.start()
+        # Hold the commit open until the racing claim waits for the row lock.
+        with connection.cursor() as cursor:
+            for _ in range(500):
+                cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the racing claim never waited for the row lock")
+
+    monkeypatch.setattr(dispatch, "step_publish_in_commit", publish_then_race)
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    racer.join(30)
+    assert raced["result"] == StepResult.COMMITTED
+    assert raced["statements"] == ["UPDATE", "SELECT", "BEGIN", "WITH", "COMMIT"], raced
+
+
+def test_an_audit_event_written_while_the_step_ran_keeps_the_chain_whole(user, monkeypatch):
+    """The hot path seals the step's events onto the chain head its claim read; if
+    another writer appended an event meanwhile, its statement matches nothing and the
+    general path commits the step on the real head."""
+    script = [{"think": "a"}, {"think": "b"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    step_once = engine._step_once
+
+    def step_then_note(*args: object, **kwargs: object) -> object:
+        record = step_once(*args, **kwargs)  # type: ignore[arg-type]
+        with transaction.atomic():
+            locked = AgentTask.objects.select_for_update().get(pk=task.pk)
+            audit = AuditBatch(locked, actor="test")
+            audit.add(EventType.REASONING, {"text": "written beside the step"})
+            audit.flush()
+            locked.save(update_fields=["audit_seq"])
+        return record
+
+    monkeypatch.setattr(engine, "_step_once", step_then_note)
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    monkeypatch.undo()
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    trail = list(AuditEvent.objects.filter(task=task).order_by("seq"))
+    assert [e.seq for e in trail] == list(range(1, len(trail) + 1))
+    assert [e.prev_hash for e in trail][1:] == [e.hash for e in trail][:-1]
+    assert "written beside the step" in [e.payload.get("text") for e in trail]
+    out = StringIO()
+    call_command("audit_verify", str(task.pk), stdout=out, stderr=out)
+    assert "intact" in out.getvalue()

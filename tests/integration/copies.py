@@ -144,6 +144,11 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def opened(self) -> int:
+        """Connections made through the proxy since the last cut."""
+        with self._lock:
+            return len(self._sockets) // 2
+
     def cut(self) -> int:
         """Close every connection through the proxy; new ones are accepted again."""
         with self._lock:

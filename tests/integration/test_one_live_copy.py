@@ -244,6 +244,8 @@ def test_fifty_long_steps_on_three_workers_under_kills_drops_and_deploys(workers
         kill(0)
         workers.start(concurrency=2, **common)  # worker 3
         time.sleep(3)
+        # Worker 1 is connected through the proxy (its start is slow on a loaded machine).
+        wait_until(lambda: proxy.opened() >= 1, timeout=60)
         assert proxy.cut() >= 1
         time.sleep(3)
         workers.processes[2].send_signal(signal.SIGTERM)  # a graceful deploy

@@ -295,9 +295,12 @@ def test_the_json_listing_is_an_empty_array_when_there_is_no_breaker():
 
 @pytest.mark.django_db
 def test_an_open_breaker_answers_at_once_where_a_hanging_service_takes_its_timeout(
-    tight, flaky, user, loopback_allowed
+    tight, settings, flaky, user, loopback_allowed
 ):
     """The fail-fast figure: http.get against a hanging service, breaker closed vs open."""
+    # Open for the whole test: a trial call after the reset timeout would reach the
+    # service (50 fast failures can outlast one second on a loaded machine).
+    settings.AGENTS = {**settings.AGENTS, "BREAKER_RESET_TIMEOUT": 60.0}
     flaky.set_mode(HANGING)
     run = ToolRun(task_id=uuid.uuid4(), owner_id=user.pk, step=1, events=[])
     get = [ToolCall("http.get", {"url": flaky.url("/slow"), "timeout": 0.5})]
