@@ -54,7 +54,6 @@ from django.db.models.functions import Greatest
 from agents.core import clock
 from agents.models import AgentTask, Checkpoint
 from agents.state_machine import RUNNABLE
-from audit.models import AuditEvent
 
 logger = structlog.get_logger(__name__)
 
@@ -67,16 +66,6 @@ _RELEASE_INTERVAL = 0.2
 _WATCH_INTERVAL = 0.1
 # The hot path never reads these (possibly large) fields.
 LARGE_FIELDS = ("task__input", "task__result")
-# Over the task row ``t``: its audit sequence, the hash of its last audit event, and the
-# checkpoint of the step before ``%(step)s`` (state, observations, schema version).
-_PREVIOUS = f"""
-    t.audit_seq,
-    (SELECT a.hash FROM {AuditEvent._meta.db_table} AS a
-      WHERE a.task_id = t.id AND a.seq = t.audit_seq),
-    (SELECT jsonb_build_array(c.state, c.observations, c.schema_version)
-       FROM {Checkpoint._meta.db_table} AS c
-      WHERE c.task_id = t.id AND c.step = %(step)s - 1)
-"""
 
 
 def lease_ttl() -> float:
@@ -183,6 +172,8 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
     it matched only the committed shape, it would have seen the old row, matched
     nothing and sent the claim down the general path. If the row it gets is still at
     the previous step (that commit rolled back), the CASEs leave every field as it was.
+    What that commit wrote (the checkpoint, the audit chain's head) is read by
+    ``agents_step_before`` (migration 0006), whose own snapshot sees it.
     """
     now = clock.now()
     task_table = AgentTask._meta.db_table
@@ -211,19 +202,18 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                      AND (t.deadline IS NULL OR t.deadline > %(now)s))
                     OR t.current_step = %(step)s - 1)
          RETURNING t.current_step, t.fence, t.owner_id, t.agent_name, t.status, t.attempt,
-                   t.worker_losses, t.deadline, t.in_flight, t.agent_version, {_PREVIOUS}
+                   t.worker_losses, t.deadline, t.in_flight, t.agent_version,
+                   agents_step_before(t.id, %(step)s)
             """,
             params,
         )
         row = cursor.fetchone()
-        if row is None or row[0] != step:
-            return None
-        seq, head_hash, saved = row[10:]
-        if saved is None or (head_hash is None and seq):
-            # The step before committed while this claim waited for the row: the claim's
-            # subqueries saw the tables as they were when it started. Read them again.
-            cursor.execute(f"SELECT {_PREVIOUS} FROM {task_table} AS t WHERE t.id = %(id)s", params)
-            seq, head_hash, saved = cursor.fetchone()
+    if row is None or row[0] != step:
+        return None
+    # The audit sequence, its last event's hash and the checkpoint of the step before,
+    # read after the UPDATE waited for any commit of that step (migration 0006).
+    previous = row[10]
+    seq, head_hash, saved = json.loads(previous) if isinstance(previous, str) else previous
     (fence, owner_id, agent_name, status, attempt, losses, deadline, in_flight, version) = row[1:10]
     audit_head = (seq, head_hash or "") if head_hash is not None or seq == 0 else None
     task = AgentTask(
@@ -242,8 +232,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
     )
     checkpoint = None
     if saved is not None:
-        # Django's PostgreSQL backend hands jsonb over as text (its fields decode it).
-        state, observations, schema_version = json.loads(saved) if isinstance(saved, str) else saved
+        state, observations, schema_version = saved
         checkpoint = Checkpoint(
             task_id=task_id,
             step=step - 1,
