@@ -118,7 +118,7 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
         claim = _claim_free_lease(task_id, step, owner)
         if claim is not None:
             return claim
-    confirmed = False
+    confirmed = released_waited = False
     for _ in range(_CLAIM_ATTEMPTS):
         task, checkpoint = _read(task_id, step, confirm=confirmed)
         verdict = _verdict(task, step)
@@ -143,6 +143,13 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
                 _in_flight_drop(task_id, step)
                 return Claim(Verdict.DUPLICATE, task)
             continue
+        if held and not released_waited and _holder_alive_here(task.lease_owner):
+            # Expired, but its holder lives on this machine: most likely it gave its
+            # message back in a database outage and its heartbeat is about to release
+            # the lease (``lease_release_later``). A release is not a death.
+            released_waited = True
+            if _wait_for_release(task_id, task.fence):
+                continue
         took_over = held
         fence = task.fence + 1
         taken = AgentTask.objects.filter(pk=task_id, fence=task.fence, current_step=step).update(
@@ -307,15 +314,38 @@ def _wait_for_holder(task_id: UUID, fence: int, expires_at: datetime) -> bool:
 
 def _holder_gone(owner: str) -> bool:
     """True if ``owner`` ran on this machine and its process no longer exists."""
+    return _holder_here(owner) is False
+
+
+def _holder_alive_here(owner: str) -> bool:
+    """True if ``owner`` runs on this machine, in another process that still exists."""
+    return _holder_here(owner) is True
+
+
+def _holder_here(owner: str) -> bool | None:
+    """Whether the process of ``owner`` exists, when it ran on this machine in another
+    process than this one; None otherwise (or when it cannot be told)."""
     try:
         host, pid = owner.split("/")[1].rsplit(":", 1)
         if host != _HOST or int(pid) == os.getpid():
-            return False
+            return None
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
-    except (ValueError, IndexError, PermissionError, OSError):
         return False
+    except (ValueError, IndexError, PermissionError, OSError):
+        return None
+    return True
+
+
+def _wait_for_release(task_id: UUID, fence: int, seconds: float = 1.0) -> bool:
+    """Watch an expired lease for ``seconds``: True once it is released or taken by
+    another copy (read the task again), False if it is still there (take it over)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(_WATCH_INTERVAL)
+        row = AgentTask.objects.filter(pk=task_id).values("fence", "lease_expires_at").first()
+        if row is None or row["fence"] != fence or row["lease_expires_at"] is None:
+            return True
     return False
 
 

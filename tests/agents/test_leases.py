@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 from datetime import timedelta
 
@@ -9,7 +11,7 @@ import pytest
 from django.db import connections, transaction
 
 from agents.core import clock
-from agents.core.leases import leases_hand_back
+from agents.core.leases import Verdict, lease_claim, leases_hand_back
 from agents.models import AgentTask
 from agents.services import task_start
 
@@ -47,3 +49,46 @@ def test_a_graceful_hand_back_skips_a_row_a_frozen_commit_holds(user):
         holder.join(15)
     assert AgentTask.objects.get(pk=other.pk).lease_owner == ""
     assert AgentTask.objects.get(pk=frozen.pk).lease_owner == "node-1/host:1/abc"
+
+
+def test_an_expired_lease_whose_holder_lives_here_is_waited_for_not_taken_over(user):
+    """A step that gave its message back in a database outage releases its lease once
+    the database answers, from its heartbeat. A redelivery that gets there first finds
+    the lease expired, its holder alive on this machine: it waits for the release, so
+    the give-back is not counted as a lost worker."""
+    task = task_start(owner=user, agent="scripted", input={"script": [{"final": 1}]})[0]
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        AgentTask.objects.filter(pk=task.pk).update(
+            lease_owner=f"node-1/{socket.gethostname()}:{holder.pid}/abc",
+            lease_expires_at=clock.now() - timedelta(seconds=1),
+        )
+
+        def release() -> None:
+            try:
+                AgentTask.objects.filter(pk=task.pk).update(lease_owner="", lease_expires_at=None)
+            finally:
+                connections["default"].close()
+
+        threading.Timer(0.3, release).start()
+        claim = lease_claim(task_id=task.pk, step=1, owner="node-2/elsewhere:1/def")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim.verdict == Verdict.CLAIMED
+    assert not claim.took_over
+    assert AgentTask.objects.get(pk=task.pk).worker_losses == 0
+
+
+def test_an_expired_lease_whose_holder_died_here_is_taken_over_at_once(user):
+    task = task_start(owner=user, agent="scripted", input={"script": [{"final": 1}]})[0]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    AgentTask.objects.filter(pk=task.pk).update(
+        lease_owner=f"node-1/{socket.gethostname()}:{gone.pid}/abc",
+        lease_expires_at=clock.now() - timedelta(seconds=1),
+    )
+    claim = lease_claim(task_id=task.pk, step=1, owner="node-2/elsewhere:1/def")
+    assert claim.verdict == Verdict.CLAIMED
+    assert claim.took_over
+    assert AgentTask.objects.get(pk=task.pk).worker_losses == 1

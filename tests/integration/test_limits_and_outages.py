@@ -146,8 +146,10 @@ def test_three_graceful_deploys_during_one_healthy_step(workers, user, recorded,
     env = {"AGENTS_COPY_LOG": str(copy_log), "AGENTS_SHUTDOWN_GRACE": "2", **RECORDED}
     workers.start(concurrency=1, **env)
     wait_until(lambda: ready(workers, 0), timeout=60)
+    # Long enough that each deploy (a worker start, slow on a loaded machine, then the
+    # 2 s grace) ends the running copy before it finishes.
     task, _ = task_start(
-        owner=user, agent="recorded", input={"script": [{"sleep": 8}, {"final": "ok"}]}
+        owner=user, agent="recorded", input={"script": [{"sleep": 20}, {"final": "ok"}]}
     )
     wait_until(lambda: len(starts(copy_log, task.pk, 1)) == 1, timeout=60)
 
