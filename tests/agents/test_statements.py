@@ -114,3 +114,28 @@ def test_an_audit_event_written_while_the_step_ran_keeps_the_chain_whole(user, m
     out = StringIO()
     call_command("audit_verify", str(task.pk), stdout=out, stderr=out)
     assert "intact" in out.getvalue()
+
+
+def test_an_ordinary_step_updates_its_task_without_touching_an_index(user):
+    """Both writes of a step to its task row (the claim, the advance) are HOT updates:
+    no index holds a column a step changes, so PostgreSQL writes no index entries for
+    them. A new index on such a column (updated_at was one) shows up here."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+
+    def updates() -> tuple[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_force_next_flush()")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = %s",
+                [AgentTask._meta.db_table],
+            )
+            return cursor.fetchone()
+
+    before = updates()
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    after = updates()
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
