@@ -372,13 +372,15 @@ SPECTACULAR_SETTINGS = {
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int(
     "DATA_UPLOAD_MAX_MEMORY_SIZE", default=4 * AGENTS["MAX_INPUT_BYTES"] + 64 * 1024
 )
-# Throttle counters must be shared by every web process: Redis when there is one.
+# Throttle counters must be shared by every web process: Redis when there is one. The
+# cache's keys have their own prefix, and clearing it deletes only those (Django's own
+# backend would FLUSHDB, dropping the breakers and rate limits too: agents_project.cache).
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "agents_project.cache.PrefixedRedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": REDIS_KEY_PREFIX,
+            "KEY_PREFIX": f"{REDIS_KEY_PREFIX}:cache",
         }
     }
 # Worker processes serve their step metrics on this port (0: off); see metrics.py.

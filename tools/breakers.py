@@ -265,13 +265,12 @@ def _breaker(name: str) -> _Breaker:
 
 
 def _forced(name: str) -> bool:
+    """Whether an operator holds ``name`` open. Raises ``redis.RedisError``: a caller
+    that cannot tell must say so (``_through`` logs that it calls unguarded)."""
     client = _client()
     if client is None:
         return name in _LOCAL_FORCED
-    try:
-        return bool(client.exists(f"{PREFIX}:{name}:forced"))
-    except redis.RedisError:
-        return False
+    return bool(client.exists(f"{PREFIX}:{name}:forced"))
 
 
 def _remaining(breaker: _Breaker) -> float:
