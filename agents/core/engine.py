@@ -21,7 +21,9 @@ A delivery of ``(task id, step)`` goes through:
    checkpoint and every audit event, advance the task (its status only through the
    state machine), publish the next step, commit. The message is published before the
    commit, so no crash can lose it; a worker that receives it first waits on the row
-   lock, and if the commit fails the message finds its step not current and is dropped.
+   lock (or, if it is faster still, on this delivery's lease), and if the commit fails
+   the message finds its step not current and is dropped. On the hot path the
+   statement and the publish overlap (``_advance_publishing``).
 
 Anything raised at any of these points is a step error: audited, counted as an
 attempt, and retried, failed or dead-lettered by one policy (``agents.core.retries``).
@@ -90,6 +92,7 @@ from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.state_machine import TRANSITION_FIELDS, transition
 from agents.validation import json_path_check
 from agents_project import metrics
+from agents_project.errors import Backpressure
 from audit.models import AuditEvent, EventType
 from audit.services import AuditBatch, process_actor
 from tools.runner import ToolRun, tools_run
@@ -362,6 +365,9 @@ class _Chain:
     its claim, then from its own commits); None when unknown (read at the commit)."""
 
     head: tuple[int, str] | None
+    # Whether the hot path already published the next step (True) or the broker
+    # refused it (False) before its statement matched nothing; None: not tried.
+    published: bool | None = None
 
 
 @dataclass
@@ -560,7 +566,8 @@ def _commit(
         if result is not None:
             return result
     chain.head = None
-    return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
+    published, chain.published = chain.published, None
+    return _commit_general(task_id, fence, agent, done, hand_on=hand_on, published=published)
 
 
 def _observations(record: _Done) -> dict[str, Any]:
@@ -635,53 +642,93 @@ def _commit_advance(
         _events_add(audit, done)
         events = audit.seal()
         created = events[0].created_at
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _ADVANCE_SQL.format(release=release),
-                {
-                    "id": task_id,
-                    "fence": fence,
-                    "first": done[0].step,
-                    "next": done[-1].step + 1,
-                    "version": agent.state_version,
-                    "agent_version": agent.version,
-                    "seq": head[0],
-                    "last_seq": task.audit_seq,
-                    "now": now,
-                    "created": created,
-                    "checkpoints": json.dumps(
-                        [
-                            {"step": r.step, "state": r.state, "observations": _observations(r)}
-                            for r in done
-                        ]
-                    ),
-                    "events": json.dumps(
-                        [
-                            {
-                                "seq": e.seq,
-                                "type": e.type,
-                                "step": e.step,
-                                "payload": e.payload,
-                                "actor": e.actor,
-                                "prev_hash": e.prev_hash,
-                                "hash": e.hash,
-                            }
-                            for e in events
-                        ]
-                    ),
-                },
-            )
-            row = cursor.fetchone()
+        params: dict[str, Any] = {
+            "id": task_id,
+            "fence": fence,
+            "first": done[0].step,
+            "next": done[-1].step + 1,
+            "version": agent.state_version,
+            "agent_version": agent.version,
+            "seq": head[0],
+            "last_seq": task.audit_seq,
+            "now": now,
+            "created": created,
+            "checkpoints": json.dumps(
+                [{"step": r.step, "state": r.state, "observations": _observations(r)} for r in done]
+            ),
+            "events": json.dumps(
+                [
+                    {
+                        "seq": e.seq,
+                        "type": e.type,
+                        "step": e.step,
+                        "payload": e.payload,
+                        "actor": e.actor,
+                        "prev_hash": e.prev_hash,
+                        "hash": e.hash,
+                    }
+                    for e in events
+                ]
+            ),
+        }
+        sql = _ADVANCE_SQL.format(release=release)
+        if hand_on and not dispatch.publishes_are_collected():
+            row, published = _advance_publishing(sql, params, task, agent)
+            if row is None:
+                chain.published = published
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+            published = None
         if row is None:
             transaction.set_rollback(True)  # nothing was written; forget the counters
             return None
         task.status = row[0]
-        fault_point("before_commit", step=done[-1].step)
-        if hand_on and task.status == TaskStatus.RUNNING:
-            dispatch.step_publish_in_commit(task=task, agent=agent)
+        if published is None:
+            fault_point("before_commit", step=done[-1].step)
+            if hand_on and task.status == TaskStatus.RUNNING:
+                # Inside ``publishes_collected``: the in-process runner takes it.
+                dispatch.step_publish_in_commit(task=task, agent=agent)
+        elif not published and task.status == TaskStatus.RUNNING:
+            dispatch.step_unpublished(task=task)
         fault_point("after_publish", step=done[-1].step)
     chain.head = (events[-1].seq, events[-1].hash)
     return _committed(agent, done)
+
+
+def _advance_publishing(
+    sql: str, params: dict[str, Any], task: AgentTask, agent: Agent
+) -> tuple[tuple[Any, ...] | None, bool]:
+    """Run the advance and publish the next step at once: the statement is sent (with
+    its ``BEGIN``) in psycopg's pipeline mode, without waiting for its answer; the
+    broker's publish and confirm happen while PostgreSQL executes it; its row is read
+    after. ``(row, published)``: the row as ``_ADVANCE_SQL`` returns it (None: nothing
+    was written), and whether the broker took the message (False: ``Backpressure``;
+    the caller leaves the step to the stuck-task sweep).
+
+    The statement reaches PostgreSQL before the message reaches the broker, so the next
+    step's delivery nearly always finds the row locked and waits for this commit; one
+    that comes first anyway waits for this delivery's lease
+    (``agents.core.leases._wait_for_publisher``). If the statement matched nothing, the
+    message is out: the general path then counts it and does not publish again
+    (``_Chain.published``), or the delivery that gets it finds its step not current and
+    drops it. psycopg's pipeline mode: https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html
+    """
+    fault_point("before_commit", step=task.current_step - 1)
+    with connection.cursor() as cursor:
+        # The pipeline's own errors (its Sync at the exit, on a broken connection) are
+        # psycopg's: map them to Django's, as its cursor does, so a database outage is
+        # waited out like any other (``step_execute``).
+        with connection.wrap_database_errors, connection.connection.pipeline():
+            cursor.execute(sql, params)
+            try:
+                dispatch.step_publish(task_id=task.pk, step=task.current_step, agent=agent)
+                published = True
+            except Backpressure:
+                published = False
+        row = cursor.fetchone()
+    return row, published
 
 
 # Advance the task (fenced; only if no other writer added audit events since ``seq``)
@@ -731,9 +778,17 @@ def _audit_head(task_id: UUID) -> tuple[int, str]:
 
 
 def _commit_general(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    published: bool | None = None,
 ) -> StepResult:
-    """Every outcome, on every database: lock the row, check, write, transition."""
+    """Every outcome, on every database: lock the row, check, write, transition.
+    ``published``: the hot path already published the next step (True) or the broker
+    refused it (False); None: publish here if the task goes on."""
     outcome = done[-1].outcome
     step = done[-1].step
     with transaction.atomic():
@@ -784,7 +839,9 @@ def _commit_general(
         audit.flush()
         task.save(update_fields=fields)
         fault_point("before_commit", step=step)
-        if publish_next:
+        if publish_next and published is None:
             dispatch.step_publish_in_commit(task=task, agent=agent)
+        elif publish_next and not published:
+            dispatch.step_unpublished(task=task)
         fault_point("after_publish", step=step)
     return _committed(agent, done)

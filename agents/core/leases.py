@@ -22,6 +22,10 @@ A delivery of ``(task, step)`` may run the step only while it holds the task's l
   a moment before the transaction that published this message commits (the message is
   published inside that transaction, so it can arrive first); before dropping a
   delivery as stale, the claim reads again after waiting for any writer of the row.
+  The commit's statement is sent just before the publish, so a message can, rarely,
+  arrive before that statement locked the row: a delivery that finds the task one step
+  behind, its lease held by another live copy, waits for that copy to commit or to
+  end its delivery (``_wait_for_publisher``) before it drops anything.
 
 ``in_flight`` counts the messages of the current step that can still arrive. A
 delivery dropped as a duplicate of the current step takes one off, so the stuck-task
@@ -124,6 +128,13 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
         verdict = _verdict(task, step)
         if verdict is not None:
             if confirmed:
+                if (
+                    verdict == Verdict.STALE
+                    and _publisher_holds(task, step, owner)
+                    and _wait_for_publisher(task_id, step)
+                ):
+                    confirmed = False
+                    continue
                 if verdict in (Verdict.DUPLICATE, Verdict.EARLY):
                     _in_flight_drop(task_id, step)
                 return Claim(verdict, task)
@@ -309,6 +320,52 @@ def _wait_for_holder(task_id: UUID, fence: int, expires_at: datetime) -> bool:
         if row["lease_expires_at"] <= clock.now() or _holder_gone(row["lease_owner"]):
             return True
         time.sleep(_WATCH_INTERVAL)
+    return False
+
+
+def _publisher_holds(task: AgentTask | None, step: int, owner: str) -> bool:
+    """Whether the task is at the step before ``step`` and another live copy holds its
+    lease: most likely the copy that published this message, which sends its commit's
+    statement just before it publishes (``agents.core.engine._advance_publishing``)."""
+    return (
+        task is not None
+        and task.current_step == step - 1
+        and task.status in RUNNABLE
+        and task.lease_owner not in ("", owner)
+        and task.lease_expires_at is not None
+        and task.lease_expires_at > clock.now()
+        and not _holder_gone(task.lease_owner)
+    )
+
+
+def _wait_for_publisher(task_id: UUID, step: int) -> bool:
+    """Watch a task one step behind this delivery while a live copy holds its lease
+    (``_publisher_holds``), looking again after 1 ms and backing off to
+    ``_WATCH_INTERVAL``. True once the task moved or another copy took the lease (read
+    it again); False once the holder's delivery ended without moving it (its lease
+    released or expired: this message is left over from a commit that rolled back, and
+    is dropped), or after ``LEASE_TTL`` seconds."""
+    pause = 0.001
+    deadline = time.monotonic() + lease_ttl()
+    first = None
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, _WATCH_INTERVAL)
+        row = (
+            AgentTask.objects.filter(pk=task_id)
+            .values("current_step", "fence", "lease_owner", "lease_expires_at")
+            .first()
+        )
+        if row is None:
+            return False
+        if row["current_step"] != step - 1:
+            return True
+        first = first if first is not None else row["fence"]
+        if row["fence"] != first:
+            return True
+        expires = row["lease_expires_at"]
+        if expires is None or expires <= clock.now() or _holder_gone(row["lease_owner"]):
+            return False
     return False
 
 
