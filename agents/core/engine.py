@@ -626,86 +626,125 @@ def _commit_advance(
     chain head this delivery knows; then the next step's publish and the commit. None:
     not applicable (lease lost, deadline passed, or another writer added audit events
     meanwhile); nothing was written and the general path finds out which."""
-    now = clock.now()
+    head = chain.head or _audit_head(task_id)
+    task = AgentTask(
+        id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
+    )
+    audit = AuditBatch(task, actor=_actor(), head=head)
+    _events_add(audit, done)
+    own = hand_on and not dispatch.publishes_are_collected() and not connection.in_atomic_block
+    if not own:
+        return _commit_advance_atomic(task, fence, agent, done, audit, head, hand_on, chain)
+    events = audit.seal(explicit_transaction=True)
+    sql, params = _advance_statement(task, fence, agent, done, events, seq=head[0], hand_on=True)
+    row, published = _advance_publishing(sql, params, task, agent)
+    if row is None:
+        chain.published = published
+        return None
+    chain.head = (events[-1].seq, events[-1].hash)
+    return _committed(agent, done)
+
+
+def _commit_advance_atomic(
+    task: AgentTask,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    audit: AuditBatch,
+    head: tuple[int, str],
+    hand_on: bool,
+    chain: _Chain,
+) -> StepResult | None:
+    """``_commit_advance`` in a Django transaction: a commit that keeps the delivery
+    going (``hand_on`` False), one inside ``publishes_collected`` or inside the
+    caller's ``atomic`` block."""
+    with transaction.atomic():
+        events = audit.seal()
+        sql, params = _advance_statement(
+            task, fence, agent, done, events, seq=head[0], hand_on=hand_on
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            transaction.set_rollback(True)  # nothing was written; forget the counters
+            return None
+        task.status = row[0]
+        fault_point("before_commit", step=done[-1].step)
+        if hand_on and task.status == TaskStatus.RUNNING:
+            # Inside ``publishes_collected``: the in-process runner takes it.
+            dispatch.step_publish_in_commit(task=task, agent=agent)
+        fault_point("after_publish", step=done[-1].step)
+    chain.head = (events[-1].seq, events[-1].hash)
+    return _committed(agent, done)
+
+
+def _advance_statement(
+    task: AgentTask,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    events: list[AuditEvent],
+    *,
+    seq: int,
+    hand_on: bool,
+) -> tuple[str, dict[str, Any]]:
+    """``_ADVANCE_SQL`` and its parameters for ``done``, sealed ``events`` and the audit
+    sequence ``seq`` the chain head had; ``hand_on`` also releases the lease."""
     release = (
         ", lease_owner = '', lease_expires_at = NULL,"
         " in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END"
         if hand_on
         else ""
     )
-    with transaction.atomic():
-        head = chain.head or _audit_head(task_id)
-        task = AgentTask(
-            id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
-        )
-        audit = AuditBatch(task, actor=_actor(), head=head)
-        _events_add(audit, done)
-        events = audit.seal()
-        created = events[0].created_at
-        params: dict[str, Any] = {
-            "id": task_id,
-            "fence": fence,
-            "first": done[0].step,
-            "next": done[-1].step + 1,
-            "version": agent.state_version,
-            "agent_version": agent.version,
-            "seq": head[0],
-            "last_seq": task.audit_seq,
-            "now": now,
-            "created": created,
-            "checkpoints": json.dumps(
-                [{"step": r.step, "state": r.state, "observations": _observations(r)} for r in done]
-            ),
-            "events": json.dumps(
-                [
-                    {
-                        "seq": e.seq,
-                        "type": e.type,
-                        "step": e.step,
-                        "payload": e.payload,
-                        "actor": e.actor,
-                        "prev_hash": e.prev_hash,
-                        "hash": e.hash,
-                    }
-                    for e in events
-                ]
-            ),
-        }
-        sql = _ADVANCE_SQL.format(release=release)
-        if hand_on and not dispatch.publishes_are_collected():
-            row, published = _advance_publishing(sql, params, task, agent)
-            if row is None:
-                chain.published = published
-        else:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                row = cursor.fetchone()
-            published = None
-        if row is None:
-            transaction.set_rollback(True)  # nothing was written; forget the counters
-            return None
-        task.status = row[0]
-        if published is None:
-            fault_point("before_commit", step=done[-1].step)
-            if hand_on and task.status == TaskStatus.RUNNING:
-                # Inside ``publishes_collected``: the in-process runner takes it.
-                dispatch.step_publish_in_commit(task=task, agent=agent)
-        elif not published and task.status == TaskStatus.RUNNING:
-            dispatch.step_unpublished(task=task)
-        fault_point("after_publish", step=done[-1].step)
-    chain.head = (events[-1].seq, events[-1].hash)
-    return _committed(agent, done)
+    params: dict[str, Any] = {
+        "id": task.pk,
+        "fence": fence,
+        "first": done[0].step,
+        "next": done[-1].step + 1,
+        "version": agent.state_version,
+        "agent_version": agent.version,
+        "seq": seq,
+        "last_seq": task.audit_seq,
+        "now": clock.now(),
+        "created": events[0].created_at,
+        "checkpoints": json.dumps(
+            [{"step": r.step, "state": r.state, "observations": _observations(r)} for r in done]
+        ),
+        "events": json.dumps(
+            [
+                {
+                    "seq": e.seq,
+                    "type": e.type,
+                    "step": e.step,
+                    "payload": e.payload,
+                    "actor": e.actor,
+                    "prev_hash": e.prev_hash,
+                    "hash": e.hash,
+                }
+                for e in events
+            ]
+        ),
+    }
+    return _ADVANCE_SQL.format(release=release), params
 
 
 def _advance_publishing(
     sql: str, params: dict[str, Any], task: AgentTask, agent: Agent
 ) -> tuple[tuple[Any, ...] | None, bool]:
-    """Run the advance and publish the next step at once: the statement is sent (with
-    its ``BEGIN``) in psycopg's pipeline mode, without waiting for its answer; the
-    broker's publish and confirm happen while PostgreSQL executes it; its row is read
-    after. ``(row, published)``: the row as ``_ADVANCE_SQL`` returns it (None: nothing
-    was written), and whether the broker took the message (False: ``Backpressure``;
-    the caller leaves the step to the stuck-task sweep).
+    """Advance the task, publish its next step and commit, with one wait on PostgreSQL:
+    ``BEGIN`` and the statement are sent in psycopg's pipeline mode without waiting
+    for an answer; the message is published (and confirmed by the broker) while
+    PostgreSQL runs them; then ``COMMIT`` is sent and every answer read at once.
+    ``(row, published)``: the row as ``_ADVANCE_SQL`` returns it (None: it matched
+    nothing, and the commit wrote nothing), and whether the broker took the message
+    (False: ``Backpressure``; ``in_flight`` is set to 0 in the same transaction, for the
+    stuck-task sweep). Any error rolls the transaction back and propagates.
+
+    The transaction is this function's own (``BEGIN``/``COMMIT`` statements on a
+    connection Django keeps in autocommit mode), because Django's ``atomic`` would wait
+    for ``BEGIN``'s answer and again for the statement's before the commit. Not for use
+    inside an ``atomic`` block.
 
     The statement reaches PostgreSQL before the message reaches the broker, so the next
     step's delivery nearly always finds the row locked and waits for this commit; one
@@ -713,21 +752,38 @@ def _advance_publishing(
     (``agents.core.leases._wait_for_publisher``). If the statement matched nothing, the
     message is out: the general path then counts it and does not publish again
     (``_Chain.published``), or the delivery that gets it finds its step not current and
-    drops it. psycopg's pipeline mode: https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html
+    drops it. psycopg's pipeline mode:
+    https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html
     """
     fault_point("before_commit", step=task.current_step - 1)
-    with connection.cursor() as cursor:
-        # The pipeline's own errors (its Sync at the exit, on a broken connection) are
-        # psycopg's: map them to Django's, as its cursor does, so a database outage is
-        # waited out like any other (``step_execute``).
-        with connection.wrap_database_errors, connection.connection.pipeline():
-            cursor.execute(sql, params)
-            try:
-                dispatch.step_publish(task_id=task.pk, step=task.current_step, agent=agent)
-                published = True
-            except Backpressure:
-                published = False
-        row = cursor.fetchone()
+    published = False
+    try:
+        with connection.cursor() as control, connection.cursor() as cursor:
+            # The pipeline's own errors (its Sync at the exit, on a broken connection)
+            # are psycopg's: map them to Django's, as its cursor does, so a database
+            # outage is waited out like any other (``step_execute``).
+            with connection.wrap_database_errors, connection.connection.pipeline():
+                control.execute("BEGIN")
+                cursor.execute(sql, params)
+                try:
+                    dispatch.step_publish(task_id=task.pk, step=task.current_step, agent=agent)
+                    published = True
+                except Backpressure:
+                    # Left to the stuck-task sweep, if the statement advanced the task.
+                    control.execute(
+                        f"UPDATE {AgentTask._meta.db_table} SET in_flight = 0"
+                        " WHERE id = %s AND current_step = %s",
+                        [task.pk, task.current_step],
+                    )
+                fault_point("after_publish", step=task.current_step - 1)
+                control.execute("COMMIT")
+            row = cursor.fetchone()
+    except BaseException:
+        with contextlib.suppress(Exception), connection.cursor() as control:
+            control.execute("ROLLBACK")
+        raise
+    if not published:
+        logger.error("step not published; the stuck-task sweep will publish it")
     return row, published
 
 
