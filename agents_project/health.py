@@ -14,8 +14,8 @@ a thread of its main process on ``AGENTS_WORKER_HEALTH_PORT`` (0: off), started 
 running, its steps wait on open breakers, and it becomes ready again by itself once the
 dependency is back. Restarting it would change nothing.
 
-The checks are django-health-check ``HealthCheck`` objects (its ``Database``, ``Redis``
-and Celery ``Ping``; the broker, tool probe and breaker checks are here), run
+The checks are django-health-check ``HealthCheck`` objects (its ``Database`` and ``Redis``;
+the broker, work-queue consumer, tool probe and breaker checks are here), run
 concurrently, each within its own timeout. Their messages never include URLs or
 credentials.
 """
@@ -45,7 +45,6 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from health_check.base import HealthCheck, HealthCheckResult
 from health_check.checks import Database
-from health_check.contrib.celery import Ping
 from health_check.contrib.redis import Redis
 from health_check.exceptions import ServiceUnavailable
 from kombu import Connection
@@ -72,6 +71,37 @@ class Broker(HealthCheck):
                 conn.connect()
         except Exception as exc:
             raise ServiceUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+
+
+@dataclasses.dataclass
+class WorkQueueConsumer(HealthCheck):
+    """Some Celery worker answers and consumes the work queue (``AGENTS_QUEUE``).
+
+    One broadcast of ``active_queues`` that collects every reply for ``timeout``
+    seconds. django-health-check's ``Ping`` asks the same in two rounds: a ping that
+    waits its whole timeout, then ``active_queues`` from every worker that answered,
+    which waits for the slowest of them. Every worker on the virtual host answers, so a
+    busy or dying one (another deployment's, or a test's) pushed the second round past
+    the check's own deadline, and the check failed although a worker was serving.
+    """
+
+    app: Any = dataclasses.field(repr=False)
+    timeout: timedelta = dataclasses.field(default=timedelta(seconds=2), repr=False)
+
+    def __repr__(self) -> str:
+        return "WorkQueueConsumer"
+
+    def run(self) -> None:
+        try:
+            replies = self.app.control.inspect(timeout=self.timeout.total_seconds())
+            queues = replies.active_queues() or {}
+        except OSError as exc:
+            raise ServiceUnavailable(f"cannot ask the workers: {type(exc).__name__}") from exc
+        if not queues:
+            raise ServiceUnavailable("Celery workers unavailable")
+        name = settings.AGENTS["QUEUE"]
+        if not any(q.get("name") == name for served in queues.values() for q in served):
+            raise ServiceUnavailable(f"No worker for Celery task queue {name}")
 
 
 @dataclasses.dataclass
@@ -213,8 +243,8 @@ def worker_readiness() -> HealthReport:
 
     With ``AGENTS_WORKER_HEALTH_PORT`` set, the local worker's own ``/readyz``: that
     proves the worker process answers, and reports what it sees. Without it: the broker,
-    the tools' probes and breakers from here, and a Celery ping proving that some worker
-    answers and consumes the work queue.
+    the tools' probes and breakers from here, and an ``active_queues`` broadcast proving
+    that some worker answers and consumes the work queue (``WorkQueueConsumer``).
     """
     conf = settings.AGENTS
     if conf["WORKER_HEALTH_PORT"]:
@@ -226,7 +256,7 @@ def worker_readiness() -> HealthReport:
     checks: dict[str, HealthCheck] = {
         "broker": Broker(url=settings.CELERY_BROKER_URL),
         **_tool_checks(),
-        "worker": Ping(app=app, timeout=timedelta(seconds=2)),
+        "worker": WorkQueueConsumer(app=app),
     }
     return health_report(checks)
 

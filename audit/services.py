@@ -94,6 +94,11 @@ class AuditBatch:
     def __len__(self) -> int:
         return len(self._events)
 
+    def counts_tasks(self) -> bool:
+        """Whether the collected events imply a task counter (a ``created`` event, a
+        transition into a finishing status), which only a Django commit counts."""
+        return _implies_counters(self._events)
+
     def seal(self, *, explicit_transaction: bool = False) -> list[AuditEvent]:
         """Number the collected events after ``task.audit_seq``, time-stamp them and chain
         each to the one before it (``audit.integrity``), advance ``task.audit_seq`` past

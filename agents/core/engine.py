@@ -22,7 +22,8 @@ A delivery of ``(task id, step)`` goes through:
    state machine), publish the next step, commit. The message is published before the
    commit, so no crash can lose it; a worker that receives it first waits on the row
    lock (or, if it is faster still, on this delivery's lease), and if the commit fails
-   the message finds its step not current and is dropped. On the hot path the
+   the message finds its step not current and is dropped (unless this delivery, after
+   a database outage, commits the step after all: then it runs the next step). On the hot path the
    statement and the publish overlap (``_advance_publishing``).
 
 Anything raised at any of these points is a step error: audited, counted as an
@@ -48,6 +49,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections, transaction
 from django.db.models import TextField
 from django.db.models.functions import Cast
+from psycopg.pq import TransactionStatus
 
 from agents import scheduling
 from agents.core import clock, dispatch
@@ -192,6 +194,9 @@ def _execute(
     if claim.verdict in _DROPPED:
         logger.info(_DROPPED[claim.verdict])
         return StepResult.STALE
+    if claim.verdict == Verdict.UNDECIDED:
+        logger.info("early delivery given back; the step before it may still commit")
+        return StepResult.REQUEUE
     if claim.verdict == Verdict.OVERDUE:
         scheduling.task_time_out(task_id=task_id, actor=_actor())
         return StepResult.TIMED_OUT
@@ -632,7 +637,13 @@ def _commit_advance(
     )
     audit = AuditBatch(task, actor=_actor(), head=head)
     _events_add(audit, done)
-    own = hand_on and not dispatch.publishes_are_collected() and not connection.in_atomic_block
+    own = (
+        hand_on
+        and not dispatch.publishes_are_collected()
+        and connection.get_autocommit()
+        and not connection.in_atomic_block
+        and not audit.counts_tasks()
+    )
     if not own:
         return _commit_advance_atomic(task, fence, agent, done, audit, head, hand_on, chain)
     events = audit.seal(explicit_transaction=True)
@@ -677,6 +688,18 @@ def _commit_advance_atomic(
         fault_point("after_publish", step=done[-1].step)
     chain.head = (events[-1].seq, events[-1].hash)
     return _committed(agent, done)
+
+
+def _rollback_or_close() -> None:
+    """End ``_advance_publishing``'s transaction after an error: ROLLBACK, and close the
+    connection if that failed or left it in a transaction (Django believes it is in
+    autocommit mode; its next use reconnects)."""
+    with contextlib.suppress(Exception), connection.cursor() as control:
+        control.execute("ROLLBACK")
+    raw = connection.connection
+    if raw is not None and raw.info.transaction_status != TransactionStatus.IDLE:
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 def _advance_statement(
@@ -746,9 +769,10 @@ def _advance_publishing(
     for ``BEGIN``'s answer and again for the statement's before the commit. Not for use
     inside an ``atomic`` block.
 
-    The statement reaches PostgreSQL before the message reaches the broker, so the next
-    step's delivery nearly always finds the row locked and waits for this commit; one
-    that comes first anyway waits for this delivery's lease
+    The statement is sent before the message (all of it, unless it is larger than the
+    socket's buffer), so the next step's delivery nearly always finds the row locked
+    and waits for this commit; one that comes first anyway waits for this delivery's
+    lease, and gives its message back rather than drop it if it cannot tell
     (``agents.core.leases._wait_for_publisher``). If the statement matched nothing, the
     message is out: the general path then counts it and does not publish again
     (``_Chain.published``), or the delivery that gets it finds its step not current and
@@ -756,6 +780,8 @@ def _advance_publishing(
     https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html
     """
     fault_point("before_commit", step=task.current_step - 1)
+    # Before the pipeline: it may read the learned limits from the database.
+    limits = dispatch.step_time_limits(agent)
     published = False
     try:
         with connection.cursor() as control, connection.cursor() as cursor:
@@ -766,21 +792,22 @@ def _advance_publishing(
                 control.execute("BEGIN")
                 cursor.execute(sql, params)
                 try:
-                    dispatch.step_publish(task_id=task.pk, step=task.current_step, agent=agent)
+                    dispatch.step_publish(
+                        task_id=task.pk, step=task.current_step, agent=agent, limits=limits
+                    )
                     published = True
                 except Backpressure:
                     # Left to the stuck-task sweep, if the statement advanced the task.
                     control.execute(
                         f"UPDATE {AgentTask._meta.db_table} SET in_flight = 0"
-                        " WHERE id = %s AND current_step = %s",
-                        [task.pk, task.current_step],
+                        " WHERE id = %s AND current_step = %s AND fence = %s",
+                        [task.pk, task.current_step, params["fence"]],
                     )
                 fault_point("after_publish", step=task.current_step - 1)
                 control.execute("COMMIT")
             row = cursor.fetchone()
     except BaseException:
-        with contextlib.suppress(Exception), connection.cursor() as control:
-            control.execute("ROLLBACK")
+        _rollback_or_close()
         raise
     if not published:
         logger.error("step not published; the stuck-task sweep will publish it")

@@ -91,6 +91,8 @@ class Verdict(StrEnum):
     EARLY = "early"  # a retry backoff is pending: the scheduler will publish it
     UNKNOWN = "unknown"  # no such task (its creation was rolled back)
     OVERDUE = "overdue"  # the task's deadline has passed
+    # One step behind, its holder's commit neither seen nor ruled out: give it back.
+    UNDECIDED = "undecided"
 
 
 @dataclass
@@ -128,13 +130,13 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
         verdict = _verdict(task, step)
         if verdict is not None:
             if confirmed:
-                if (
-                    verdict == Verdict.STALE
-                    and _publisher_holds(task, step, owner)
-                    and _wait_for_publisher(task_id, step)
-                ):
-                    confirmed = False
-                    continue
+                if verdict == Verdict.STALE and _publisher_holds(task, step, owner):
+                    watched = _wait_for_publisher(task_id, step)
+                    if watched is None:
+                        return Claim(Verdict.UNDECIDED, task)
+                    if watched:
+                        confirmed = False
+                        continue
                 if verdict in (Verdict.DUPLICATE, Verdict.EARLY):
                     _in_flight_drop(task_id, step)
                 return Claim(verdict, task)
@@ -338,13 +340,16 @@ def _publisher_holds(task: AgentTask | None, step: int, owner: str) -> bool:
     )
 
 
-def _wait_for_publisher(task_id: UUID, step: int) -> bool:
+def _wait_for_publisher(task_id: UUID, step: int) -> bool | None:
     """Watch a task one step behind this delivery while a live copy holds its lease
     (``_publisher_holds``), looking again after 1 ms and backing off to
     ``_WATCH_INTERVAL``. True once the task moved or another copy took the lease (read
-    it again); False once the holder's delivery ended without moving it (its lease
-    released or expired: this message is left over from a commit that rolled back, and
-    is dropped), or after ``LEASE_TTL`` seconds."""
+    it again); False once the holder released its lease without moving the task (its
+    delivery ended: this message is left over from a commit that rolled back, and is
+    dropped). None when it cannot tell within ``LEASE_TTL`` seconds, or the lease
+    expired or its holder's process is gone (a commit already sent may still land):
+    the message is given back to the queue, not dropped, so it cannot be lost (its
+    redeliveries are bounded by ``AGENTS_DELIVERY_LIMIT``)."""
     pause = 0.001
     deadline = time.monotonic() + lease_ttl()
     first = None
@@ -364,9 +369,11 @@ def _wait_for_publisher(task_id: UUID, step: int) -> bool:
         if row["fence"] != first:
             return True
         expires = row["lease_expires_at"]
-        if expires is None or expires <= clock.now() or _holder_gone(row["lease_owner"]):
+        if expires is None:
             return False
-    return False
+        if expires <= clock.now() or _holder_gone(row["lease_owner"]):
+            return None
+    return None
 
 
 def _holder_gone(owner: str) -> bool:

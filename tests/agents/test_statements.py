@@ -144,6 +144,31 @@ def test_a_delivery_that_arrives_before_the_commit_locks_the_row_waits_for_it(us
     assert task.current_step == 4
 
 
+def test_an_early_delivery_that_cannot_tell_gives_its_message_back(user, monkeypatch, settings):
+    """If the lease's holder neither commits nor ends its delivery within ``LEASE_TTL``,
+    the early delivery gives its message back to the queue instead of dropping it: the
+    holder's commit may still land, and then that message is the step's only one."""
+    settings.AGENTS = {**settings.AGENTS, "LEASE_TTL": 1.0}
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+    racer = _racer(task.pk, 3, raced)
+    advance = engine._advance_publishing
+
+    def stall_then_advance(*args: object, **kwargs: object) -> object:
+        if threading.current_thread() is not racer:
+            racer.start()
+            racer.join(30)  # the commit stalls until the early delivery has decided
+        return advance(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_advance_publishing", stall_then_advance)
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    assert raced["result"] == StepResult.REQUEUE
+    task.refresh_from_db()
+    assert task.current_step == 3
+
+
 def test_an_audit_event_written_while_the_step_ran_keeps_the_chain_whole(user, monkeypatch):
     """The hot path seals the step's events onto the chain head its claim read; if
     another writer appended an event meanwhile, its statement matches nothing and the
