@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from django.core.cache.backends.redis import RedisCache
+from django.core.exceptions import ImproperlyConfigured
 
 # Keys deleted per UNLINK.
 _BATCH = 500
@@ -28,14 +29,12 @@ def _glob_escape(text: str) -> str:
 class PrefixedRedisCache(RedisCache):
     """``django.core.cache.backends.redis.RedisCache`` whose ``clear()`` removes only
     the keys under its ``KEY_PREFIX`` (every version), by ``SCAN`` and ``UNLINK`` in
-    batches of 500, never ``FLUSHDB``. Raises ``ImproperlyConfigured`` at first use if
+    batches of 500, never ``FLUSHDB``. ``clear()`` raises ``ImproperlyConfigured`` if
     ``KEY_PREFIX`` is empty (then every key of the database would be this cache's);
     ``redis.RedisError`` if Redis is unreachable."""
 
     def clear(self) -> None:
         if not self.key_prefix:
-            from django.core.exceptions import ImproperlyConfigured
-
             raise ImproperlyConfigured("PrefixedRedisCache needs a KEY_PREFIX to clear")
         client = self._cache.get_client(None, write=True)
         batch: list[bytes] = []
