@@ -48,6 +48,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_GET
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -229,6 +230,27 @@ class _SourceRead:
             logger.warning("metrics source timed out", source=self.source, seconds=timeout)
             return None
         return self.metrics
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child free locks (``os.register_at_fork``). A worker's main process
+    forks pool processes while its own threads may hold a lock: the metrics server
+    reading a source, or the scheduler recording a transition, which holds the one lock
+    all of prometheus-client's multiprocess values share (its authors presume no
+    threads in that mode: prometheus/client_python#431). The child's copy of a held lock
+    is never released, and its first metric would wait for it forever. Without
+    ``PROMETHEUS_MULTIPROC_DIR`` each value has a lock of its own, not reset here: that
+    mode is not for forking workers (module docstring)."""
+    _SourceRead._lock = threading.Lock()
+    _SourceRead._running = set()
+    value_class = prometheus_values.ValueClass
+    names = getattr(getattr(value_class, "inc", None), "__code__", None)
+    if names is not None and "lock" in names.co_freevars:
+        cell = value_class.inc.__closure__[names.co_freevars.index("lock")]
+        cell.cell_contents = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _database_metrics() -> Iterable[Metric]:

@@ -51,6 +51,7 @@ What this module relies on in pybreaker 1.4 (read its source before upgrading):
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -250,6 +251,22 @@ def new_breaker(name: str) -> _Breaker:
     storage = pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"{PREFIX}:{name}")
     client.sadd(NAMES_KEY, name)
     return _Breaker(name=name, storage=storage)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no breaker objects and free locks
+    (``os.register_at_fork``): a thread of its parent (a worker's metrics server, say)
+    may hold the registry's lock, a breaker's own (pybreaker's) or a local trial's at
+    the instant of the fork, and the child's copy of a held lock is never released.
+    The child makes its breakers again on first use: with Redis they read the shared
+    state; without it, a process's breakers were its own anyway."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _BREAKERS.clear()
+    _LocalTrial._locks = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _breaker(name: str) -> _Breaker:

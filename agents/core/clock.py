@@ -13,6 +13,7 @@ is zero and no query is made.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import datetime, timedelta
@@ -44,6 +45,18 @@ def resync() -> None:
     """Measure the offset again at the next ``now()`` (after a fork, say)."""
     global _synced_at
     _synced_at = float("-inf")
+
+
+def _lock_after_fork() -> None:
+    """Give a forked child a free lock (``os.register_at_fork``). A worker's main
+    process forks its pool processes while its scheduler thread may be measuring, lock
+    held; the child's copy of a held lock is never released (no thread there owns it),
+    and its first resync would wait for it forever, holding its step's message."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_lock_after_fork)
 
 
 def _measure(samples: int = 3) -> timedelta:

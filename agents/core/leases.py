@@ -398,6 +398,12 @@ class _Heartbeat:
         self._wake = threading.Event()
         self._pid = 0
         self.lost = False
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # A lock copied held by a thread of the parent would never be released here.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
 
     def release_later(self, task_id: UUID, owner: str) -> None:
         with self._lock:
