@@ -94,18 +94,32 @@ class AuditBatch:
     def __len__(self) -> int:
         return len(self._events)
 
-    def seal(self) -> list[AuditEvent]:
+    def counts_tasks(self) -> bool:
+        """Whether the collected events imply a task counter (a ``created`` event, a
+        transition into a finishing status), which only a Django commit counts."""
+        return _implies_counters(self._events)
+
+    def seal(self, *, explicit_transaction: bool = False) -> list[AuditEvent]:
         """Number the collected events after ``task.audit_seq``, time-stamp them and chain
         each to the one before it (``audit.integrity``), advance ``task.audit_seq`` past
         them and hand them over, unsaved: the caller inserts them in its transaction
         (``flush`` does). The task counters they imply are counted when it commits.
 
-        Raises ``RuntimeError`` outside a transaction.
+        ``explicit_transaction``: the caller inserts them between ``BEGIN`` and
+        ``COMMIT`` statements of its own, not in a Django ``atomic`` block (the step
+        engine's hot path, ``agents.core.engine._advance_publishing``); such events
+        must imply no task counter, which only a Django commit counts.
+
+        Raises ``RuntimeError`` outside a transaction, or for an explicit transaction's
+        events that imply a counter.
         """
         events, self._events = self._events, []
         if not events:
             return []
-        if not transaction.get_connection().in_atomic_block:
+        if explicit_transaction:
+            if _implies_counters(events):
+                raise RuntimeError("events that count a task need a Django transaction")
+        elif not transaction.get_connection().in_atomic_block:
             raise RuntimeError("audit events are written in the transaction of their change")
         now = timezone.now()
         # The row lock the caller holds (or the fenced UPDATE that checks audit_seq)
@@ -164,10 +178,8 @@ def audit_verify(*, task_ids: Iterable[Any] | None = None) -> VerifyReport:
     )
 
 
-def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
-    """The task counters (``agents_tasks_created_total``, ``agents_tasks_finished_total``)
-    follow the trail: a ``created`` event, a ``transition`` into a finishing status. They
-    are counted once the transaction commits, so a rolled-back change counts nothing."""
+def _counters(events: list[AuditEvent]) -> tuple[int, list[str]]:
+    """(tasks created, statuses tasks finished in) that ``events`` record."""
     from agents_project import metrics
 
     created = sum(1 for event in events if event.type == EventType.CREATED)
@@ -176,6 +188,21 @@ def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
         for event in events
         if event.type == EventType.TRANSITION and event.payload.get("to") in metrics.FINISHED
     ]
+    return created, finished
+
+
+def _implies_counters(events: list[AuditEvent]) -> bool:
+    created, finished = _counters(events)
+    return bool(created or finished)
+
+
+def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
+    """The task counters (``agents_tasks_created_total``, ``agents_tasks_finished_total``)
+    follow the trail: a ``created`` event, a ``transition`` into a finishing status. They
+    are counted once the transaction commits, so a rolled-back change counts nothing."""
+    from agents_project import metrics
+
+    created, finished = _counters(events)
     if not created and not finished:
         return
 

@@ -26,14 +26,17 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 from uuid import UUID
 
 import structlog
 from amqp.exceptions import AMQPError, MessageNacked
 from django.conf import settings
+from kombu import Queue
 from kombu.exceptions import KombuError
 
 from agents.definition import Agent, registered_agents
@@ -83,8 +86,11 @@ def step_time_limits(agent: Agent) -> tuple[float, float]:
     return soft, hard
 
 
-def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
+def step_publish(
+    *, task_id: UUID, step: int, agent: Agent, limits: tuple[float, float] | None = None
+) -> None:
     """Publish the message that runs ``step`` of the task; ``Backpressure`` if refused.
+    ``limits``: ``step_time_limits(agent)``, when the caller already has them.
 
     Safe to call twice for the same step: the engine drops the second delivery.
     """
@@ -92,7 +98,7 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
     if collected is not None:
         collected.append((task_id, step))
         return
-    soft, hard = step_time_limits(agent)
+    soft, hard = limits or step_time_limits(agent)
     args = (str(task_id), step)
     # What ``app.send_task`` sends, without its per-call routing, configuration lookups
     # and argument repr (1.4 ms of CPU per publish against 0.5 ms here, on the
@@ -115,9 +121,9 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
     # When it was published: the worker observes the time in queue
     # (agents_step_queue_seconds) when the step starts.
     message.headers["agents_published_at"] = time.time()
-    queue = app.amqp.queues[settings.AGENTS["QUEUE"]]
     try:
         with app.producer_pool.acquire(block=True) as producer:
+            queue = _queue_bound_to(producer.channel)
             producer.publish(
                 message.body,
                 exchange=queue.exchange,
@@ -136,7 +142,27 @@ def step_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
 
 
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+# The work queue bound to each producer channel, by queue name. kombu's ``maybe_declare``
+# copies an unbound queue onto the channel at every publish before it finds the
+# declaration cached (``kombu.common._ensure_channel_is_bound``); a bound one is used as
+# is, and kombu rebinds it itself after a reconnect (``_imaybe_declare``: ``revive``).
+_BOUND: weakref.WeakKeyDictionary[Any, dict[str, Queue]] = weakref.WeakKeyDictionary()
+
+
+def _queue_bound_to(channel: Any) -> Queue:
+    name = settings.AGENTS["QUEUE"]
+    bound = _BOUND.setdefault(channel, {})
+    if name not in bound:
+        bound[name] = app.amqp.queues[name].bind(channel)
+    return bound[name]
+
+
 _HOST = socket.gethostname()
+
+
+def publishes_are_collected() -> bool:
+    """True inside ``publishes_collected``: this thread's publishes go to a list."""
+    return _collected.get() is not None
 
 
 def step_publish_in_commit(*, task: AgentTask, agent: Agent) -> None:
@@ -146,13 +172,19 @@ def step_publish_in_commit(*, task: AgentTask, agent: Agent) -> None:
     try:
         step_publish(task_id=task.pk, step=task.current_step, agent=agent)
     except Backpressure:
-        logger.error(
-            "step not published; the stuck-task sweep will publish it",
-            task_id=str(task.pk),
-            step=task.current_step,
-        )
-        task.in_flight = 0
-        AgentTask.objects.filter(pk=task.pk).update(in_flight=0)
+        step_unpublished(task=task)
+
+
+def step_unpublished(*, task: AgentTask) -> None:
+    """The broker refused the current step's message inside the step's commit: save
+    ``in_flight = 0`` in that commit, so the stuck-task sweep publishes it later."""
+    logger.error(
+        "step not published; the stuck-task sweep will publish it",
+        task_id=str(task.pk),
+        step=task.current_step,
+    )
+    task.in_flight = 0
+    AgentTask.objects.filter(pk=task.pk).update(in_flight=0)
 
 
 def current_step_publish(*, task: AgentTask) -> bool:

@@ -21,7 +21,10 @@ A delivery of ``(task id, step)`` goes through:
    checkpoint and every audit event, advance the task (its status only through the
    state machine), publish the next step, commit. The message is published before the
    commit, so no crash can lose it; a worker that receives it first waits on the row
-   lock, and if the commit fails the message finds its step not current and is dropped.
+   lock (or, if it is faster still, on this delivery's lease), and if the commit fails
+   the message finds its step not current and is dropped (unless this delivery, after
+   a database outage, commits the step after all: then it runs the next step). On the hot path the
+   statement and the publish overlap (``_advance_publishing``).
 
 Anything raised at any of these points is a step error: audited, counted as an
 attempt, and retried, failed or dead-lettered by one policy (``agents.core.retries``).
@@ -46,6 +49,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections, transaction
 from django.db.models import TextField
 from django.db.models.functions import Cast
+from psycopg.pq import TransactionStatus
 
 from agents import scheduling
 from agents.core import clock, dispatch
@@ -90,6 +94,7 @@ from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.state_machine import TRANSITION_FIELDS, transition
 from agents.validation import json_path_check
 from agents_project import metrics
+from agents_project.errors import Backpressure
 from audit.models import AuditEvent, EventType
 from audit.services import AuditBatch, process_actor
 from tools.runner import ToolRun, tools_run
@@ -189,6 +194,9 @@ def _execute(
     if claim.verdict in _DROPPED:
         logger.info(_DROPPED[claim.verdict])
         return StepResult.STALE
+    if claim.verdict == Verdict.UNDECIDED:
+        logger.info("early delivery given back; the step before it may still commit")
+        return StepResult.REQUEUE
     if claim.verdict == Verdict.OVERDUE:
         scheduling.task_time_out(task_id=task_id, actor=_actor())
         return StepResult.TIMED_OUT
@@ -362,6 +370,9 @@ class _Chain:
     its claim, then from its own commits); None when unknown (read at the commit)."""
 
     head: tuple[int, str] | None
+    # Whether the hot path already published the next step (True) or the broker
+    # refused it (False) before its statement matched nothing; None: not tried.
+    published: bool | None = None
 
 
 @dataclass
@@ -560,7 +571,8 @@ def _commit(
         if result is not None:
             return result
     chain.head = None
-    return _commit_general(task_id, fence, agent, done, hand_on=hand_on)
+    published, chain.published = chain.published, None
+    return _commit_general(task_id, fence, agent, done, hand_on=hand_on, published=published)
 
 
 def _observations(record: _Done) -> dict[str, Any]:
@@ -619,58 +631,51 @@ def _commit_advance(
     chain head this delivery knows; then the next step's publish and the commit. None:
     not applicable (lease lost, deadline passed, or another writer added audit events
     meanwhile); nothing was written and the general path finds out which."""
-    now = clock.now()
-    release = (
-        ", lease_owner = '', lease_expires_at = NULL,"
-        " in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END"
-        if hand_on
-        else ""
+    head = chain.head or _audit_head(task_id)
+    task = AgentTask(
+        id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
     )
+    audit = AuditBatch(task, actor=_actor(), head=head)
+    _events_add(audit, done)
+    own = (
+        hand_on
+        and not dispatch.publishes_are_collected()
+        and connection.get_autocommit()
+        and not connection.in_atomic_block
+        and not audit.counts_tasks()
+    )
+    if not own:
+        return _commit_advance_atomic(task, fence, agent, done, audit, head, hand_on, chain)
+    events = audit.seal(explicit_transaction=True)
+    sql, params = _advance_statement(task, fence, agent, done, events, seq=head[0], hand_on=True)
+    row, published = _advance_publishing(sql, params, task, agent)
+    if row is None:
+        chain.published = published
+        return None
+    chain.head = (events[-1].seq, events[-1].hash)
+    return _committed(agent, done)
+
+
+def _commit_advance_atomic(
+    task: AgentTask,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    audit: AuditBatch,
+    head: tuple[int, str],
+    hand_on: bool,
+    chain: _Chain,
+) -> StepResult | None:
+    """``_commit_advance`` in a Django transaction: a commit that keeps the delivery
+    going (``hand_on`` False), one inside ``publishes_collected`` or inside the
+    caller's ``atomic`` block."""
     with transaction.atomic():
-        head = chain.head or _audit_head(task_id)
-        task = AgentTask(
-            id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
-        )
-        audit = AuditBatch(task, actor=_actor(), head=head)
-        _events_add(audit, done)
         events = audit.seal()
-        created = events[0].created_at
+        sql, params = _advance_statement(
+            task, fence, agent, done, events, seq=head[0], hand_on=hand_on
+        )
         with connection.cursor() as cursor:
-            cursor.execute(
-                _ADVANCE_SQL.format(release=release),
-                {
-                    "id": task_id,
-                    "fence": fence,
-                    "first": done[0].step,
-                    "next": done[-1].step + 1,
-                    "version": agent.state_version,
-                    "agent_version": agent.version,
-                    "seq": head[0],
-                    "last_seq": task.audit_seq,
-                    "now": now,
-                    "created": created,
-                    "checkpoints": json.dumps(
-                        [
-                            {"step": r.step, "state": r.state, "observations": _observations(r)}
-                            for r in done
-                        ]
-                    ),
-                    "events": json.dumps(
-                        [
-                            {
-                                "seq": e.seq,
-                                "type": e.type,
-                                "step": e.step,
-                                "payload": e.payload,
-                                "actor": e.actor,
-                                "prev_hash": e.prev_hash,
-                                "hash": e.hash,
-                            }
-                            for e in events
-                        ]
-                    ),
-                },
-            )
+            cursor.execute(sql, params)
             row = cursor.fetchone()
         if row is None:
             transaction.set_rollback(True)  # nothing was written; forget the counters
@@ -678,10 +683,135 @@ def _commit_advance(
         task.status = row[0]
         fault_point("before_commit", step=done[-1].step)
         if hand_on and task.status == TaskStatus.RUNNING:
+            # Inside ``publishes_collected``: the in-process runner takes it.
             dispatch.step_publish_in_commit(task=task, agent=agent)
         fault_point("after_publish", step=done[-1].step)
     chain.head = (events[-1].seq, events[-1].hash)
     return _committed(agent, done)
+
+
+def _rollback_or_close() -> None:
+    """End ``_advance_publishing``'s transaction after an error: ROLLBACK, and close the
+    connection if that failed or left it in a transaction (Django believes it is in
+    autocommit mode; its next use reconnects)."""
+    with contextlib.suppress(Exception), connection.cursor() as control:
+        control.execute("ROLLBACK")
+    raw = connection.connection
+    if raw is not None and raw.info.transaction_status != TransactionStatus.IDLE:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def _advance_statement(
+    task: AgentTask,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    events: list[AuditEvent],
+    *,
+    seq: int,
+    hand_on: bool,
+) -> tuple[str, dict[str, Any]]:
+    """``_ADVANCE_SQL`` and its parameters for ``done``, sealed ``events`` and the audit
+    sequence ``seq`` the chain head had; ``hand_on`` also releases the lease."""
+    release = (
+        ", lease_owner = '', lease_expires_at = NULL,"
+        " in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END"
+        if hand_on
+        else ""
+    )
+    params: dict[str, Any] = {
+        "id": task.pk,
+        "fence": fence,
+        "first": done[0].step,
+        "next": done[-1].step + 1,
+        "version": agent.state_version,
+        "agent_version": agent.version,
+        "seq": seq,
+        "last_seq": task.audit_seq,
+        "now": clock.now(),
+        "created": events[0].created_at,
+        "checkpoints": json.dumps(
+            [{"step": r.step, "state": r.state, "observations": _observations(r)} for r in done]
+        ),
+        "events": json.dumps(
+            [
+                {
+                    "seq": e.seq,
+                    "type": e.type,
+                    "step": e.step,
+                    "payload": e.payload,
+                    "actor": e.actor,
+                    "prev_hash": e.prev_hash,
+                    "hash": e.hash,
+                }
+                for e in events
+            ]
+        ),
+    }
+    return _ADVANCE_SQL.format(release=release), params
+
+
+def _advance_publishing(
+    sql: str, params: dict[str, Any], task: AgentTask, agent: Agent
+) -> tuple[tuple[Any, ...] | None, bool]:
+    """Advance the task, publish its next step and commit, with one wait on PostgreSQL:
+    ``BEGIN`` and the statement are sent in psycopg's pipeline mode without waiting
+    for an answer; the message is published (and confirmed by the broker) while
+    PostgreSQL runs them; then ``COMMIT`` is sent and every answer read at once.
+    ``(row, published)``: the row as ``_ADVANCE_SQL`` returns it (None: it matched
+    nothing, and the commit wrote nothing), and whether the broker took the message
+    (False: ``Backpressure``; ``in_flight`` is set to 0 in the same transaction, for the
+    stuck-task sweep). Any error rolls the transaction back and propagates.
+
+    The transaction is this function's own (``BEGIN``/``COMMIT`` statements on a
+    connection Django keeps in autocommit mode), because Django's ``atomic`` would wait
+    for ``BEGIN``'s answer and again for the statement's before the commit. Not for use
+    inside an ``atomic`` block.
+
+    The statement is sent before the message (all of it, unless it is larger than the
+    socket's buffer), so the next step's delivery nearly always finds the row locked
+    and waits for this commit; one that comes first anyway waits for this delivery's
+    lease, and gives its message back rather than drop it if it cannot tell
+    (``agents.core.leases._wait_for_publisher``). If the statement matched nothing, the
+    message is out: the general path then counts it and does not publish again
+    (``_Chain.published``), or the delivery that gets it finds its step not current and
+    drops it. psycopg's pipeline mode:
+    https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html
+    """
+    fault_point("before_commit", step=task.current_step - 1)
+    # Before the pipeline: it may read the learned limits from the database.
+    limits = dispatch.step_time_limits(agent)
+    published = False
+    try:
+        with connection.cursor() as control, connection.cursor() as cursor:
+            # The pipeline's own errors (its Sync at the exit, on a broken connection)
+            # are psycopg's: map them to Django's, as its cursor does, so a database
+            # outage is waited out like any other (``step_execute``).
+            with connection.wrap_database_errors, connection.connection.pipeline():
+                control.execute("BEGIN")
+                cursor.execute(sql, params)
+                try:
+                    dispatch.step_publish(
+                        task_id=task.pk, step=task.current_step, agent=agent, limits=limits
+                    )
+                    published = True
+                except Backpressure:
+                    # Left to the stuck-task sweep, if the statement advanced the task.
+                    control.execute(
+                        f"UPDATE {AgentTask._meta.db_table} SET in_flight = 0"
+                        " WHERE id = %s AND current_step = %s AND fence = %s",
+                        [task.pk, task.current_step, params["fence"]],
+                    )
+                fault_point("after_publish", step=task.current_step - 1)
+                control.execute("COMMIT")
+            row = cursor.fetchone()
+    except BaseException:
+        _rollback_or_close()
+        raise
+    if not published:
+        logger.error("step not published; the stuck-task sweep will publish it")
+    return row, published
 
 
 # Advance the task (fenced; only if no other writer added audit events since ``seq``)
@@ -731,9 +861,17 @@ def _audit_head(task_id: UUID) -> tuple[int, str]:
 
 
 def _commit_general(
-    task_id: UUID, fence: int, agent: Agent, done: list[_Done], *, hand_on: bool
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[_Done],
+    *,
+    hand_on: bool,
+    published: bool | None = None,
 ) -> StepResult:
-    """Every outcome, on every database: lock the row, check, write, transition."""
+    """Every outcome, on every database: lock the row, check, write, transition.
+    ``published``: the hot path already published the next step (True) or the broker
+    refused it (False); None: publish here if the task goes on."""
     outcome = done[-1].outcome
     step = done[-1].step
     with transaction.atomic():
@@ -784,7 +922,9 @@ def _commit_general(
         audit.flush()
         task.save(update_fields=fields)
         fault_point("before_commit", step=step)
-        if publish_next:
+        if publish_next and published is None:
             dispatch.step_publish_in_commit(task=task, agent=agent)
+        elif publish_next and not published:
+            dispatch.step_unpublished(task=task)
         fault_point("after_publish", step=step)
     return _committed(agent, done)

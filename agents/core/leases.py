@@ -22,6 +22,10 @@ A delivery of ``(task, step)`` may run the step only while it holds the task's l
   a moment before the transaction that published this message commits (the message is
   published inside that transaction, so it can arrive first); before dropping a
   delivery as stale, the claim reads again after waiting for any writer of the row.
+  The commit's statement is sent just before the publish, so a message can, rarely,
+  arrive before that statement locked the row: a delivery that finds the task one step
+  behind, its lease held by another live copy, waits for that copy to commit or to
+  end its delivery (``_wait_for_publisher``) before it drops anything.
 
 ``in_flight`` counts the messages of the current step that can still arrive. A
 delivery dropped as a duplicate of the current step takes one off, so the stuck-task
@@ -87,6 +91,8 @@ class Verdict(StrEnum):
     EARLY = "early"  # a retry backoff is pending: the scheduler will publish it
     UNKNOWN = "unknown"  # no such task (its creation was rolled back)
     OVERDUE = "overdue"  # the task's deadline has passed
+    # One step behind, its holder's commit neither seen nor ruled out: give it back.
+    UNDECIDED = "undecided"
 
 
 @dataclass
@@ -124,6 +130,13 @@ def lease_claim(*, task_id: UUID, step: int, owner: str) -> Claim:
         verdict = _verdict(task, step)
         if verdict is not None:
             if confirmed:
+                if verdict == Verdict.STALE and _publisher_holds(task, step, owner):
+                    watched = _wait_for_publisher(task_id, step)
+                    if watched is None:
+                        return Claim(Verdict.UNDECIDED, task)
+                    if watched:
+                        confirmed = False
+                        continue
                 if verdict in (Verdict.DUPLICATE, Verdict.EARLY):
                     _in_flight_drop(task_id, step)
                 return Claim(verdict, task)
@@ -310,6 +323,57 @@ def _wait_for_holder(task_id: UUID, fence: int, expires_at: datetime) -> bool:
             return True
         time.sleep(_WATCH_INTERVAL)
     return False
+
+
+def _publisher_holds(task: AgentTask | None, step: int, owner: str) -> bool:
+    """Whether the task is at the step before ``step`` and another live copy holds its
+    lease: most likely the copy that published this message, which sends its commit's
+    statement just before it publishes (``agents.core.engine._advance_publishing``)."""
+    return (
+        task is not None
+        and task.current_step == step - 1
+        and task.status in RUNNABLE
+        and task.lease_owner not in ("", owner)
+        and task.lease_expires_at is not None
+        and task.lease_expires_at > clock.now()
+        and not _holder_gone(task.lease_owner)
+    )
+
+
+def _wait_for_publisher(task_id: UUID, step: int) -> bool | None:
+    """Watch a task one step behind this delivery while a live copy holds its lease
+    (``_publisher_holds``), looking again after 1 ms and backing off to
+    ``_WATCH_INTERVAL``. True once the task moved or another copy took the lease (read
+    it again); False once the holder released its lease without moving the task (its
+    delivery ended: this message is left over from a commit that rolled back, and is
+    dropped). None when it cannot tell within ``LEASE_TTL`` seconds, or the lease
+    expired or its holder's process is gone (a commit already sent may still land):
+    the message is given back to the queue, not dropped, so it cannot be lost (its
+    redeliveries are bounded by ``AGENTS_DELIVERY_LIMIT``)."""
+    pause = 0.001
+    deadline = time.monotonic() + lease_ttl()
+    first = None
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, _WATCH_INTERVAL)
+        row = (
+            AgentTask.objects.filter(pk=task_id)
+            .values("current_step", "fence", "lease_owner", "lease_expires_at")
+            .first()
+        )
+        if row is None:
+            return False
+        if row["current_step"] != step - 1:
+            return True
+        first = first if first is not None else row["fence"]
+        if row["fence"] != first:
+            return True
+        expires = row["lease_expires_at"]
+        if expires is None:
+            return False
+        if expires <= clock.now() or _holder_gone(row["lease_owner"]):
+            return None
+    return None
 
 
 def _holder_gone(owner: str) -> bool:

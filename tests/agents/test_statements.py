@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from agents.core import clock, dispatch, engine
+from agents.core import clock, dispatch, engine, leases
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
 from agents.models import AgentTask
@@ -37,52 +37,136 @@ def test_an_ordinary_step_costs_four_statements(user):
     assert statements == ["UPDATE", "BEGIN", "WITH", "COMMIT"], statements
 
 
-def test_a_delivery_that_arrives_before_the_commit_waits_for_it(user, monkeypatch):
-    """The next step's message is published inside the commit of the step before, so it
-    often arrives first: its claim waits for that commit on the row lock and still costs
-    one statement, which reads the checkpoint that commit wrote (``agents_step_before``:
-    its own snapshot sees it). It used to miss the row and take the general path: four
-    more reads and a write."""
-    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
-    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
-    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
-    raced: dict[str, object] = {}
+def _racer(task_id: object, step: int, raced: dict[str, object]) -> threading.Thread:
+    """A thread that delivers ``step`` of the task, as another worker would, and notes
+    its result and the statements it ran."""
 
-    def next_step() -> None:
+    def deliver() -> None:
         try:
             with CaptureQueriesContext(connections["default"]) as queries:
-                raced["result"] = step_execute(task_id=task.pk, step=3)
+                raced["result"] = step_execute(task_id=task_id, step=step)  # type: ignore[arg-type]
             raced["statements"] = [q["sql"].split()[0].upper() for q in queries.captured_queries]
         finally:
             connections["default"].close()
 
-    racer = threading.Thread(target=next_step)
-    publish = dispatch.step_publish_in_commit
+    return threading.Thread(target=deliver)
+
+
+def _poll(other: object, sql: str, params: list[object], what: str) -> None:
+    """Run ``sql`` on another connection until it returns true, for at most 5 s."""
+    for _ in range(500):
+        with other.cursor() as cursor:  # type: ignore[attr-defined]
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(sql, params)
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.01)
+    raise AssertionError(what)
+
+
+def test_a_delivery_that_arrives_before_the_commit_waits_for_it(user, monkeypatch):
+    """The next step's message is published while the commit of the step before is
+    open, so it often arrives first: its claim waits for that commit on the row lock and
+    still costs one statement, which reads the checkpoint that commit wrote
+    (``agents_step_before``: its own snapshot sees it). It used to miss the row and take
+    the general path: four more reads and a write."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+    racer = _racer(task.pk, 3, raced)
+    publish = dispatch.step_publish
+    other = connections.create_connection("default")
 
     def publish_then_race(**kwargs: object) -> None:
-        publish(**kwargs)
-        if kwargs["task"].current_step != 3:  # type: ignore[attr-defined]
+        publish(**kwargs)  # type: ignore[arg-type]
+        if kwargs["step"] != 3:
             return
+        # The commit's statement has locked the row (its transaction has an id), then
+        # the racing claim waits for that lock; only then does the commit go on.
+        pid = connection.connection.info.backend_pid
+        _poll(
+            other,
+            "SELECT backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = %s",
+            [pid],
+            "the commit's statement never ran",
+        )
         racer.start()
-        # Hold the commit open until the racing claim waits for the row lock.
-        with connection.cursor() as cursor:
-            for _ in range(500):
-                cursor.execute("SELECT pg_stat_clear_snapshot()")
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-                if cursor.fetchone()[0]:
-                    break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("the racing claim never waited for the row lock")
+        _poll(
+            other,
+            "SELECT count(*) > 0 FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            [],
+            "the racing claim never waited for the row lock",
+        )
 
-    monkeypatch.setattr(dispatch, "step_publish_in_commit", publish_then_race)
-    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    monkeypatch.setattr(dispatch, "step_publish", publish_then_race)
+    try:
+        assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    finally:
+        other.close()
     racer.join(30)
     assert raced["result"] == StepResult.COMMITTED
     assert raced["statements"] == ["UPDATE", "BEGIN", "WITH", "COMMIT"], raced
+
+
+def test_a_delivery_that_arrives_before_the_commit_locks_the_row_waits_for_it(user, monkeypatch):
+    """The commit's statement is sent just before the next step's publish, so a
+    delivery can, rarely, find the task still one step behind and its row not locked
+    yet. It waits for the live copy holding the lease to commit (or to give up), rather
+    than dropping its message as stale, which would leave the task with no message."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+    racer = _racer(task.pk, 3, raced)
+    waiting = threading.Event()
+    watch = leases._wait_for_publisher
+
+    def watch_noted(*args: object, **kwargs: object) -> bool:
+        waiting.set()
+        return watch(*args, **kwargs)  # type: ignore[arg-type]
+
+    advance = engine._advance_publishing
+
+    def race_then_advance(*args: object, **kwargs: object) -> object:
+        if threading.current_thread() is not racer:
+            racer.start()
+            assert waiting.wait(10), "the early delivery did not wait for the lease's holder"
+        return advance(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(leases, "_wait_for_publisher", watch_noted)
+    monkeypatch.setattr(engine, "_advance_publishing", race_then_advance)
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    racer.join(30)
+    assert raced["result"] == StepResult.COMMITTED
+    task.refresh_from_db()
+    assert task.current_step == 4
+
+
+def test_an_early_delivery_that_cannot_tell_gives_its_message_back(user, monkeypatch, settings):
+    """If the lease's holder neither commits nor ends its delivery within ``LEASE_TTL``,
+    the early delivery gives its message back to the queue instead of dropping it: the
+    holder's commit may still land, and then that message is the step's only one."""
+    settings.AGENTS = {**settings.AGENTS, "LEASE_TTL": 1.0}
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+    racer = _racer(task.pk, 3, raced)
+    advance = engine._advance_publishing
+
+    def stall_then_advance(*args: object, **kwargs: object) -> object:
+        if threading.current_thread() is not racer:
+            racer.start()
+            racer.join(30)  # the commit stalls until the early delivery has decided
+        return advance(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_advance_publishing", stall_then_advance)
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    assert raced["result"] == StepResult.REQUEUE
+    task.refresh_from_db()
+    assert task.current_step == 3
 
 
 def test_an_audit_event_written_while_the_step_ran_keeps_the_chain_whole(user, monkeypatch):
