@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -52,6 +53,16 @@ def _racer(task_id: object, step: int, raced: dict[str, object]) -> threading.Th
     return threading.Thread(target=deliver)
 
 
+def _step_one_done_and_a_racer(user: object) -> tuple[Any, threading.Thread, dict[str, object]]:
+    """A four-step task whose step 1 committed, and an unstarted ``_racer`` for its
+    step 3 with the dict it notes into."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    raced: dict[str, object] = {}
+    return task, _racer(task.pk, 3, raced), raced
+
+
 def _poll(other: object, sql: str, params: list[object], what: str) -> None:
     """Run ``sql`` on another connection until it returns true, for at most 5 s."""
     for _ in range(500):
@@ -70,11 +81,7 @@ def test_a_delivery_that_arrives_before_the_commit_waits_for_it(user, monkeypatc
     still costs one statement, which reads the checkpoint that commit wrote
     (``agents_step_before``: its own snapshot sees it). It used to miss the row and take
     the general path: four more reads and a write."""
-    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
-    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
-    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
-    raced: dict[str, object] = {}
-    racer = _racer(task.pk, 3, raced)
+    task, racer, raced = _step_one_done_and_a_racer(user)
     publish = dispatch.step_publish
     other = connections.create_connection("default")
 
@@ -115,11 +122,7 @@ def test_a_delivery_that_arrives_before_the_commit_locks_the_row_waits_for_it(us
     delivery can, rarely, find the task still one step behind and its row not locked
     yet. It waits for the live copy holding the lease to commit (or to give up), rather
     than dropping its message as stale, which would leave the task with no message."""
-    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
-    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
-    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
-    raced: dict[str, object] = {}
-    racer = _racer(task.pk, 3, raced)
+    task, racer, raced = _step_one_done_and_a_racer(user)
     waiting = threading.Event()
     watch = leases._wait_for_publisher
 
@@ -149,11 +152,7 @@ def test_an_early_delivery_that_cannot_tell_gives_its_message_back(user, monkeyp
     the early delivery gives its message back to the queue instead of dropping it: the
     holder's commit may still land, and then that message is the step's only one."""
     settings.AGENTS = {**settings.AGENTS, "LEASE_TTL": 1.0}
-    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
-    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
-    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
-    raced: dict[str, object] = {}
-    racer = _racer(task.pk, 3, raced)
+    task, racer, raced = _step_one_done_and_a_racer(user)
     advance = engine._advance_publishing
 
     def stall_then_advance(*args: object, **kwargs: object) -> object:
