@@ -51,6 +51,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 logger = structlog.get_logger(__name__)
@@ -92,6 +93,21 @@ STEP_FAILURES = Counter(
     "Failed step attempts, by agent and by the tool that failed (none: the agent's code).",
     ["agent", "tool"],
 )
+
+# The labelled metrics whose ``labels()`` lock a forked child gets renewed.
+_RENEWED_AFTER_FORK: list[MetricWrapperBase] = []
+
+
+def renew_after_fork(*wrappers: MetricWrapperBase) -> None:
+    """Give each of ``wrappers`` (labelled metrics, used in pool processes) a free
+    ``labels()`` lock in every process forked from this one: prometheus-client holds it
+    while it makes a label set's value (opening its file, in multiprocess mode), which
+    a thread of a worker's main process may be doing at the instant of a fork (the
+    scheduler counting a timed-out task)."""
+    _RENEWED_AFTER_FORK.extend(wrappers)
+
+
+renew_after_fork(STEP_DURATION, STEP_QUEUE_TIME, TASKS_CREATED, TASKS_FINISHED, STEP_FAILURES)
 
 BREAKER_STATES = ("closed", "open", "half-open")
 # The statuses counted by agents_tasks_finished_total: the final ones, and dead_lettered
@@ -235,14 +251,18 @@ class _SourceRead:
 def _after_fork_in_child() -> None:
     """Give a forked child free locks (``os.register_at_fork``). A worker's main process
     forks pool processes while its own threads may hold a lock: the metrics server
-    reading a source, or the scheduler recording a transition, which holds the one lock
-    all of prometheus-client's multiprocess values share (its authors presume no
-    threads in that mode: prometheus/client_python#431). The child's copy of a held lock
-    is never released, and its first metric would wait for it forever. Without
+    reading a source, or the scheduler counting a transition, which holds the lock of
+    its metric's ``labels()`` (``renew_after_fork``) and the one lock all of
+    prometheus-client's multiprocess values share (its authors presume no threads in
+    that mode: prometheus/client_python#431). The child's copy of a held lock is never
+    released, and its first metric would wait for it forever. Without
     ``PROMETHEUS_MULTIPROC_DIR`` each value has a lock of its own, not reset here: that
     mode is not for forking workers (module docstring)."""
     _SourceRead._lock = threading.Lock()
     _SourceRead._running = set()
+    for wrapper in _RENEWED_AFTER_FORK:
+        # The lock ``MetricWrapperBase.__init__`` gives a labelled metric.
+        wrapper._lock = threading.Lock()
     value_class = prometheus_values.ValueClass
     names = getattr(getattr(value_class, "inc", None), "__code__", None)
     if names is not None and "lock" in names.co_freevars:

@@ -21,6 +21,8 @@ from decimal import Decimal
 import structlog
 from prometheus_client import Counter, Histogram
 
+from agents_project.metrics import renew_after_fork
+
 logger = structlog.get_logger(__name__)
 
 TOKENS = Counter(
@@ -35,6 +37,7 @@ REQUEST_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
 )
 COST = Counter("agents_llm_cost", "Cost of model calls, by model.", ["model"])
+renew_after_fork(TOKENS, REQUEST_DURATION, COST)
 
 
 def model_call_observed(

@@ -254,15 +254,19 @@ def new_breaker(name: str) -> _Breaker:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child starts with no breaker objects and free locks
-    (``os.register_at_fork``): a thread of its parent (a worker's metrics server, say)
-    may hold the registry's lock, a breaker's own (pybreaker's) or a local trial's at
-    the instant of the fork, and the child's copy of a held lock is never released.
+    """A forked child starts with no breaker objects, no Redis client and free locks
+    (``os.register_at_fork``): a thread of its parent (a worker's health server, say)
+    may hold the registry's lock, a breaker's own (pybreaker's), a local trial's or the
+    Redis client's at the instant of the fork, and the child's copy of a held lock is
+    never released.
     The child makes its breakers again on first use: with Redis they read the shared
     state; without it, a process's breakers were its own anyway."""
     global _registry_lock
     _registry_lock = threading.Lock()
     _BREAKERS.clear()
+    # The parent's Redis client too: redis-py's own fork check takes its pool's lock,
+    # which the parent's health server may hold (``/readyz`` reads breaker states).
+    _client_for.cache_clear()
     _LocalTrial._locks = {}
 
 

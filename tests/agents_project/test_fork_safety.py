@@ -82,6 +82,24 @@ CASES = {
         "lock",
         "metrics.task_finished(agent='fork-safety', status='completed')",
     ),
+    # ... and the lock of its metric's ``labels()``, held while a new label set's value
+    # is made.
+    "a labelled metric": (
+        "from agents_project import metrics",
+        "metrics.TASKS_FINISHED._lock",
+        "metrics.task_finished(agent='fork-safety', status='completed')",
+    ),
+    "a model-call metric": (
+        "from agents_project import metrics\nfrom llm import metrics as llm_metrics",
+        "llm_metrics.TOKENS._lock",
+        "llm_metrics.TOKENS.labels(agent='a', model='m', kind='prompt').inc()",
+    ),
+    # The health server reading breaker states through the breakers' Redis client.
+    "the breakers' Redis connection pool": (
+        "from tools import breakers\nclient = breakers._client()\nclient.ping()",
+        "client.connection_pool._lock",
+        "breakers.breaker_status('fork-safety')",
+    ),
     "a metrics source read": (
         "from agents_project import metrics",
         "metrics._SourceRead._lock",
