@@ -36,6 +36,34 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+def _broker_sockets_closed_in_child() -> None:
+    """In a forked child, close this process's copies of the sockets of the app's broker
+    connection pool, without touching the connections (``os.register_at_fork``).
+
+    kombu closes the pool's connections in every child a billiard pool process starts
+    (``ConnectionPool`` registers ``force_close_all`` to run after a fork), and py-amqp
+    closes a connection with ``shutdown(SHUT_RDWR)``, which ends it for every process
+    sharing the socket: the parent's too. In a worker, the main process's scheduler then
+    found its pooled connection reset at each new pool process, and a publish at that
+    instant failed and was sent again. Closing the child's descriptor first leaves the
+    parent's connection alone (``close(2)`` only drops this process's reference), and
+    kombu's cleanup then finds a closed socket (its errors are ignored). The same fault
+    and fix in redis-py: redis/redis-py#863.
+    """
+    pool = app._pool  # Celery's broker connection pool, if this process made one
+    if pool is None:
+        return
+    for conn in [*pool._dirty, *pool._resource.queue]:
+        transport = getattr(getattr(conn, "_connection", None), "transport", None)
+        sock = getattr(transport, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+os.register_at_fork(after_in_child=_broker_sockets_closed_in_child)
+
+
 def _waiting_for_broker(exc: BaseException, interval: float) -> None:
     logger.warning("broker unreachable; waiting for it", error=repr(exc), retry_in=interval)
 

@@ -11,7 +11,8 @@ the scheduler thread held while it measured the database's clock.
 
 Each case runs in a fresh interpreter: a thread takes the lock, the main thread forks,
 and the child does what a step does with it, within ``TIMEOUT`` seconds, on the real
-database and Redis.
+database and Redis. The last test is the same kind of fault on a socket: a new pool
+process must not end the broker connections its parent keeps using.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import subprocess
 import sys
 import textwrap
 
+import billiard
 import pytest
 from django.db import connection
+
+from agents_project.celery import app
 
 TIMEOUT = 10
 
@@ -136,3 +140,26 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_wait_for_it(case, t
         f"the forked child {'hung' if done.returncode == 256 - 14 else 'failed'}"
         f" (exit {done.returncode}): {done.stderr[-2000:]}"
     )
+
+
+def _noop() -> None:
+    pass
+
+
+def _publish_unroutable() -> None:
+    """One confirmed publish on a pooled connection, with no retry: a connection that
+    was reset fails it."""
+    with app.producer_pool.acquire(block=True) as producer:
+        producer.publish(b"{}", exchange="", routing_key="fork-safety.nowhere", retry=False)
+
+
+def test_a_new_pool_process_leaves_the_parents_broker_connections_open():
+    """A billiard process (what a Celery pool process is) runs kombu's after-fork cleanup,
+    which closes the pool's connections; the parent's, through the same sockets, stay
+    open: its next publish goes out on them without a reconnect."""
+    _publish_unroutable()
+    child = billiard.Process(target=_noop)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    _publish_unroutable()
