@@ -263,11 +263,11 @@ def _after_fork_in_child() -> None:
     for wrapper in _RENEWED_AFTER_FORK:
         # The lock ``MetricWrapperBase.__init__`` gives a labelled metric.
         wrapper._lock = threading.Lock()
-    value_class = prometheus_values.ValueClass
-    names = getattr(getattr(value_class, "inc", None), "__code__", None)
-    if names is not None and "lock" in names.co_freevars:
-        cell = value_class.inc.__closure__[names.co_freevars.index("lock")]
-        cell.cell_contents = threading.Lock()
+    # Multiprocess mode: ``lock`` is a variable of the function that made ValueClass,
+    # shared by all its methods through one closure cell.
+    inc = prometheus_values.ValueClass.inc
+    if "lock" in inc.__code__.co_freevars:
+        inc.__closure__[inc.__code__.co_freevars.index("lock")].cell_contents = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -23,8 +23,8 @@ A delivery of ``(task id, step)`` goes through:
    commit, so no crash can lose it; a worker that receives it first waits on the row
    lock (or, if it is faster still, on this delivery's lease), and if the commit fails
    the message finds its step not current and is dropped (unless this delivery, after
-   a database outage, commits the step after all: then it runs the next step). On the hot path the
-   statement and the publish overlap (``_advance_publishing``).
+   a database outage, commits the step after all: then it runs the next step). On the
+   hot path the statement and the publish overlap (``_advance_publishing``).
 
 Anything raised at any of these points is a step error: audited, counted as an
 attempt, and retried, failed or dead-lettered by one policy (``agents.core.retries``).
