@@ -25,6 +25,8 @@ from django.utils.html import format_html
 
 from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
+from agents.core.state_machine import FINAL
+from agents.core.suspensions import task_approve, task_cancel
 from agents.diagnosis import (
     last_error_short,
     task_diagnosis,
@@ -34,15 +36,14 @@ from agents.diagnosis import (
     waiting_on_short,
 )
 from agents.models import AgentTask
-from agents.scheduling import task_approve, task_cancel
 from agents.search import task_search
-from agents.selectors import task_checkpoints, task_open_suspension
+from agents.selectors import dead_letters_visible_to, task_checkpoints, task_open_suspension
 from agents.services import task_replay
-from agents.state_machine import FINAL
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
-from audit.admin import ReadOnlyAdmin
+from audit.admin import ReadOnlyAdmin, by_task_id
+from audit.admin import task_link as task_link_html
 from audit.models import DeadLetter, EventType
-from audit.selectors import audit_events, dead_letters_visible_to
+from audit.selectors import audit_events
 from audit.services import user_actor
 from audit.timeline import describe
 
@@ -347,7 +348,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             after = max(total - TIMELINE_PAGE, 0)  # the latest events first
         events = [
             (event, describe(event))
-            for event in audit_events(task=task, after_seq=after)[:TIMELINE_PAGE]
+            for event in audit_events(task_id=task.pk, after_seq=after)[:TIMELINE_PAGE]
         ]
         checkpoints = list(task_checkpoints(task=task).reverse()[:CHECKPOINTS_SHOWN])[::-1]
         waiting = task_open_suspension(task=task)
@@ -520,3 +521,88 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
 
         self._each(request, queryset, "requeued", requeue)
+
+
+# --- Dead letters -------------------------------------------------------------------------
+
+
+class OpenFilter(admin.SimpleListFilter):
+    title = "requeued"
+    parameter_name = "open"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "not yet (open)"), ("no", "requeued")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> Any:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(requeued_at__isnull=self.value() == "yes")
+        return queryset
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "task_link",
+        "step",
+        "reason",
+        "short_error",
+        "attempts",
+        "created_at",
+        "requeued_at",
+        "requeued_by",
+    )
+    list_filter = (OpenFilter, "reason")
+    list_select_related = ("task",)
+    search_fields = ("task__id",)
+    search_help_text = "A task id (the full UUID)."
+    actions = ("requeue_letters",)
+    fields = (
+        ("task_link", "step"),
+        ("reason", "attempts"),
+        "error",
+        "traceback",
+        "message",
+        ("created_at", "requeued_at", "requeued_by"),
+    )
+    readonly_fields = (
+        "task_link",
+        "step",
+        "reason",
+        "attempts",
+        "error",
+        "traceback",
+        "message",
+        "created_at",
+        "requeued_at",
+        "requeued_by",
+    )
+
+    @admin.display(description="task", ordering="task")
+    def task_link(self, letter: DeadLetter) -> str:
+        return task_link_html(letter.task_id)
+
+    @admin.display(description="error")
+    def short_error(self, letter: DeadLetter) -> str:
+        return letter.error if len(letter.error) <= 120 else letter.error[:117] + "..."
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[DeadLetter], search_term: str
+    ) -> tuple[QuerySet[DeadLetter], bool]:
+        return by_task_id(queryset, search_term), False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        user = request.user
+        return bool(user.is_staff and permissions.has(user, permissions.DEAD_LETTER_CHANGE))
+
+    @admin.action(description="Requeue selected dead letters", permissions=["operate"])
+    def requeue_letters(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        ok = 0
+        for letter in queryset:
+            try:
+                dead_letter_requeue(dead_letter_id=letter.pk, actor=user_actor(request.user))
+                ok += 1
+            except ApplicationError as exc:
+                self.message_user(request, f"{letter.pk}: {exc.message}", messages.WARNING)
+        if ok:
+            self.message_user(request, f"{ok} dead letter(s) requeued.", messages.SUCCESS)

@@ -10,7 +10,7 @@ Both are optional: without them, whoever may operate the task (``agents.permissi
 its owner, or ``change_agenttask``) decides. Members of ``approvers`` also need to see
 the task: give the group ``agents.change_agenttask`` (or add them to ``operators``).
 With ``approvers`` set, the system (a command without ``--as USER``) cannot decide:
-every decision names a person. ``scheduling.task_approve`` calls ``approval_check``
+every decision names a person. ``suspensions.task_approve`` calls ``approval_check``
 under the task's row lock, before recording anything.
 """
 

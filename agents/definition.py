@@ -50,29 +50,11 @@ from typing import Any, ClassVar, Literal
 from uuid import UUID
 
 from agents_project.errors import InvalidInput
+from tools.registry import ToolCall, ToolResult
 
 State = Any
 Migration = Callable[[State], State]
 OnTimeout = Literal["fail", "reject", "continue"]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A request to run the tool ``name`` with ``args``."""
-
-    name: str
-    args: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """What a tool call returned (``ok``) or why it failed (``error``)."""
-
-    name: str
-    args: Mapping[str, Any]
-    ok: bool
-    value: Any = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,9 +75,9 @@ class Resumption:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a step knows: its task, its number, its attempt, the task's input, the state
-    of the last checkpoint, and what the last step caused (``tool_results``,
-    ``resumed``).
+    """What a step knows: its task and the task's owner (a user id), its number, its
+    attempt, the task's input, the state of the last checkpoint, and what the last step
+    caused (``tool_results``, ``resumed``).
 
     ``audit(type, payload)`` adds an event to the step's audit trail; the events are
     written with the step's outcome, whatever it is (committed, retried or failed).
@@ -106,6 +88,7 @@ class StepContext:
     attempt: int
     input: Any
     state: State
+    owner_id: int
     tool_results: tuple[ToolResult, ...] = ()
     resumed: Resumption | None = None
     # The step's audit events as ``(type, payload)`` pairs; the engine passes its own list.

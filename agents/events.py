@@ -43,8 +43,8 @@ from uuid import UUID
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from agents.core.state_machine import FINAL
 from agents.models import AgentTask
-from agents.state_machine import FINAL
 from audit.models import AuditEvent
 from audit.timeline import describe
 

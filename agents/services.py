@@ -1,5 +1,5 @@
-"""Starting and replaying tasks. (Suspend, resume and cancel: ``agents.scheduling``;
-retries and dead letters: ``agents.retries``; the step itself: ``agents.engine``.)"""
+"""Starting and replaying tasks. (Suspend, resume and cancel: ``agents.core.suspensions``;
+retries and dead letters: ``agents.core.retries``; the step itself: ``agents.core.engine``.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
-from agents import permissions
+from agents import metrics, permissions
 from agents.core import clock
 from agents.core.admission import admission_needed
 from agents.core.dispatch import step_publish
@@ -22,8 +22,8 @@ from agents.definition import get_agent
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
-from agents.validation import json_value_check
 from agents_project.errors import InvalidInput, NotFound
+from agents_project.validation import json_value_check
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
 
@@ -118,6 +118,8 @@ def task_start(
             task.save(update_fields=("audit_seq",))
             if not queued:
                 step_publish(task_id=task.pk, step=1, agent=definition)
+            name = definition.name
+            transaction.on_commit(lambda: metrics.task_created(agent=name))
     except IntegrityError:
         # Two requests with one idempotency key raced; the other one created it.
         existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()

@@ -14,7 +14,7 @@ It is registered as the ``embedded`` transport: ``embedded+sqlite:///path/broker
 Like every kombu virtual transport it keeps unacknowledged messages in the consumer's
 memory: a worker killed with SIGKILL loses the message it held. The runtime does not
 rely on the broker for that case: the scheduler's stuck-task sweep publishes the step
-again (see ``agents.scheduler``). RabbitMQ is the broker for production.
+again (see ``agents.core.scheduler``). RabbitMQ is the broker for production.
 """
 
 from __future__ import annotations

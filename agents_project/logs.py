@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-from audit.redaction import active_secrets, contains_secret, redact
+from agents_project.redaction import active_secrets, contains_secret, redact
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,

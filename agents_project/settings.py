@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "llm",
     "evals",
     "rollout",
+    "demo",
 ]
 
 MIDDLEWARE = [
@@ -156,7 +157,7 @@ REDIS_KEY_PREFIX = env.str("AGENTS_REDIS_KEY_PREFIX", default="agents")
 # --- The runtime ------------------------------------------------------------------------
 
 AGENTS = {
-    # Work queue and its dead-letter topology (declared by agents_project/celery.py).
+    # Work queue and its dead-letter topology (declared by agents/worker.py).
     "QUEUE": env.str("AGENTS_QUEUE", default="agents.steps"),
     "DEAD_LETTER_EXCHANGE": env.str("AGENTS_DEAD_LETTER_EXCHANGE", default="agents.dlx"),
     "DEAD_LETTER_QUEUE": env.str("AGENTS_DEAD_LETTER_QUEUE", default="agents.dead"),
@@ -194,7 +195,7 @@ AGENTS = {
     # and returning the message to the queue.
     "DATABASE_PATIENCE": env.float("AGENTS_DATABASE_PATIENCE", default=120.0),
     # Seconds a worker given SIGTERM lets running steps finish before it stops them (their
-    # messages go back to the queue; see agents_project/celery.py). Keep Kubernetes'
+    # messages go back to the queue; see agents/worker.py). Keep Kubernetes'
     # terminationGracePeriodSeconds above it.
     "SHUTDOWN_GRACE": env.float("AGENTS_SHUTDOWN_GRACE", default=60.0),
     # suggest_timeouts --apply stores nothing for an agent with fewer samples than this
@@ -232,7 +233,7 @@ AGENTS = {
     # DJANGO_SECRET_KEY. Keep it out of the database's reach; changing it makes older
     # events unverifiable.
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
-    # Workers serve /healthz and /readyz on this port (0: off), see agents_project/health.py.
+    # Workers serve /healthz and /readyz on this port (0: off), see tools/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
     # GET /api/tasks/{id}/events/ (agents/events.py): seconds between polls of the audit
@@ -247,7 +248,7 @@ AGENTS = {
     "VERSION_RAMP": env.json("AGENTS_VERSION_RAMP", default={}),
     # development | test | production. Fault injection needs "test".
     "ENVIRONMENT": env.str("AGENTS_ENVIRONMENT", default="development"),
-    # Crash-test hook, see agents/faults.py: POINT or POINT@STEP.
+    # Crash-test hook, see agents/core/faults.py: POINT or POINT@STEP.
     "FAULT_INJECTION": env.str("AGENTS_FAULT_INJECTION", default=""),
 }
 if AGENTS["FAULT_INJECTION"] and AGENTS["ENVIRONMENT"] != "test":
@@ -321,6 +322,11 @@ LOGGING = {
 
 # The work queue (and, on RabbitMQ, its dead-letter topology): agents_project/topology.py
 CELERY_TASK_QUEUES = (topology.work_queue(AGENTS, amqp=BROKER_IS_AMQP),)
+# Celery's remote control (inspect, ping, Flower, the worker health check) broadcasts on
+# this exchange: a deployment's own (AGENTS_CONTROL_EXCHANGE, by default named after its
+# work queue), so it reaches only its own workers, never another deployment's or test
+# run's on the same virtual host.
+CELERY_CONTROL_EXCHANGE = env.str("AGENTS_CONTROL_EXCHANGE", default=f"{AGENTS['QUEUE']}.control")
 CELERY_TASK_DEFAULT_QUEUE = AGENTS["QUEUE"]
 CELERY_TASK_CREATE_MISSING_QUEUES = False
 
@@ -388,6 +394,13 @@ METRICS_PORT = env.int("AGENTS_METRICS_PORT", default=0)
 # Each scrape-time source (database, broker, breakers) answers within this many seconds
 # or is reported down (agents_metrics_source_up 0); keep it below the scrape timeout.
 METRICS_SOURCE_TIMEOUT = env.float("AGENTS_METRICS_SOURCE_TIMEOUT", default=2.0)
+# What /metrics reads at scrape time: a source name (agents_metrics_source_up{source}) to
+# the dotted path of a function returning Prometheus metric families.
+METRICS_SOURCES = {
+    "database": "agents.metrics.database_metrics",
+    "broker": "agents_project.metrics.queue_metrics",
+    "breakers": "tools.metrics.breaker_metrics",
+}
 # django-prometheus: no migration gauges (they would query the database at start-up).
 PROMETHEUS_EXPORT_MIGRATIONS = False
 # When set, GET /metrics needs "Authorization: Bearer <token>".

@@ -1,15 +1,16 @@
+"""The project's routes: each app's own, included by name (this package imports no app)."""
+
 from django.contrib import admin
 from django.urls import include, path
 
-from agents.console import breakers_view
-from agents_project.health import healthz, readyz
 from agents_project.metrics import metrics_view
 
 urlpatterns = [
-    path("admin/breakers/", admin.site.admin_view(breakers_view), name="admin-breakers"),
+    path("admin/", include("agents.admin_urls")),
     path("admin/", admin.site.urls),
+    # Before agents.api.urls, which ends with the API's catch-all 404.
+    path("api/", include("llm.api_urls")),
     path("api/", include("agents.api.urls")),
     path("metrics", metrics_view, name="metrics"),
-    path("healthz", healthz, name="healthz"),
-    path("readyz", readyz, name="readyz"),
+    path("", include("tools.urls")),
 ]

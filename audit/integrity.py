@@ -116,15 +116,15 @@ class Break:
         return f"task {self.task_id}: {where}: {self.problem}"
 
 
-def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], int]:
+def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], int, int]:
     """Check one task's events against their chain and the task's own event count
-    (``audit_seq``). Returns (breaks, events verified). Reads the events in seq order,
-    a chunk at a time."""
+    (``audit_seq``). Returns (breaks, events verified, events written before the chain).
+    Reads the events in seq order, a chunk at a time."""
     breaks: list[Break] = []
     tid = str(task_id)
     expected_seq = 1
     prev_hash = ""
-    verified = 0
+    verified = unchained = 0
     events = AuditEvent.objects.filter(task_id=task_id).order_by("seq", "id")
     for event in events.iterator(chunk_size=2000):
         if event.seq < expected_seq:
@@ -140,6 +140,7 @@ def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], in
                 Break(tid, event.seq, f"beyond the {audit_seq} events the task recorded (inserted)")
             )
         if not event.hash:
+            unchained += 1
             prev_hash, expected_seq = "", event.seq + 1  # written before the chain existed
             continue
         if event.prev_hash != prev_hash:
@@ -170,4 +171,4 @@ def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], in
                 "(the last ones were removed)",
             )
         )
-    return breaks, verified
+    return breaks, verified, unchained

@@ -6,17 +6,23 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+from uuid import UUID
 
 from django.db import transaction
 from django.utils import timezone
 
+from agents_project.redaction import redact
 from audit.integrity import Break, audit_chain_verify, event_seal
 from audit.models import AuditEvent, EventType
-from audit.redaction import redact
 
-if TYPE_CHECKING:
-    from agents.models import AgentTask
+
+class Audited(Protocol):
+    """What ``AuditBatch`` reads and advances of the object whose trail it writes (a
+    task): its id, and ``audit_seq``, the sequence number of its last event."""
+
+    pk: Any
+    audit_seq: int
 
 
 _HOST = socket.gethostname()
@@ -31,7 +37,7 @@ def user_actor(user: Any) -> str:
     return f"user:{user.get_username()}" if user is not None else "system"
 
 
-def _last_hash(task: AgentTask) -> str:
+def _last_hash(task: Audited) -> str:
     if not task.audit_seq:
         return ""
     last = (
@@ -53,7 +59,7 @@ class AuditBatch:
 
     def __init__(
         self,
-        task: AgentTask,
+        task: Audited,
         *,
         actor: str,
         secrets: Iterable[str] = (),
@@ -94,32 +100,22 @@ class AuditBatch:
     def __len__(self) -> int:
         return len(self._events)
 
-    def counts_tasks(self) -> bool:
-        """Whether the collected events imply a task counter (a ``created`` event, a
-        transition into a finishing status), which only a Django commit counts."""
-        return _implies_counters(self._events)
-
     def seal(self, *, explicit_transaction: bool = False) -> list[AuditEvent]:
         """Number the collected events after ``task.audit_seq``, time-stamp them and chain
         each to the one before it (``audit.integrity``), advance ``task.audit_seq`` past
         them and hand them over, unsaved: the caller inserts them in its transaction
-        (``flush`` does). The task counters they imply are counted when it commits.
+        (``flush`` does).
 
         ``explicit_transaction``: the caller inserts them between ``BEGIN`` and
         ``COMMIT`` statements of its own, not in a Django ``atomic`` block (the step
-        engine's hot path, ``agents.core.engine._advance_publishing``); such events
-        must imply no task counter, which only a Django commit counts.
+        engine's hot path, ``agents.core.commit``).
 
-        Raises ``RuntimeError`` outside a transaction, or for an explicit transaction's
-        events that imply a counter.
+        Raises ``RuntimeError`` outside a transaction.
         """
         events, self._events = self._events, []
         if not events:
             return []
-        if explicit_transaction:
-            if _implies_counters(events):
-                raise RuntimeError("events that count a task need a Django transaction")
-        elif not transaction.get_connection().in_atomic_block:
+        if not explicit_transaction and not transaction.get_connection().in_atomic_block:
             raise RuntimeError("audit events are written in the transaction of their change")
         now = timezone.now()
         # The row lock the caller holds (or the fenced UPDATE that checks audit_seq)
@@ -134,7 +130,6 @@ class AuditBatch:
             event_seal(event, prev_hash=prev_hash)
             prev_hash = event.hash
         self.task.audit_seq += len(events)
-        _count_when_committed(self.task.agent_name, events)
         return events
 
     def flush(self) -> None:
@@ -152,64 +147,19 @@ class VerifyReport:
     breaks: list[Break]
 
 
-def audit_verify(*, task_ids: Iterable[Any] | None = None) -> VerifyReport:
-    """Check the hash chain of the given tasks' audit trails (``None``: every task).
+def audit_verify(*, tasks: Iterable[tuple[UUID, int]]) -> VerifyReport:
+    """Check the hash chain of each ``(task id, audit_seq)`` in ``tasks``, where
+    ``audit_seq`` is the sequence number the task's last event should have.
 
     Safe to run at any time (read-only); a break means an event was changed, removed or
     inserted outside ``AuditBatch`` (see ``audit.integrity`` and RUNBOOK.md).
     """
-    from agents.models import AgentTask
-
-    tasks = AgentTask.objects.order_by("created_at", "id")
-    if task_ids is not None:
-        tasks = tasks.filter(pk__in=list(task_ids))
     breaks: list[Break] = []
-    count = verified = 0
-    for task_id, audit_seq in tasks.values_list("id", "audit_seq").iterator(chunk_size=500):
-        found, ok = audit_chain_verify(task_id=task_id, audit_seq=audit_seq)
+    count = verified = unverifiable = 0
+    for task_id, audit_seq in tasks:
+        found, ok, unchained = audit_chain_verify(task_id=task_id, audit_seq=audit_seq)
         breaks.extend(found)
         verified += ok
+        unverifiable += unchained
         count += 1
-    unverifiable = AuditEvent.objects.filter(hash="")
-    if task_ids is not None:
-        unverifiable = unverifiable.filter(task_id__in=list(task_ids))
-    return VerifyReport(
-        tasks=count, verified=verified, unverifiable=unverifiable.count(), breaks=breaks
-    )
-
-
-def _counters(events: list[AuditEvent]) -> tuple[int, list[str]]:
-    """(tasks created, statuses tasks finished in) that ``events`` record."""
-    from agents_project import metrics
-
-    created = sum(1 for event in events if event.type == EventType.CREATED)
-    finished = [
-        str(event.payload.get("to"))
-        for event in events
-        if event.type == EventType.TRANSITION and event.payload.get("to") in metrics.FINISHED
-    ]
-    return created, finished
-
-
-def _implies_counters(events: list[AuditEvent]) -> bool:
-    created, finished = _counters(events)
-    return bool(created or finished)
-
-
-def _count_when_committed(agent: str, events: list[AuditEvent]) -> None:
-    """The task counters (``agents_tasks_created_total``, ``agents_tasks_finished_total``)
-    follow the trail: a ``created`` event, a ``transition`` into a finishing status. They
-    are counted once the transaction commits, so a rolled-back change counts nothing."""
-    from agents_project import metrics
-
-    created, finished = _counters(events)
-    if not created and not finished:
-        return
-
-    def count() -> None:
-        for _ in range(created):
-            metrics.task_created(agent=agent)
-        for status in finished:
-            metrics.task_finished(agent=agent, status=status)
-
-    transaction.on_commit(count)
+    return VerifyReport(tasks=count, verified=verified, unverifiable=unverifiable, breaks=breaks)

@@ -32,7 +32,7 @@ def describe(event: AuditEvent) -> str:
         return f"{p.get('tool')} failed: {p.get('error')}"
     if t == EventType.STEP:
         return f"{p.get('outcome')} ({p.get('duration_ms')} ms)"
-    if t == "model_call":  # written by the llm app (llm.agent.MODEL_CALL)
+    if t == "model_call":  # written by the llm app (llm.step.MODEL_CALL)
         usage = p.get("usage") or {}
         reused = ", reused" if p.get("reused") else ""
         calls = [c.get("function", {}).get("name") for c in p.get("tool_calls") or ()]

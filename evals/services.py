@@ -33,11 +33,11 @@ from django.utils import timezone
 
 from agents.core import dispatch
 from agents.core.engine import step_execute
+from agents.core.state_machine import RUNNABLE
 from agents.core.versions import local_intake
 from agents.definition import get_agent
 from agents.models import AgentTask, Checkpoint
 from agents.services import service_user, task_start
-from agents.state_machine import RUNNABLE
 from agents_project.errors import InvalidInput
 from audit.models import AuditEvent, EventType
 from evals.graders import Run, expectations_check, grades_for

@@ -1,4 +1,4 @@
-"""``GET /api/tasks/{id}/messages/`` and the ``usage`` shape of ``GET /api/tasks/{id}/``."""
+"""``GET /api/tasks/{id}/messages/``: a task's conversation, in order."""
 
 from __future__ import annotations
 
@@ -12,14 +12,6 @@ from agents.api.pagination import seek_page
 from agents.selectors import task_get
 from llm.models import Message
 from llm.selectors import task_messages
-
-
-class UsageSerializer(serializers.Serializer):
-    model_calls = serializers.IntegerField(help_text="Model calls made (a reused one once).")
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    cost = serializers.FloatField(help_text="In the currency of AGENTS_LLM_MODELS' prices.")
 
 
 class MessageSerializer(serializers.ModelSerializer):

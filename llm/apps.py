@@ -13,3 +13,8 @@ class LlmConfig(AppConfig):
         # metrics are created at import so a scrape lists them before the first call.
         import_module("llm.metrics")
         import_module("llm.agent")
+        # ``GET /api/tasks/{id}/``'s usage is this app's model calls.
+        from agents.selectors import task_usage_reader_register
+        from llm.selectors import task_usage
+
+        task_usage_reader_register(task_usage)

@@ -11,6 +11,7 @@ from uuid import UUID
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
+from llm.client import ChatReply
 from llm.context import ChatMessage
 from llm.models import Message, ModelCall
 
@@ -124,3 +125,32 @@ def _backwards(task_id: UUID, start: int, end: int, subtask: int | None) -> Iter
         for row in page:
             yield as_chat(row)
         cursor = page[-1].seq
+
+
+def reply_from_record(record: ModelCall) -> ChatReply:
+    """The reply as recorded: what every copy of the step acts on."""
+    choice = (record.response.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    calls = [
+        {
+            "id": c.get("id") or "",
+            "type": "function",
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": c["function"].get("arguments") or "{}",
+            },
+        }
+        for c in message.get("tool_calls") or ()
+        if c.get("function")
+    ]
+    return ChatReply(
+        response=record.response,
+        content=message.get("content") or "",
+        tool_calls=calls,
+        finish_reason=record.finish_reason,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        total_tokens=record.total_tokens,
+        usage_estimated=record.usage_estimated,
+        duration_ms=record.duration_ms,
+    )

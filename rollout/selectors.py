@@ -10,8 +10,7 @@ from django.db.models import Count
 
 from agents.core.versions import held_versions, intake_shares, live_workers, version_key
 from agents.definition import registered_agents
-from agents.models import AgentTask
-from rollout.models import VersionHold, WorkerVersion
+from agents.models import AgentTask, VersionHold, WorkerVersion
 
 
 def versions_overview(*, agent: str | None = None) -> list[dict[str, Any]]:

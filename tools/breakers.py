@@ -68,7 +68,7 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from agents.errors import CircuitOpen, RetryableError, RetryLater
+from agents_project.errors import CircuitOpen, RetryableError, RetryLater
 from tools.registry import registered_tools
 
 logger = structlog.get_logger(__name__)

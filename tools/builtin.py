@@ -11,8 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agents.errors import RetryableError, ToolArgumentError
-from agents_project.errors import InvalidInput
+from agents_project.errors import InvalidInput, RetryableError, ToolArgumentError
 from tools.models import LedgerEntry
 from tools.outbound import outbound_check, outbound_get
 from tools.registry import Arg, ToolContext, tool

@@ -8,6 +8,8 @@ from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from tools.outbound import parse_allow_list
+
 
 @register()
 def breakers_are_shared(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
@@ -28,8 +30,6 @@ def breakers_are_shared(app_configs: Any = None, **kwargs: Any) -> list[Warning]
 @register()
 def outbound_allow_list_parses(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """Every entry of ``AGENTS_OUTBOUND_ALLOW`` is a host, an address or a CIDR."""
-    from tools.outbound import parse_allow_list
-
     try:
         parse_allow_list(settings.AGENTS["OUTBOUND_ALLOW"])
     except ValueError as exc:

@@ -32,10 +32,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from agents.errors import RetryableError
-from agents.models import AgentTask
-from agents.selectors import parse_task_id
-from agents_project.errors import InvalidInput, NotFound
+from agents_project.errors import InvalidInput, NotFound, RetryableError
 from tools.models import Credential
 
 logger = structlog.get_logger(__name__)
@@ -115,9 +112,11 @@ def credential_set(
     if value != value.strip():
         raise InvalidInput("must not start or end with blanks", field="value")
     bound = hosts_normalise(hosts)
-    task = None
+    task: Any = None
     if task_id is not None:
-        task = AgentTask.objects.filter(pk=parse_task_id(task_id), owner_id=owner.pk).first()
+        # The task model through the credential's foreign key: tools import no app above.
+        tasks = Credential._meta.get_field("task").related_model._default_manager
+        task = tasks.filter(pk=_task_uuid(task_id), owner_id=owner.pk).first()
         if task is None:
             raise NotFound(f"no task {task_id} of {owner.get_username()}")
     now = timezone.now()
@@ -177,7 +176,7 @@ def credential_delete(
     if task_id is None:
         credentials = credentials.filter(task__isnull=True)
     else:
-        credentials = credentials.filter(task_id=parse_task_id(task_id))
+        credentials = credentials.filter(task_id=_task_uuid(task_id))
     deleted, _ = credentials.delete()
     if not deleted:
         raise NotFound(f"no credential {name!r} of {owner.get_username()}")
@@ -240,3 +239,11 @@ def credential_list(*, owner: User | None = None) -> QuerySet[Credential]:
     if owner is not None:
         credentials = credentials.filter(owner_id=owner.pk)
     return credentials.order_by("owner__username", "task_id", "name")
+
+
+def _task_uuid(value: UUID | str) -> UUID:
+    """A task id from user input; a malformed one is simply not found (``NotFound``)."""
+    try:
+        return value if isinstance(value, UUID) else UUID(str(value))
+    except ValueError:
+        raise NotFound(f"no task {value}") from None

@@ -43,7 +43,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 from django.conf import settings
 
-from agents.errors import PermanentError
+from agents_project.errors import PermanentError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

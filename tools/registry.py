@@ -29,7 +29,26 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from agents.errors import ToolArgumentError
+from agents_project.errors import ToolArgumentError
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A request to run the tool ``name`` with ``args``."""
+
+    name: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a tool call returned (``ok``) or why it failed (``error``)."""
+
+    name: str
+    args: Mapping[str, Any]
+    ok: bool
+    value: Any = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,12 @@ from types import MappingProxyType
 from typing import Any
 from uuid import UUID
 
-from agents.definition import ToolCall, ToolResult
-from agents.errors import PermanentError, RetryableError, RetryLater, StepError
+from agents_project.errors import PermanentError, RetryableError, RetryLater, StepError
+from agents_project.redaction import contains_secret, redact, secrets_scope
 from audit.models import EventType
-from audit.redaction import contains_secret, redact, secrets_scope
 from tools.breakers import Transition, breaker_call
 from tools.credentials import task_credentials
-from tools.registry import Tool, ToolContext, find_tool
+from tools.registry import Tool, ToolCall, ToolContext, ToolResult, find_tool
 
 Events = list[tuple[str, dict[str, Any]]]
 

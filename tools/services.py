@@ -16,8 +16,8 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from agents.validation import json_value_check
 from agents_project.errors import InvalidInput, NotFound
+from agents_project.validation import json_value_check
 from tools import breakers
 from tools.breakers import BreakerStatus
 from tools.models import KVEntry

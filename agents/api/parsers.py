@@ -10,14 +10,14 @@ from rest_framework.exceptions import ParseError
 from rest_framework.settings import api_settings
 from rest_framework.utils.json import strict_constant
 
-from agents.validation import json_text_depth_check
+from agents_project.validation import json_text_depth_check
 
 
 class JSONParser(parsers.JSONParser):
     """Strict JSON (no NaN or Infinity) nested at most ``AGENTS_MAX_JSON_DEPTH`` levels.
 
     A deeper body is refused with a 400 naming the field where it gets too deep
-    (``agents.validation.json_text_depth_check``) before Python's parser sees it, so no
+    (``agents_project.validation.json_text_depth_check``) before Python's parser sees it, so no
     body can make it recurse until ``RecursionError``. The body is already bounded by
     ``DATA_UPLOAD_MAX_MEMORY_SIZE``.
     """

@@ -11,12 +11,11 @@ from rest_framework import serializers
 
 from agents.diagnosis import task_diagnosis, task_error_text
 from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
-from agents.validation import json_value_check
+from agents.selectors import task_usage
 from agents_project.errors import InvalidInput
+from agents_project.validation import json_value_check
 from audit.models import AuditEvent, DeadLetter
 from audit.timeline import describe
-from llm.api import UsageSerializer
-from llm.selectors import task_usage
 
 # Step numbers and sequence numbers are PostgreSQL integers: refuse what cannot be one.
 MAX_INT = 2**31 - 1
@@ -60,7 +59,7 @@ class StrictNumberField(serializers.FloatField):
 
 class StorableJSONField(serializers.JSONField):
     """Any JSON value the database can store, no larger than ``AGENTS_MAX_INPUT_BYTES``
-    (``agents.validation``, the same check the services make), refused as a 400 naming
+    (``agents_project.validation``, the same check the services make), refused as a 400 naming
     the field rather than surfacing as a database error."""
 
     def to_internal_value(self, data: Any) -> Any:
@@ -153,6 +152,14 @@ class DeadLetterQuerySerializer(serializers.Serializer):
 # --- Responses ----------------------------------------------------------------------------
 
 
+class UsageSerializer(serializers.Serializer):
+    model_calls = serializers.IntegerField(help_text="Model calls made (a reused one once).")
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+    cost = serializers.FloatField(help_text="In the currency of AGENTS_LLM_MODELS' prices.")
+
+
 class TaskSerializer(serializers.ModelSerializer):
     agent = serializers.CharField(source="agent_name", read_only=True)
     owner = serializers.CharField(source="owner.get_username", read_only=True)
@@ -164,7 +171,7 @@ class TaskSerializer(serializers.ModelSerializer):
         help_text="Why the task failed or was dead-lettered; empty otherwise."
     )
     usage = serializers.SerializerMethodField(
-        help_text="Model calls of the task and their tokens and cost (llm.selectors)."
+        help_text="Model calls of the task and their tokens and cost."
     )
 
     class Meta:

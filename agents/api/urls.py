@@ -1,4 +1,5 @@
-"""``/api/...`` routes (included from ``agents_project.urls``)."""
+"""``/api/...`` routes (included from ``agents_project.urls``; ``llm.api_urls`` adds the
+conversation's)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from agents.api.views import BreakerListView, DeadLetterViewSet, TaskViewSet, not_found
-from llm.api import TaskMessagesView
 
 router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
@@ -15,7 +15,6 @@ router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
 
 urlpatterns = [
     *router.urls,
-    path("tasks/<str:pk>/messages/", TaskMessagesView.as_view(), name="task-messages"),
     path("breakers/", BreakerListView.as_view(), name="api-breakers"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -53,14 +53,21 @@ from agents.api.serializers import (
     TaskSerializer,
 )
 from agents.core.dead_letters import dead_letter_requeue
+from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.diagnosis import with_dead_letter_error
 from agents.events import event_stream, event_stream_async, task_events_finished
 from agents.models import AgentTask
-from agents.scheduling import task_approve, task_cancel, task_signal
-from agents.selectors import task_checkpoints, task_get, task_list, tasks_visible_to
+from agents.selectors import (
+    dead_letter_get,
+    dead_letters_visible_to,
+    task_checkpoints,
+    task_get,
+    task_list,
+    tasks_visible_to,
+)
 from agents.services import task_replay, task_start
 from audit.models import DeadLetter
-from audit.selectors import audit_events, dead_letter_get, dead_letters_visible_to
+from audit.selectors import audit_events
 from audit.services import user_actor
 from tools.selectors import breaker_states
 
@@ -152,7 +159,7 @@ class TaskViewSet(viewsets.GenericViewSet):
     def audit(self, request: Request, pk: str) -> Response:
         query = _query(SeekQuerySerializer, request)
         task = task_get(task_id=pk, user=request.user)
-        events = audit_events(task=task, after_seq=query.get("after", 0))
+        events = audit_events(task_id=task.pk, after_seq=query.get("after", 0))
         return seek_page(
             request, events, key="seq", limit=query["limit"], serializer=AuditEventSerializer
         )

@@ -1,39 +1,34 @@
 """The durable-execution core: how one step of one task runs once, and only once.
 
-The flow is one way; a module imports only those below it::
+The flow is one way; a module imports only those below it (import-linter checks it,
+``bin/lint``; the contract is in ``pyproject.toml``)::
 
-    agents.tasks.run_step              the Celery task: translate the message, call
-         |                             the engine, map its answer to ack/reject/requeue
-         v
-    engine.step_execute                claim, run the agent and its tools, check, commit
-         |
-         +--> leases                   claim (fenced compare-and-swap), heartbeat,
-         |                             deadline alarm, hand-back on shutdown
-         +--> retries                  retry later, fail, refuse, dead-letter (fenced)
-         +--> agents.scheduling        suspend / resume / approve / cancel / time out
-         +--> dispatch                 publish a step inside the transaction that makes
-         |                             it runnable (no task or engine import); or, for
-         |                             an in-process runner, collect it (evals)
-         v
-    clock                              the database's clock, for every comparison
-    agents.models, audit               the store
+    scheduler          the clock thread of every worker (``agents.worker`` starts it):
+                       retry timers, wake-ups, wait timeouts, deadlines, the stuck-task
+                       sweep, admissions, DLQ reconciling, version announcements
+    engine             run a delivery: claim the lease, run the agent and its tools
+                       (heartbeat, deadline alarm), check the outcome, hand it to commit
+    commit             write a delivery's steps in one fenced transaction and publish
+                       the next step before it commits (the hot path's one statement,
+                       or the general path through the state machine)
+    dead_letters       DLQ inbox -> DeadLetter rows; requeue
+    admission          fair sharing: per-owner limits, round-robin admission
+    retries            retry later, fail, refuse, dead-letter (all fenced)
+    suspensions        suspend and resume: approvals, signals, timers, wait timeouts,
+                       cancel, time out
+    versions           version-pinned runs: intake (newest served version, ramp, holds)
+                       and worker announcements
+    leases             the lease: claim (fenced compare-and-swap), heartbeat, deadline
+                       alarm, hand-back on shutdown
+    dispatch           publish a step inside the transaction that makes it runnable
+                       (no task or engine import); or, for an in-process runner,
+                       collect it (evals)
+    state_machine      the one table of statuses, the only writer of ``status``
+    clock              the database's clock, for every comparison
+    faults, results    crash points for the fault tests; the engine's answer
 
-    scheduler.Scheduler                the clock thread of every worker: retries,
-         |                             timers, deadlines, the sweep, admissions,
-         |                             DLQ reconciling
-         +--> admission                fair sharing: per-owner limits, round-robin
-         |                             admission (also used by agents.services)
-         +--> dead_letters             DLQ inbox -> DeadLetter rows; requeue
-         +--> versions                 announce the agent versions this worker serves
-         +--> dispatch, agents.scheduling
-
-    versions                           version-pinned runs: intake (newest served
-                                       version, ramp, holds), worker announcements;
-                                       the engine refuses a step of another version
-                                       (``Agent.runs_version``) and the sweep selects
-                                       only versions it serves; imports clock,
-                                       agents.definition and the store
-                                       (rollout.models) only
-
-``faults`` holds the crash points the fault tests use; ``results`` the engine's answer.
+Below the core: the store and the agent API (``agents.models``, ``agents.definition``,
+``agents.errors``, ``agents.selectors``, ``agents.permissions``, ``agents.metrics``),
+the tools (``tools.runner``), the audit trail (``audit``). Above it: the Celery task
+(``agents.tasks.run_step``), the services, the API, the admin and the commands.
 """

@@ -37,9 +37,9 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from agents.core.dispatch import current_step_publish
+from agents.core.state_machine import RUNNABLE
 from agents.definition import Agent, registered_agents
 from agents.models import AgentTask, TaskStatus
-from agents.state_machine import RUNNABLE
 from agents_project.errors import Backpressure
 
 logger = structlog.get_logger(__name__)

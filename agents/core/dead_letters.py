@@ -30,9 +30,9 @@ from django.utils import timezone
 from agents.core.dispatch import current_step_publish
 from agents.core.leases import RELEASE_FIELDS
 from agents.core.retries import dead_letter_record
+from agents.core.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
 from agents.definition import registered_agents
 from agents.models import AgentTask, TaskStatus
-from agents.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
 from agents_project.celery import app
 from agents_project.errors import Conflict, NotFound
 from agents_project.topology import dead_letter_queue

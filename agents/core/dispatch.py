@@ -12,7 +12,7 @@ message before the commit waits on the row lock (``agents.core.leases``).
 - ``step_publish_in_commit`` is the step engine's: its transaction also records the
   step's checkpoint, which must not be lost to a broker outage, so a refused publish
   leaves the step to the stuck-task sweep instead (``in_flight`` back to 0).
-- ``current_step_publish`` is for services that resume a task (``agents.scheduling``).
+- ``current_step_publish`` is for services that resume a task (``agents.core.suspensions``).
 - ``publishes_collected`` is for an in-process runner (``python manage.py evaluate``):
   while its block runs, this thread's publishes are collected in a list instead of
   being sent, and the runner executes them itself (``engine.step_execute``).
@@ -101,8 +101,7 @@ def step_publish(
     soft, hard = limits or step_time_limits(agent)
     args = (str(task_id), step)
     # What ``app.send_task`` sends, without its per-call routing, configuration lookups
-    # and argument repr (1.4 ms of CPU per publish against 0.5 ms here, on the
-    # project's benchmark machine, the broker's confirm in neither): the message is
+    # and argument repr (a step's largest CPU cost; benchmarks/peers.md): the message is
     # built by Celery's own ``app.amqp.as_task_v2`` (task message protocol 2, as a
     # worker reads it) and published to the work queue by a producer of the app's
     # pool (kombu ``Producer.publish``, with its retries).

@@ -56,8 +56,8 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 
 from agents.core import clock
+from agents.core.state_machine import RUNNABLE
 from agents.models import AgentTask, Checkpoint
-from agents.state_machine import RUNNABLE
 
 logger = structlog.get_logger(__name__)
 
@@ -328,7 +328,7 @@ def _wait_for_holder(task_id: UUID, fence: int, expires_at: datetime) -> bool:
 def _publisher_holds(task: AgentTask | None, step: int, owner: str) -> bool:
     """Whether the task is at the step before ``step`` and another live copy holds its
     lease: most likely the copy that published this message, which sends its commit's
-    statement just before it publishes (``agents.core.engine._advance_publishing``)."""
+    statement just before it publishes (``agents.core.commit._advance_publishing``)."""
     return (
         task is not None
         and task.current_step == step - 1

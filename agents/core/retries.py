@@ -35,11 +35,11 @@ from django.db import transaction
 from agents.core import clock
 from agents.core.leases import RELEASE_FIELDS, lease_release_values
 from agents.core.results import StepResult
+from agents.core.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
 from agents.definition import Agent
 from agents.errors import RetryableError
 from agents.models import AgentTask, TaskStatus
-from agents.state_machine import RUNNABLE, TRANSITION_FIELDS, transition
-from agents.validation import json_storable
+from agents_project.validation import json_storable
 from audit.models import AuditEvent, DeadLetter, EventType
 from audit.services import AuditBatch
 

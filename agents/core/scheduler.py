@@ -16,7 +16,7 @@ Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clo
 - admits tasks waiting for their owner's limit of tasks running at once, round-robin
   across owners (``agents.core.admission``);
 - every ``AGENTS_WORKER_TTL / 3`` seconds, announces the agent versions this worker
-  serves (``rollout.WorkerVersion``); ``stop`` withdraws them;
+  serves (``agents.models.WorkerVersion``); ``stop`` withdraws them;
 - every ``AGENTS_DLQ_RECONCILE_INTERVAL`` seconds, drains RabbitMQ's dead-letter queue
   into ``DeadLetter`` rows (``agents.core.dead_letters``).
 
@@ -39,15 +39,14 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 
-from agents import scheduling
-from agents.core import clock
+from agents.core import clock, suspensions
 from agents.core.admission import admissions_grant
 from agents.core.dead_letters import dead_letter_queue_reconcile
 from agents.core.dispatch import current_step_publish
+from agents.core.state_machine import RUNNABLE
 from agents.core.versions import worker_ttl, worker_versions_announce, worker_versions_withdraw
 from agents.definition import registered_agents
 from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
-from agents.state_machine import RUNNABLE
 from agents_project.errors import Backpressure
 from audit.models import EventType
 from audit.services import AuditBatch, process_actor
@@ -75,7 +74,7 @@ def suspensions_expire(*, actor: str) -> int:
         "pk", flat=True
     )
     return sum(
-        scheduling.suspension_expire(suspension_id=pk, actor=actor) for pk in list(due[:BATCH])
+        suspensions.suspension_expire(suspension_id=pk, actor=actor) for pk in list(due[:BATCH])
     )
 
 
@@ -83,7 +82,7 @@ def deadlines_enforce(*, actor: str) -> int:
     due = AgentTask.objects.filter(
         deadline__isnull=False, deadline__lte=clock.now(), status__in=ACTIVE_STATUSES
     ).values_list("pk", flat=True)
-    return sum(scheduling.task_time_out(task_id=pk, actor=actor) for pk in list(due[:BATCH]))
+    return sum(suspensions.task_time_out(task_id=pk, actor=actor) for pk in list(due[:BATCH]))
 
 
 def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:

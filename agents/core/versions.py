@@ -10,13 +10,13 @@ and which workers serve which versions.
   version no live worker serves waits, visibly (``schema_refused`` in its trail, and
   ``python manage.py versions``); it is never failed. When compatible newer code runs a
   step, the task is pinned to that newer version from then on.
-- **Announcing.** Every worker's scheduler writes one ``rollout.WorkerVersion`` row per
+- **Announcing.** Every worker's scheduler writes one ``agents.models.WorkerVersion`` row per
   agent it serves, every ``AGENTS_WORKER_TTL / 3`` seconds; a worker is live while its
   row is younger than ``AGENTS_WORKER_TTL`` (15 s). A graceful stop removes its rows.
 - **Intake.** A new task gets the newest version a live worker serves, or with
   ``AGENTS_VERSION_RAMP`` (``{"agent": {"2": 10}}``) that share of tasks goes to each
   ramped version and the rest to the newest other version. A held version
-  (``rollout.VersionHold``: ``python manage.py versions --rollback AGENT VERSION``)
+  (``agents.models.VersionHold``: ``python manage.py versions --rollback AGENT VERSION``)
   takes no new tasks. With no live worker announced (a test running steps in-process,
   the demo before its worker starts) the version is this process's code's.
   ``local_intake()`` pins the tasks a block starts to this process's code (an
@@ -40,7 +40,7 @@ from django.db.models import QuerySet
 
 from agents.core import clock
 from agents.definition import Agent, registered_agents
-from rollout.models import VersionHold, WorkerVersion
+from agents.models import VersionHold, WorkerVersion
 
 _local: ContextVar[bool] = ContextVar("local_intake", default=False)
 

@@ -81,7 +81,7 @@ CASES = {
     # mode, whose values all share one lock.
     "metrics": (
         "import inspect\nfrom prometheus_client import values\n"
-        "from agents_project import metrics\n"
+        "from agents import metrics\n"
         "lock = inspect.getclosurevars(values.ValueClass.inc).nonlocals['lock']",
         "lock",
         "metrics.task_finished(agent='fork-safety', status='completed')",
@@ -89,12 +89,12 @@ CASES = {
     # ... and the lock of its metric's ``labels()``, held while a new label set's value
     # is made.
     "a labelled metric": (
-        "from agents_project import metrics",
+        "from agents import metrics",
         "metrics.TASKS_FINISHED._lock",
         "metrics.task_finished(agent='fork-safety', status='completed')",
     ),
     "a model-call metric": (
-        "from agents_project import metrics\nfrom llm import metrics as llm_metrics",
+        "from llm import metrics as llm_metrics",
         "llm_metrics.TOKENS._lock",
         "llm_metrics.TOKENS.labels(agent='a', model='m', kind='prompt').inc()",
     ),

@@ -10,8 +10,8 @@ import pytest
 from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents import metrics
 from agents.models import TaskStatus
-from agents_project import metrics
 from agents_project.celery import app
 from agents_project.topology import dead_letter_queue
 from tests.api.factories import completed, dead_lettered, run, started, waiting_for_approval

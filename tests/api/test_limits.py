@@ -13,7 +13,7 @@ from agents.models import AgentTask
 from agents.services import task_start
 from agents_project.errors import InvalidInput
 from agents_project.logs import MAX_LINE, formatter
-from audit.redaction import redact
+from agents_project.redaction import redact
 from tests.api.factories import waiting_for_event
 
 pytestmark = pytest.mark.django_db(transaction=True)

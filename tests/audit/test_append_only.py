@@ -6,8 +6,8 @@ import pytest
 from django.db import DatabaseError, transaction
 
 from agents.services import task_start
+from agents_project.redaction import MASK, redact
 from audit.models import AuditEvent
-from audit.redaction import MASK, redact
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

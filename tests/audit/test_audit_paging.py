@@ -48,7 +48,7 @@ def long_trail(user) -> AgentTask:
 
 def test_a_page_deep_in_a_long_trail_comes_from_the_task_seq_index(user):
     task = long_trail(user)
-    page = audit_events(task=task, after_seq=9_000)[:100]
+    page = audit_events(task_id=task.pk, after_seq=9_000)[:100]
     with connection.cursor() as cursor:
         sql, params = page.query.sql_with_params()
         cursor.execute(f"EXPLAIN {sql}", params)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents_project import metrics
+from agents import metrics
 from tests.api.factories import completed, dead_lettered, waiting_for_approval
 from tools import breakers
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout.models import VersionHold
+from agents.models import VersionHold
 from tests.evals.test_evaluate import SCRIPTED_CASES, write_cases
 from tests.helpers import worker_env
 

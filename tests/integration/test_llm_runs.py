@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from agents.core.suspensions import task_approve
 from agents.models import AgentTask, TaskStatus
 from agents.permissions import operator_group_ensure
-from agents.scheduling import task_approve
 from agents.services import task_start
 from audit.models import AuditEvent
 from llm.models import Message, ModelCall

@@ -14,10 +14,10 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
+from agents.core.suspensions import task_signal
 from agents.core.versions import intake_shares, live_workers
 from agents.definition import _REGISTRY, register
 from agents.models import AgentTask, Checkpoint, TaskStatus
-from agents.scheduling import task_signal
 from agents.services import service_user, task_start
 from audit.models import AuditEvent
 from tests.helpers import wait_until

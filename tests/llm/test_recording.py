@@ -30,7 +30,14 @@ def test_a_step_that_runs_again_reuses_the_recorded_response(chat, user):
     )
     checkpoint = Checkpoint.objects.get(task=task, step=0)
     lost_copy = get_agent("llm").step(
-        StepContext(task_id=task.pk, step=1, attempt=1, input=task.input, state=checkpoint.state)
+        StepContext(
+            task_id=task.pk,
+            step=1,
+            attempt=1,
+            input=task.input,
+            state=checkpoint.state,
+            owner_id=task.owner_id,
+        )
     )
     assert isinstance(lost_copy, CallTools)
     assert chat.count(task=task.pk, step=1) == 1
@@ -52,7 +59,14 @@ def test_usage_counts_a_reused_response_once(chat, user):
     task, _ = task_start(owner=user, agent="llm", input={"prompt": "hi"})
     checkpoint = Checkpoint.objects.get(task=task, step=0)
     get_agent("llm").step(
-        StepContext(task_id=task.pk, step=1, attempt=1, input=task.input, state=checkpoint.state)
+        StepContext(
+            task_id=task.pk,
+            step=1,
+            attempt=1,
+            input=task.input,
+            state=checkpoint.state,
+            owner_id=task.owner_id,
+        )
     )
     run_until_idle()
     from llm.selectors import task_usage

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from agents.core.suspensions import task_signal
 from agents.models import AgentTask, Checkpoint, TaskStatus
-from agents.scheduling import task_signal
 from agents.services import task_start
 from audit.models import AuditEvent
 from tests.helpers import wait_until

@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.scheduling import task_approve
+from agents.core.suspensions import task_approve
 from agents_project.errors import ApplicationError
 
 

@@ -25,7 +25,7 @@ class Command(BaseCommand):
             task = task_get(task_id=options["task_id"], user=None)
         except (ApplicationError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        events = audit_events(task=task).iterator(chunk_size=2000)
+        events = audit_events(task_id=task.pk).iterator(chunk_size=2000)
         if options["json"]:
             for event in events:
                 self.stdout.write(json.dumps(as_dict(event), default=str))

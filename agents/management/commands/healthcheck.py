@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_project.health import readiness, worker_readiness
+from tools.health import readiness, worker_readiness
 
 
 class Command(BaseCommand):

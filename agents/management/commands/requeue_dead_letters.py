@@ -7,9 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from agents.core.dead_letters import dead_letter_requeue
-from agents.selectors import parse_task_id
+from agents.selectors import dead_letters_visible_to, parse_task_id
 from agents_project.errors import ApplicationError
-from audit.selectors import dead_letters_visible_to
 from audit.services import process_actor
 
 

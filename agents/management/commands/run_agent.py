@@ -8,9 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from agents.core.state_machine import FINAL
 from agents.models import AgentTask, TaskStatus
 from agents.services import service_user, task_start
-from agents.state_machine import FINAL
 from agents_project.errors import ApplicationError
 
 # What --wait waits for: the task ended, or stopped where only an operator can move it.

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.scheduling import task_signal
+from agents.core.suspensions import task_signal
 from agents_project.errors import ApplicationError
 
 

@@ -1,4 +1,4 @@
-"""``python manage.py demo``: the zero-setup showcase (see agents/demo.py)."""
+"""``python manage.py demo``: the zero-setup showcase (see demo/showcase.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from agents.demo import demo_run
 from agents.models import TaskStatus
+from demo.showcase import demo_run
 
 
 class Command(BaseCommand):

@@ -7,10 +7,10 @@ import pytest
 
 from agents.core.admission import admissions_grant
 from agents.core.scheduler import stuck_tasks, stuck_tasks_republish
+from agents.core.suspensions import task_cancel
 from agents.definition import Agent, Finish, registered_agents
 from agents.diagnosis import task_diagnosis
 from agents.models import AgentTask, TaskStatus
-from agents.scheduling import task_cancel
 from agents.services import task_replay, task_start
 from tests.helpers import queue_depth, run_until_idle
 

@@ -13,8 +13,8 @@ from django.utils import timezone
 
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
+from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.models import AgentTask, Checkpoint, Signal, Suspension, TaskStatus
-from agents.scheduling import task_approve, task_cancel, task_signal
 from agents.services import task_start
 from agents_project.errors import Conflict, NotFound
 from audit.models import AuditEvent

@@ -5,9 +5,9 @@
   availability probe, and the circuit breakers (an open one means a dependency is down).
   200 when every check passes; 503 with each failing check's reason otherwise.
 
-The web process serves both (``agents_project/urls.py``). A worker serves the same from
-a thread of its main process on ``AGENTS_WORKER_HEALTH_PORT`` (0: off), started by the
-``ServeWorkerHealth`` bootstep in ``agents_project/celery.py``. For exec probes,
+The web process serves both (``tools/urls.py``). A worker serves the same from a thread
+of its main process on ``AGENTS_WORKER_HEALTH_PORT`` (0: off), started by the
+``ServeWorkerHealth`` bootstep (``agents.worker``). For exec probes,
 ``manage.py healthcheck [--worker]`` turns the same report into an exit code.
 
 "Not ready" never means "not alive": a worker whose tools' dependencies are down keeps
@@ -49,6 +49,7 @@ from health_check.contrib.redis import Redis
 from health_check.exceptions import ServiceUnavailable
 from kombu import Connection
 
+from agents_project.celery import app as celery_app
 from tools.breakers import OPEN, breaker_states
 from tools.registry import find_tool, registered_tools
 
@@ -251,12 +252,10 @@ def worker_readiness() -> HealthReport:
         host = conf["WORKER_HEALTH_HOST"]
         host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         return _remote_report(f"http://{host}:{conf['WORKER_HEALTH_PORT']}/readyz")
-    from agents_project.celery import app
-
     checks: dict[str, HealthCheck] = {
         "broker": Broker(url=settings.CELERY_BROKER_URL),
         **_tool_checks(),
-        "worker": WorkQueueConsumer(app=app),
+        "worker": WorkQueueConsumer(app=celery_app),
     }
     return health_report(checks)
 

@@ -28,11 +28,11 @@ from django.conf import settings
 from django.core.management import call_command
 
 from agents.core.scheduler import stuck_tasks_republish
+from agents.core.state_machine import FINAL
+from agents.core.suspensions import task_approve
 from agents.models import ACTIVE_STATUSES, AgentTask, TaskStatus
 from agents.permissions import operator_group_ensure
-from agents.scheduling import task_approve
 from agents.services import service_user, task_start
-from agents.state_machine import FINAL
 from agents_project.worker_process import start_worker, stop_worker
 from audit.selectors import audit_events
 from audit.services import process_actor
@@ -186,7 +186,7 @@ def _follow(task: AgentTask, manager, out: Out) -> AgentTask:
     deadline = time.monotonic() + TIME_LIMIT
     while time.monotonic() < deadline:
         task = AgentTask.objects.get(pk=task.pk)
-        for event in audit_events(task=task, after_seq=seen):
+        for event in audit_events(task_id=task.pk, after_seq=seen):
             out(f"  step {event.step}: {event.type}: {describe(event)}")
             seen = event.seq
         if task.status in FINAL or task.status == TaskStatus.DEAD_LETTERED:
@@ -225,4 +225,4 @@ def _summary(task: AgentTask, out: Out) -> None:
             out(f"  {message.seq:>2} {message.role:<9} {text}{'  -> ' + calls if calls else ''}")
     out("")
     out("Timeline (python manage.py audit <task id> prints it again):")
-    out(render(audit_events(task=task)))
+    out(render(audit_events(task_id=task.pk)))

@@ -16,7 +16,9 @@ cancelled      (final)
 =============  ==========================================================
 
 Every transition is written as a ``transition`` audit event in the caller's
-transaction, with the task row locked; an illegal one raises ``IllegalTransition``.
+transaction, with the task row locked; an illegal one raises ``IllegalTransition``. A
+transition into a finishing status is counted (``agents_tasks_finished_total``) once
+that transaction commits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Final
 
 from django.db import transaction
 
+from agents import metrics
 from agents.core import clock
 from agents.models import AgentTask, TaskStatus
 from agents_project.errors import IllegalTransition
@@ -81,6 +84,9 @@ def transition(task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: st
     task.updated_at = now
     if to in FINAL:
         task.finished_at = now
+    if to in metrics.FINISHED:
+        agent, status = task.agent_name, str(to)
+        transaction.on_commit(lambda: metrics.task_finished(agent=agent, status=status))
 
 
 # The fields a transition changes, for ``save(update_fields=...)``.

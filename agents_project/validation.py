@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from agents_project.errors import InvalidInput
+from agents_project.errors import InvalidInput, PermanentError
 
 
 def max_depth() -> int:
@@ -116,8 +116,6 @@ def json_path_check(value: Any, *, path: str) -> None:
     ``tool_results[0].value.name``): not JSON (NaN or infinity, a set, bytes, any other
     object, a key that is not a string), a NUL character, or an unpaired surrogate.
     Walks the value iteratively, so no depth makes it recurse."""
-    from agents.errors import PermanentError
-
     stack: list[tuple[str, Any]] = [(path, value)]
     while stack:
         where, item = stack.pop()

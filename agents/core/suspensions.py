@@ -24,12 +24,12 @@ from django.db import transaction
 from agents import approvals, permissions
 from agents.core import clock
 from agents.core.dispatch import current_step_publish
+from agents.core.state_machine import FINAL, TRANSITION_FIELDS, transition
 from agents.definition import Resumption, Suspend
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
-from agents.state_machine import FINAL, TRANSITION_FIELDS, transition
-from agents.validation import json_value_check
 from agents_project.errors import Conflict, InvalidInput, NotFound
+from agents_project.validation import json_value_check
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
 

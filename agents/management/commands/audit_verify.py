@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from agents.models import AgentTask
 from agents.selectors import task_get
 from agents_project.errors import ApplicationError
 from audit.services import audit_verify
@@ -24,13 +25,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if bool(options["task_id"]) == bool(options["all"]):
             raise CommandError("give a TASK_ID or --all (not both)")
-        task_ids = None
+        tasks = AgentTask.objects.order_by("created_at", "id")
         if options["task_id"]:
             try:
-                task_ids = [task_get(task_id=options["task_id"], user=None).pk]
+                tasks = tasks.filter(pk=task_get(task_id=options["task_id"], user=None).pk)
             except ApplicationError as exc:
                 raise CommandError(exc.message) from exc
-        report = audit_verify(task_ids=task_ids)
+        report = audit_verify(tasks=tasks.values_list("id", "audit_seq").iterator(chunk_size=500))
         for found in report.breaks:
             self.stderr.write(str(found))
         summary = (

@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from agents.core import clock, dispatch, engine, leases
+from agents.core import clock, commit, dispatch, engine, leases
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
 from agents.models import AgentTask
@@ -130,7 +130,7 @@ def test_a_delivery_that_arrives_before_the_commit_locks_the_row_waits_for_it(us
         waiting.set()
         return watch(*args, **kwargs)  # type: ignore[arg-type]
 
-    advance = engine._advance_publishing
+    advance = commit._advance_publishing
 
     def race_then_advance(*args: object, **kwargs: object) -> object:
         if threading.current_thread() is not racer:
@@ -139,7 +139,7 @@ def test_a_delivery_that_arrives_before_the_commit_locks_the_row_waits_for_it(us
         return advance(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(leases, "_wait_for_publisher", watch_noted)
-    monkeypatch.setattr(engine, "_advance_publishing", race_then_advance)
+    monkeypatch.setattr(commit, "_advance_publishing", race_then_advance)
     assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     racer.join(30)
     assert raced["result"] == StepResult.COMMITTED
@@ -153,7 +153,7 @@ def test_an_early_delivery_that_cannot_tell_gives_its_message_back(user, monkeyp
     holder's commit may still land, and then that message is the step's only one."""
     settings.AGENTS = {**settings.AGENTS, "LEASE_TTL": 1.0}
     task, racer, raced = _step_one_done_and_a_racer(user)
-    advance = engine._advance_publishing
+    advance = commit._advance_publishing
 
     def stall_then_advance(*args: object, **kwargs: object) -> object:
         if threading.current_thread() is not racer:
@@ -161,7 +161,7 @@ def test_an_early_delivery_that_cannot_tell_gives_its_message_back(user, monkeyp
             racer.join(30)  # the commit stalls until the early delivery has decided
         return advance(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "_advance_publishing", stall_then_advance)
+    monkeypatch.setattr(commit, "_advance_publishing", stall_then_advance)
     assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     assert raced["result"] == StepResult.REQUEUE
     task.refresh_from_db()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.db import transaction
 
+from agents.core.state_machine import FINAL, TRANSITIONS, transition
 from agents.models import AgentTask, TaskStatus
-from agents.state_machine import FINAL, TRANSITIONS, transition
 from agents_project.errors import IllegalTransition
 from audit.models import AuditEvent
 from audit.services import AuditBatch

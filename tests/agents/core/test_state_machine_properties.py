@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from agents.core.engine import step_execute
 from agents.core.scheduler import stuck_tasks_republish, tick
+from agents.core.state_machine import FINAL, TRANSITIONS
+from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.models import AgentTask, Checkpoint, Suspension, TaskStatus
-from agents.scheduling import task_approve, task_cancel, task_signal
 from agents.services import task_start
-from agents.state_machine import FINAL, TRANSITIONS
 from agents_project.errors import Conflict
 from audit.models import AuditEvent
 from tests.helpers import WORK_QUEUE, broker, deliver, purge_queues

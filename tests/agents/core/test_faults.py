@@ -11,7 +11,7 @@ import pytest
 
 from agents.core.faults import parse
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _settings_with(**env: str) -> subprocess.CompletedProcess[str]:
