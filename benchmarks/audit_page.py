@@ -7,7 +7,7 @@ database, ``agents_bench_audit``). It builds one task with ``--events`` audit ev
 among ``--other-tasks`` tasks of 500 events each (so the table is not just the one
 task), then times, for pages near the start, the middle and the end of the trail:
 
-  selector  ``audit.selectors.audit_events(task, after_seq)[:limit]``, rows fetched;
+  selector  ``audit.selectors.audit_events(task_id, after_seq)[:limit]``, rows fetched;
   API       ``GET /api/tasks/{id}/audit/?after=..&limit=..`` through Django's test
             client with a token: authentication, the query, serialization, JSON.
 
@@ -131,7 +131,7 @@ def main() -> None:
     for after in (0, args.events // 2, args.events - args.limit):
 
         def select(after: int = after) -> object:
-            return list(audit_events(task=task, after_seq=after)[: args.limit])
+            return list(audit_events(task_id=task.pk, after_seq=after)[: args.limit])
 
         def request(after: int = after) -> object:
             response = client.get(
@@ -151,7 +151,7 @@ def main() -> None:
     print()
     print(f"`audit TASK_ID --json`, all {args.events} events: {whole:.0f} ms")
     with connection.cursor() as cursor:
-        sql, params = audit_events(task=task, after_seq=args.events // 2)[
+        sql, params = audit_events(task_id=task.pk, after_seq=args.events // 2)[
             : args.limit
         ].query.sql_with_params()
         cursor.execute(f"EXPLAIN {sql}", params)

@@ -33,9 +33,9 @@ django.setup()
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from agents.definition import ToolCall  # noqa: E402
 from agents.errors import CircuitOpen, RetryableError  # noqa: E402
 from tests.tools.flaky_server import HANGING, FlakyServer  # noqa: E402
+from tools.registry import ToolCall  # noqa: E402
 from tools.runner import ToolRun, tools_run  # noqa: E402
 
 

@@ -42,11 +42,11 @@ setup(
     AGENTS_DEAD_LETTER_QUEUE="llmbench.agents.dead",
 )
 
-from agents.engine import step_execute  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from kombu import Connection  # noqa: E402
 
+from agents.core.engine import step_execute  # noqa: E402
 from agents.models import AgentTask  # noqa: E402
 from agents.services import service_user, task_start  # noqa: E402
 from llm.testing.chat_server import ChatServer, estimate  # noqa: E402
@@ -75,7 +75,7 @@ def run(turns: int, policy: str) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = []
     with server.running():
         settings.LLM = {**settings.LLM, "BASE_URL": server.url, "MODEL": "scripted"}
-        context = {"policy": policy}
+        context: dict[str, object] = {"policy": policy}
         if policy != "full":
             context["max_messages"] = 20
         task, _ = task_start(

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, setup  # noqa: E402
 
-# A test harness: fault injection (agents/faults.py) is only allowed with "test".
+# A test harness: fault injection (agents/core/faults.py) is only allowed with "test".
 WORKER_ENV = setup(
     AGENTS_ENVIRONMENT="test",
     AGENTS_SCHEDULER_INTERVAL="0.2",

@@ -49,8 +49,10 @@ def wait_done(r: redis.Redis, run_ids: list[str]) -> float:
     """Latest completion time of the runs (worker clock)."""
     finished = []
     for run_id in run_ids:
-        _, stamp = r.blpop([f"bench:{run_id}"], timeout=600)
-        finished.append(float(stamp))
+        popped = r.blpop([f"bench:{run_id}"], timeout=600)
+        if popped is None:
+            raise RuntimeError(f"run {run_id} did not finish within 600 s")
+        finished.append(float(popped[1]))
     return max(finished)
 
 
@@ -98,6 +100,8 @@ def arm_engine(r: redis.Redis, tasks: int, steps: int) -> float:
         .values_list("created_at", flat=True)
         .first()
     )
+    if last is None:
+        raise RuntimeError("no engine task completed")
     return last.timestamp() - started
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 
+from agents.core.suspensions import task_approve, task_signal
 from agents.models import AgentTask, Signal, Suspension, TaskStatus
-from agents.scheduling import task_approve, task_signal
 from agents.services import task_start
 from agents_project.celery import app
 from tests.helpers import publishes_to, queue_depth, wait_until, worker_env
@@ -31,8 +31,10 @@ def test_a_suspended_task_holds_no_worker_and_no_message(workers, user):
     )
     wait_until(lambda: _status(task.pk) == TaskStatus.SUSPENDED, timeout=30)
     assert queue_depth() == 0
-    hostname = wait_until(lambda: list(app.control.inspect(timeout=2).ping() or {}), timeout=30)
-    assert _active_steps(hostname[0]) == []
+    # This test's own worker, by name: never another run's on the same machine.
+    hostname = workers.node_name(0)
+    wait_until(lambda: app.control.inspect(destination=[hostname], timeout=2).ping(), timeout=30)
+    assert _active_steps(hostname) == []
     # The one pool process is free: another task runs to completion meanwhile.
     other, _ = task_start(owner=user, agent="scripted", input={"script": [{"final": 2}]})
     wait_until(lambda: _status(other.pk) == TaskStatus.COMPLETED, timeout=30)

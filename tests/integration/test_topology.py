@@ -61,3 +61,23 @@ def test_a_worker_declares_a_quorum_work_queue_with_dead_lettering(workers):
         "destination_name": names["AGENTS_DEAD_LETTER_QUEUE"],
         "routing_key": names["AGENTS_DEAD_LETTER_QUEUE"],
     } in bindings
+
+
+def test_remote_control_reaches_only_this_deployments_workers(workers, settings):
+    """Each deployment (each test run's namespace) broadcasts ``inspect`` and ``ping`` on
+    its own control exchange, named after its work queue: another deployment's
+    broadcast on the same virtual host (here, Celery's default exchange) never reaches
+    this one's workers, and this one's reaches them."""
+    from celery import Celery
+
+    from agents_project.celery import app
+
+    assert app.conf.control_exchange == f"{settings.AGENTS['QUEUE']}.control"
+    workers.start(concurrency=1)
+    node = workers.node_name(0)
+    assert wait_until(lambda: node in (app.control.inspect(timeout=2).ping() or {}), timeout=30)
+    elsewhere = Celery(broker=settings.CELERY_BROKER_URL)
+    elsewhere.conf.control_exchange = "celery"
+    with elsewhere.connection_for_write() as conn:
+        replies = elsewhere.control.inspect(timeout=2, connection=conn).ping() or {}
+    assert node not in replies
