@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,14 +29,12 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
-from django.apps import apps
-from django.conf import settings
 
-from tests.deploy import services
+from tests.deploy import checkout, services
 
 ROOT = Path(__file__).resolve().parents[2]
-# The project package (settings, URLs, Celery app) is shipped beside the apps.
-PROJECT_PACKAGE = settings.ROOT_URLCONF.split(".")[0]
+PROJECT_PACKAGE = checkout.PROJECT_PACKAGE
+project_apps = checkout.project_apps
 SCRIPT = {"script": [{"think": "from the wheel"}, {"final": "ok"}]}
 
 
@@ -49,34 +46,9 @@ def run(
     )
 
 
-def project_apps() -> set[str]:
-    """Top-level packages of the apps in ``INSTALLED_APPS`` that are this checkout's own
-    (their folder is at the top of it, not in a virtualenv)."""
-    found = set()
-    for config in apps.get_app_configs():
-        package = config.name.split(".")[0]
-        if Path(config.path).resolve().is_relative_to(ROOT / package):
-            found.add(package)
-    return found
-
-
-def source_tree(dest: Path) -> Path:
-    """The checkout's files as a clone with these changes would have them (git's view:
-    tracked and new files, less .gitignore's), without the leftovers of earlier builds
-    (setuptools packs whatever build/lib holds, even a package no longer in the list)."""
-    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    assert listed.returncode == 0, listed.stderr
-    for name in filter(None, listed.stdout.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = source_tree(tmp_path_factory.mktemp("source"))
+    source = checkout.copy_to(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("wheel")
     done = run(sys.executable, "-m", "build", "--wheel", "--outdir", out, source, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -85,6 +57,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_wheel_holds_every_app_and_nothing_else(wheel):
+    """Built from the checkout's files (tests/deploy/checkout.py): no build/ leftovers."""
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("__init__.py")}
     assert {"agents", "evals", "llm", "rollout", "tools", "audit"} <= project_apps()
