@@ -94,8 +94,9 @@ def test_the_generated_env_file_has_a_real_credentials_key():
 def test_the_image_installs_exactly_the_locked_versions():
     assert lockcheck.problems() == []
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "--requirement requirements.lock" in dockerfile
-    assert "--no-deps ." in dockerfile
+    assert "--only-binary=:all: --requirement requirements.lock" in dockerfile
+    # The app itself from its wheel (tests/deploy/test_wheel.py), resolving nothing.
+    assert "pip install --no-cache-dir --no-deps /wheels/*.whl" in dockerfile
 
 
 def test_kubernetes_pins_its_image_and_bounds_every_container():
