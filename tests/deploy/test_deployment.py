@@ -5,6 +5,7 @@ bin/validate-image)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,8 @@ def test_compose_starts_in_order_with_healthchecks_and_restarts():
     env = services["web"]["environment"]
     assert env["AGENTS_CREDENTIALS_KEY"].startswith("${AGENTS_CREDENTIALS_KEY:?")
     assert env["DJANGO_SECRET_KEY"].startswith("${DJANGO_SECRET_KEY:?")
+    # Production refuses to start without it (migrate, web, workers and Flower exited).
+    assert env["AGENTS_METRICS_TOKEN"].startswith("${AGENTS_METRICS_TOKEN:?")
     grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
     assert grace > int(services["worker"]["environment"]["AGENTS_SHUTDOWN_GRACE"])
 
@@ -86,9 +89,10 @@ def test_the_generated_env_file_has_a_real_credentials_key():
     )
     Fernet(values["AGENTS_CREDENTIALS_KEY"])
     compose = (ROOT / "docker" / "compose.yaml").read_text()
-    for required in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_PASSWORD"):
-        assert "${" + required + ":?" in compose
-        assert values[required]
+    # Every variable compose refuses to start without is generated.
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", compose))
+    assert {"AGENTS_METRICS_TOKEN", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"} <= required
+    assert {name for name in required if values.get(name)} == required
 
 
 def test_the_image_installs_exactly_the_locked_versions():
@@ -111,3 +115,4 @@ def test_kubernetes_pins_its_image_and_bounds_every_container():
                 assert ":" in container["image"], path
                 assert {"requests", "limits"} <= set(container["resources"]), path
                 assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
