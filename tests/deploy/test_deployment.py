@@ -116,3 +116,17 @@ def test_kubernetes_pins_its_image_and_bounds_every_container():
                 assert {"requests", "limits"} <= set(container["resources"]), path
                 assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
+
+def test_the_web_probes_send_a_host_that_allowed_hosts_holds():
+    """The kubelet sends the pod's IP as Host, which Django refuses (400): the web
+    probes name localhost, and the Secret's documentation says to allow it."""
+    web = next(yaml.safe_load_all((ROOT / "docker" / "k8s" / "web.yaml").read_text()))
+    (container,) = web["spec"]["template"]["spec"]["containers"]
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container[kind]["httpGet"]
+        assert {"name": "Host", "value": "localhost"} in probe["httpHeaders"], kind
+    readme = (ROOT / "docker" / "k8s" / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `ALLOWED_HOSTS`")]
+    assert "localhost" in row
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `AGENTS_METRICS_TOKEN`")]
+    assert "optional" not in row
