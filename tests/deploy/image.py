@@ -503,6 +503,9 @@ def check_probes() -> list[str]:
 # --- The whole run ------------------------------------------------------------------------
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class Interrupted(Exception):
     pass
 
@@ -511,29 +514,47 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(f"signal {signum}")
 
 
+def clean_up(run: Run | None, ns: services.Namespace | None, workdir: Path) -> list[str]:
+    """Each part is tried whatever happened to the others; a second signal cannot stop
+    it halfway."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    problems = []
+    try:
+        problems += run.close() if run else []
+    except Exception as exc:
+        problems.append(f"containers: {exc}")
+    try:
+        problems += services.drop(ns) if ns else []
+    except Exception as exc:
+        problems.append(f"namespace: {exc}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return problems
+
+
 def main() -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in SIGNALS:
         signal.signal(signum, _interrupt)
     podman.require()
     timings: dict[str, float] = {}
     started = time.monotonic()
     env = podman.environment()
-    with timed("base image", timings):
-        step(ensure_base(env, podman.CACHE))
-
-    dotenv = make_env_file()
-    apps, document = compose.load(DOCKER / "compose.yaml", dotenv)
-    tag = apps["web"].image
     workdir = Path(tempfile.mkdtemp(prefix="validate-image-"))
     workdir.chmod(0o700)
-    with timed(f"build {tag}", timings):
-        image = build(env, tag, workdir)
-
-    ns = services.namespace("image")
-    run = Run(env, image, ns, workdir)
-    problems: list[str] = []
+    run: Run | None = None
+    ns: services.Namespace | None = None
     try:
+        with timed("base image", timings):
+            step(ensure_base(env, podman.CACHE))
+        dotenv = make_env_file()
+        apps, document = compose.load(DOCKER / "compose.yaml", dotenv)
+        tag = apps["web"].image
+        with timed(f"build {tag}", timings):
+            image = build(env, tag, workdir)
+
+        ns = services.namespace("image")
+        run = Run(env, image, ns, workdir)
         services.create(ns)
         step(f"namespace {ns.name}: database {ns.database}, queues {ns.name}.agents.*")
         busy = [
@@ -566,9 +587,7 @@ def main() -> int:
             code = run.stop(apps["worker"])
         assert code == 0, f"the worker exited {code} on {apps['worker'].stop_signal}"
     finally:
-        problems += run.close()
-        problems += services.drop(ns)
-        shutil.rmtree(workdir, ignore_errors=True)
+        problems = clean_up(run, ns, workdir)
         if problems:
             step("clean-up problems: " + "; ".join(problems))
     step(f"the image runs as compose runs it ({time.monotonic() - started:.0f} s in all)")
