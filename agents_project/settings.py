@@ -431,7 +431,9 @@ if AGENTS["ENVIRONMENT"] == "production":
     if _missing:
         raise ImproperlyConfigured("; ".join(_missing))
     # HTTPS only. Terminating TLS at a proxy: set SECURE_PROXY_SSL_HEADER_NAME (e.g.
-    # HTTP_X_FORWARDED_PROTO) so that Django sees the original scheme.
+    # HTTP_X_FORWARDED_PROTO) so that Django sees the original scheme. Plain HTTP with
+    # nothing in front (docker/compose.yaml on one host): SECURE_SSL_REDIRECT=false,
+    # the only warning check --deploy then gives (security.W008).
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
     # Probes and the scraper call these over plain HTTP inside the cluster.
     SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]

@@ -25,17 +25,39 @@ RUNBOOK = ROOT / "RUNBOOK.md"
 METRIC = re.compile(r"\b((?:agents|django_http)_[a-z_]+)\b")
 
 
-def promtool(*args: str) -> str:
+def promtool(*args: str, cwd: Path = PROMETHEUS) -> str:
     exe = shutil.which("promtool")
     assert exe, "promtool is missing: apt-get install prometheus (as .ci/run does)"
-    done = subprocess.run([exe, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-def test_the_alert_rules_and_the_prometheus_config_are_valid():
+def test_the_alert_rules_and_the_prometheus_config_are_valid(tmp_path):
     assert "SUCCESS: 16 rules found" in promtool("check", "rules", "alerts.yml")
-    promtool("check", "config", "prometheus.yml")
+    # The web job reads its bearer token from a file beside the config (compose's secret
+    # metrics_token); promtool wants it to exist, so the folder is checked in a copy.
+    for config in PROMETHEUS.glob("*.yml"):
+        shutil.copy(config, tmp_path)
+    (tmp_path / "metrics_token").write_text("a-stand-in-token\n")
+    promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+
+
+def test_prometheus_sends_the_metrics_token_compose_gives_the_app():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (web,) = [job for job in config["scrape_configs"] if job["job_name"] == "agents-web"]
+    assert web["authorization"] == {"type": "Bearer", "credentials_file": "metrics_token"}
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    assert (
+        "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in (prometheus["volumes"])
+    )
+    assert {"source": "metrics_token", "target": "/etc/prometheus/metrics_token"} in (
+        prometheus["secrets"]
+    )
+    assert compose["secrets"]["metrics_token"] == {"environment": "AGENTS_METRICS_TOKEN"}
+    app_env = compose["services"]["web"]["environment"]
+    assert app_env["AGENTS_METRICS_TOKEN"].startswith("${AGENTS_METRICS_TOKEN:?")
 
 
 def test_every_alert_fires_in_its_unit_test_as_expected():
