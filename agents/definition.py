@@ -91,12 +91,32 @@ class StepContext:
     owner_id: int
     tool_results: tuple[ToolResult, ...] = ()
     resumed: Resumption | None = None
+    # What the process a step was handed to says of it (``HandOff``): ``{"key": ...,
+    # "error": {...}}`` or ``{"key": ..., "recorded": true}``; None on a plain delivery.
+    handed_back: Mapping[str, Any] | None = None
     # The step's audit events as ``(type, payload)`` pairs; the engine passes its own list.
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 
     def audit(self, event_type: str, payload: dict[str, Any]) -> None:
         """Record ``event_type`` with ``payload`` (JSON) in this step's audit trail."""
         self.events.append((event_type, payload))
+
+
+class HandOff(Exception):  # noqa: N818 (a control-flow signal, like StopIteration)
+    """Raised by a step to give its wait to another process: the step ends without a
+    checkpoint, its lease passes to that process, and the pool process is free.
+
+    ``payload`` (JSON) is published, with the task id, step and fencing token, to the
+    hand-off queue (``AGENTS_HANDOFF_QUEUE``); the process that takes it (the model
+    gateway, ``manage.py llm_gateway``) does the waiting and then publishes the same
+    step again, with what it learned in ``StepContext.handed_back``. The step runs
+    again from its checkpoint, so it must find what was done (a recorded reply) and
+    not hand the same thing off twice.
+    """
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload.get("key", "hand-off"))
+        self.payload = payload
 
 
 @dataclass(frozen=True)

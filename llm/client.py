@@ -178,6 +178,45 @@ def chat_transport(transport: Transport) -> Iterator[None]:
         _transport.reset(token)
 
 
+def gateway_enabled() -> bool:
+    """Whether this thread's model calls go through the model gateway
+    (``AGENTS_LLM_GATEWAY``): never under ``chat_transport`` (an evaluation run answers
+    in process)."""
+    return bool(settings.LLM["GATEWAY"]) and _transport.get() is None
+
+
+# Errors a model call can end with, as the gateway reports them to the step
+# (``StepContext.handed_back``): kind -> the exception the step raises.
+_NOTE_KINDS: dict[str, type[Exception]] = {
+    "context_too_long": ContextTooLong,
+    "permanent": PermanentError,
+    "retry_later": RetryLater,
+    "retryable": RetryableError,
+}
+
+
+def error_as_note(exc: Exception) -> dict[str, Any]:
+    """``{"kind", "message", "delay"}`` of a model call's error (JSON), for the step."""
+    kind = "retryable"
+    for name, cls in _NOTE_KINDS.items():
+        if isinstance(exc, cls):
+            kind = name
+            break
+    note: dict[str, Any] = {"kind": kind, "message": str(exc)}
+    if isinstance(exc, RetryLater):
+        note["delay"] = exc.delay
+    return note
+
+
+def error_from_note(note: dict[str, Any]) -> Exception:
+    """The exception ``error_as_note`` described (``RetryableError`` for an unknown
+    kind), for the step to raise as if it had made the call itself."""
+    kind, message = note.get("kind", "retryable"), str(note.get("message", "model call failed"))
+    if kind == "retry_later":
+        return RetryLater(message, delay=float(note.get("delay") or DEFAULT_RATE_LIMIT_WAIT))
+    return _NOTE_KINDS.get(kind, RetryableError)(message)
+
+
 def chat_complete(
     *,
     config: ModelConfig,
@@ -229,7 +268,7 @@ def _chat_send(
         transitions=transitions,
     )
     duration_ms = round((time.monotonic() - started) * 1000, 3)
-    reply = _reply(completion, duration_ms, estimated_tokens)
+    reply = reply_from_completion(completion, duration_ms, estimated_tokens)
     rate_limit_correct(config=config, estimated=estimated_tokens, used=reply.total_tokens)
     return reply
 
@@ -266,12 +305,13 @@ def _request(
     except openai.APIConnectionError as exc:
         raise RetryableError(f"model {config.name!r}: connection failed: {exc}") from exc
     except openai.APIStatusError as exc:
-        raise _status_error(config, exc) from exc
+        raise status_error(config, exc) from exc
     except ValueError as exc:  # the body was not JSON
         raise MalformedResponse(f"model {config.name!r}: malformed answer: {exc}") from exc
 
 
-def _status_error(config: ModelConfig, exc: openai.APIStatusError) -> Exception:
+def status_error(config: ModelConfig, exc: openai.APIStatusError) -> Exception:
+    """The runtime's error for an HTTP error answer (see the module docstring)."""
     status = exc.status_code
     what = f"model {config.name!r}: HTTP {status}: {exc.message}"
     wait = retry_after(exc.response.headers)
@@ -316,7 +356,9 @@ def retry_after(headers: Any) -> float | None:
     return min(max(seconds, 0.0), MAX_WAIT)
 
 
-def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatReply:
+def reply_from_completion(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatReply:
+    """A ``ChatReply`` of the SDK's ``ChatCompletion``; ``MalformedResponse`` if it is
+    not one. Usage missing: estimated from ``estimated_tokens`` and the reply's length."""
     if isinstance(completion, str) or not getattr(completion, "choices", None):
         raise MalformedResponse(f"malformed answer: {str(completion)[:200]!r}")
     data = completion.model_dump(mode="json", exclude_unset=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -41,6 +42,7 @@ from agents.definition import (
     Continue,
     Fail,
     Finish,
+    HandOff,
     Outcome,
     StepContext,
     Suspend,
@@ -56,7 +58,15 @@ from llm.budget import (
     owner_daily_check,
     usage_add,
 )
-from llm.client import ChatReply, ContextTooLong, ModelConfig, chat_complete, model_config
+from llm.client import (
+    ChatReply,
+    ContextTooLong,
+    ModelConfig,
+    chat_complete,
+    error_from_note,
+    gateway_enabled,
+    model_config,
+)
 from llm.context import (
     ChatMessage,
     ContextSettings,
@@ -396,6 +406,27 @@ class LLMStep:
         """The reply recorded under ``key`` (``record``, as the caller found it), asking
         the model only if there is none."""
         reused = record is not None
+        handed = self._handed_back(key)
+        if handed is not None:
+            for payload in handed.get("breaker", ()):
+                self.ctx.audit(EventType.BREAKER, payload)
+            if handed.get("error"):
+                raise error_from_note(handed["error"])
+            # Recorded by the model gateway for this delivery: a new call, not a reuse.
+            reused = reused and not handed.get("recorded")
+        if record is None and gateway_enabled():
+            raise HandOff(
+                {
+                    "key": key,
+                    "purpose": purpose,
+                    "model": config.name,
+                    "messages": [m.wire() for m in messages],
+                    "tools": tools,
+                    "estimated_tokens": estimate_request_tokens(messages, tools),
+                    "owner_id": self.ctx.owner_id,
+                    "agent": self.agent.name,
+                }
+            )
         if record is None:
             transitions: list[Any] = []
             try:
@@ -467,6 +498,11 @@ class LLMStep:
             },
         )
         return reply, record
+
+    def _handed_back(self, key: str) -> Mapping[str, Any] | None:
+        """What the model gateway said of the call ``key`` on this delivery, if anything."""
+        handed = self.ctx.handed_back
+        return handed if handed is not None and handed.get("key") == key else None
 
     def _api_key(self, config: ModelConfig) -> str:
         if not config.api_key_credential:

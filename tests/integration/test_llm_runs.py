@@ -7,24 +7,21 @@ real ``openai`` SDK, and it counts the requests it gets per task and step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from agents.core.suspensions import task_approve
-from agents.models import AgentTask, TaskStatus
+from agents.models import TaskStatus
 from agents.permissions import operator_group_ensure
 from agents.services import task_start
 from audit.models import AuditEvent
 from llm.models import Message, ModelCall
-from llm.testing.chat_server import ChatServer, estimate
+from llm.testing.chat_server import estimate
 from tests.helpers import wait_until
 from tests.integration import llm_tools  # noqa: F401 (registers the test tools here too)
+from tests.integration.llm_helpers import ended, llm_env, start, status_of
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.integration
-
-TOOLS_MODULE = "tests.integration.llm_tools"
 
 
 @pytest.fixture
@@ -32,44 +29,6 @@ def staff_user(django_user_model):
     olga = django_user_model.objects.create_user(username="olga", password="pw", is_staff=True)
     olga.groups.add(operator_group_ensure())  # staff alone may not approve
     return olga
-
-
-@pytest.fixture
-def chat(settings) -> Iterator[ChatServer]:
-    server = ChatServer()
-    with server.running():
-        settings.LLM = {
-            **settings.LLM,
-            "BASE_URL": server.url,
-            "MODEL": "scripted",
-            "MODELS": {},
-            "OWNER_DAILY_TOKENS": 0,
-        }
-        yield server
-
-
-def llm_env(chat: ChatServer, **extra: str) -> dict[str, str]:
-    return {
-        "AGENTS_MODULES": TOOLS_MODULE,
-        "AGENTS_LLM_BASE_URL": chat.url,
-        "AGENTS_LLM_MODEL": "scripted",
-        "AGENTS_LLM_TIMEOUT": "5",
-        **extra,
-    }
-
-
-def start(user, **input) -> AgentTask:
-    return task_start(owner=user, agent="llm", input={"prompt": "go", **input})[0]
-
-
-def status_of(task: AgentTask) -> str:
-    return AgentTask.objects.values_list("status", flat=True).get(pk=task.pk)
-
-
-def ended(task: AgentTask) -> AgentTask | None:
-    fresh = AgentTask.objects.get(pk=task.pk)
-    done = fresh.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD_LETTERED)
-    return fresh if done else None
 
 
 def test_a_worker_killed_while_a_tool_runs_after_the_model_answered_pays_once(
