@@ -200,9 +200,11 @@ class Agent:
     - ``steps_per_delivery`` and ``commit_every``, the checkpoint policy. By default each
       step is one delivery and one commit. An agent whose steps are cheap may let up to
       ``steps_per_delivery`` consecutive steps run in one delivery (a step that calls
-      tools, suspends or ends the task ends the run), committing their checkpoints (one
-      per step, as always) every ``commit_every`` steps, each group in one transaction.
-      The trade-off: after a crash, the steps since the last commit run again.
+      tools, suspends or ends the task ends the run; with ``continue_after_tools`` a
+      step that calls tools does not), committing their checkpoints (one per step, as
+      always) every ``commit_every`` steps, each group in one transaction. The
+      trade-off: after a crash, the steps since the last commit run again (their tool
+      calls keep their idempotency keys).
       ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
     - ``tool_errors_to_agent``: a tool's permanent error (bad arguments, a refused
       request) becomes that call's failed ``ToolResult`` for the next step, instead of
@@ -224,6 +226,7 @@ class Agent:
     learned_limits: ClassVar[bool] = False
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
+    continue_after_tools: ClassVar[bool] = False
     tool_errors_to_agent: ClassVar[bool] = False
     max_running_per_owner: ClassVar[int | None] = None
 

@@ -301,7 +301,7 @@ LLM = {
     # back; how many threads (and database connections) it runs its database work on;
     # how many hand-off messages it takes from the queue at once.
     "GATEWAY_DRAIN": env.float("AGENTS_LLM_GATEWAY_DRAIN", default=25.0),
-    "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=4),
+    "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=8),
     "GATEWAY_PREFETCH": env.int("AGENTS_LLM_GATEWAY_PREFETCH", default=5000),
     "GATEWAY_HEALTH_PORT": env.int("AGENTS_LLM_GATEWAY_HEALTH_PORT", default=8002),
 }

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from django.conf import settings
+
 from agents.definition import Agent, Outcome, StepContext, register
 from agents.errors import PermanentError
 from agents_project.errors import InvalidInput
@@ -76,6 +78,15 @@ class LLMAgent(Agent):
     max_steps: ClassVar[int] = 20
     # A tool's permanent error goes back to the model as that call's result.
     tool_errors_to_agent: ClassVar[bool] = True
+    # With the model gateway, a delivery goes on after the tools of a recorded reply up
+    # to the next model call, which it hands off: one delivery per model call, not two.
+    continue_after_tools: ClassVar[bool] = True
+
+    @property
+    def steps_per_delivery(self) -> int:  # type: ignore[override]
+        """8 with the model gateway (``AGENTS_LLM_GATEWAY``; a hand-off ends the
+        delivery anyway), else 1: a model call in the worker is a step of its own."""
+        return 8 if settings.LLM["GATEWAY"] else 1
 
     # --- hooks ----------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.core.faults import fault_point
 from agents.core.handoffs import (
+    HandOffClaim,
     handoff_claim,
     handoff_give_back,
     handoff_release,
@@ -90,6 +91,8 @@ logger = structlog.get_logger(__name__)
 T = TypeVar("T")
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 RENEW_INTERVAL = 1.0
+# Seconds a closed breaker is taken as closed without reading it again.
+BREAKER_READ_INTERVAL = 1.0
 SLOT_POLL = 0.1
 
 
@@ -106,6 +109,7 @@ class Call:
     # Why the work was cancelled: "lost" (the lease is gone) or "shutdown".
     stop: str = ""
     claimed: bool = False
+    recorded: bool = False
     slots: list[str] = field(default_factory=list)
 
     @property
@@ -129,6 +133,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.consuming = False
         self.slots = Slots()
+        self.breakers = Breakers()
 
     # --- running ------------------------------------------------------------------------
 
@@ -241,19 +246,21 @@ class Gateway:
 
     async def _claim(self, call: Call) -> bool:
         while True:
-            claim = await self.db(
-                handoff_claim,
-                task_id=call.task_id,
-                step=call.step,
-                fence=call.fence,
-                holder=self.holder,
-            )
+            claim, call.recorded = await self.db(self._claim_and_find, call=call)
             if claim.claimed:
                 return True
             if claim.wait <= 0:
                 logger.info("stale hand-off dropped", task_id=str(call.task_id), step=call.step)
                 return False
             await asyncio.sleep(claim.wait)  # a live holder: its lease may expire
+
+    def _claim_and_find(self, call: Call) -> tuple[HandOffClaim, bool]:
+        """(The claim, whether the call's reply is recorded already), on one thread."""
+        claim = handoff_claim(
+            task_id=call.task_id, step=call.step, fence=call.fence, holder=self.holder
+        )
+        found = claim.claimed and model_call_find(key=call.payload["key"]) is not None
+        return claim, found
 
     async def _cancelled(self, call: Call) -> None:
         with contextlib.suppress(Exception):
@@ -291,8 +298,7 @@ class Gateway:
         ``({"key", "error"}, None)``."""
         payload = call.payload
         key = payload["key"]
-        found = await self.db(model_call_find, key=key)
-        if found is not None:
+        if call.recorded:
             return {"key": key}, None  # recorded before: the step reuses it
         transitions: list[Transition] = []
         try:
@@ -388,9 +394,7 @@ class Gateway:
         client = self._client(config, api_key)
         extra: dict[str, Any] = {"tools": payload["tools"]} if payload.get("tools") else {}
         while True:
-            opened = await self.db(breaker_open_for, name=config.breaker)
-            if opened is not None:
-                raise opened
+            await self.breakers.check(self, config.breaker)
             remaining = deadline - time.time()
             if remaining <= 0:
                 raise RetryableError(f"model {config.name!r}: the step's time ran out")
@@ -427,7 +431,7 @@ class Gateway:
             finally:
                 metrics.GATEWAY_IN_FLIGHT.labels(model=config.name).dec()
             duration_ms = round((time.monotonic() - started) * 1000, 3)
-            await self._breaker_report(config, outcome, transitions)
+            await self.breakers.report(self, config, outcome, transitions)
             waits = isinstance(outcome, RetryLater) and not isinstance(outcome, CircuitOpen)
             if waits and time.time() + outcome.delay < deadline:
                 logger.info("model asks to wait", delay=outcome.delay, key=payload["key"])
@@ -436,26 +440,6 @@ class Gateway:
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome, duration_ms
-
-    async def _breaker_report(
-        self, config: ModelConfig, outcome: Any, transitions: list[Transition]
-    ) -> None:
-        """Count the call's outcome in its endpoint's breaker (``tools.breakers``)."""
-
-        def replay() -> None:
-            if isinstance(outcome, Exception):
-                raise outcome
-
-        def report() -> None:
-            with contextlib.suppress(Exception):
-                breaker_call(
-                    name=config.breaker,
-                    func=replay,
-                    trial_timeout=config.timeout,
-                    transitions=transitions,
-                )
-
-        await self.db(report)
 
     def _client(self, config: ModelConfig, api_key: str) -> openai.AsyncOpenAI:
         # One client (and connection pool) per server and key; the SDK's retries are off
@@ -566,6 +550,57 @@ async def _declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.Abstra
     )
     await queue.bind(exchange, routing_key=spec.routing_key)
     return queue
+
+
+# --- circuit breakers ----------------------------------------------------------------------
+
+
+class Breakers:
+    """The endpoints' circuit breakers (``tools.breakers``, shared through Redis), read
+    at most once a second per endpoint while they are closed: a call checks the state
+    before it is sent and reports its outcome after. A success is reported only after
+    a failure this process reported (it resets the breaker's count of failures in a
+    row); every failure is reported."""
+
+    def __init__(self) -> None:
+        self._closed_until: dict[str, float] = {}
+        self._failed: set[str] = set()
+
+    async def check(self, gateway: Gateway, name: str) -> None:
+        """Raise ``CircuitOpen`` if the breaker ``name`` refuses calls now."""
+        if self._closed_until.get(name, 0.0) > time.monotonic():
+            return
+        opened = await gateway.db(breaker_open_for, name=name)
+        if opened is not None:
+            self._closed_until.pop(name, None)
+            raise opened
+        self._closed_until[name] = time.monotonic() + BREAKER_READ_INTERVAL
+
+    async def report(
+        self, gateway: Gateway, config: ModelConfig, outcome: Any, transitions: list[Transition]
+    ) -> None:
+        """Count a call's ``outcome`` (a completion or an exception) in its breaker."""
+        failed = isinstance(outcome, Exception)
+        name = config.breaker
+        if not failed and name not in self._failed:
+            return
+        if failed:
+            self._failed.add(name)
+            self._closed_until.pop(name, None)
+        else:
+            self._failed.discard(name)
+
+        def replay() -> None:
+            if failed:
+                raise outcome
+
+        def report() -> None:
+            with contextlib.suppress(Exception):
+                breaker_call(
+                    name=name, func=replay, trial_timeout=config.timeout, transitions=transitions
+                )
+
+        await gateway.db(report)
 
 
 # --- max_in_flight: slots in Redis, shared by every gateway --------------------------------

@@ -306,7 +306,10 @@ def _run(
                 return StepResult.STALE
             return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
         done.append(record)
-        if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
+        goes_on = isinstance(record.outcome, Continue) or (
+            isinstance(record.outcome, CallTools) and agent.continue_after_tools
+        )
+        if not (goes_on and ctx.step - step + 1 < per_delivery):
             return steps_commit(task_id, fence, agent, done, hand_on=True, chain=chain)
         if len(done) >= commit_every:
             if _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
@@ -320,6 +323,7 @@ def _run(
             input=_task_input(task_id),
             state=record.state,
             owner_id=task.owner_id,
+            tool_results=tuple(record.results),
             events=events,
         )
 

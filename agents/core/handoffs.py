@@ -93,8 +93,6 @@ class HandOffClaim:
 
     claimed: bool
     wait: float = 0.0
-    owner_id: int = 0
-    agent_name: str = ""
 
 
 def handoff_claim(*, task_id: UUID, step: int, fence: int, holder: str) -> HandOffClaim:
@@ -105,7 +103,12 @@ def handoff_claim(*, task_id: UUID, step: int, fence: int, holder: str) -> HandO
     or held by a process of this machine that no longer exists."""
     now = clock.now()
     base = AgentTask.objects.filter(pk=task_id, current_step=step, fence=fence, status__in=RUNNABLE)
-    row = base.values("lease_owner", "lease_expires_at", "owner_id", "agent_name").first()
+    # The common case in one statement: the lease is the queue's (or already ours).
+    if base.filter(Q(lease_owner__startswith=QUEUED_OWNER_PREFIX) | Q(lease_owner=holder)).update(
+        lease_owner=holder, lease_expires_at=now + timedelta(seconds=lease_ttl())
+    ):
+        return HandOffClaim(True)
+    row = base.values("lease_owner", "lease_expires_at").first()
     if row is None:
         return HandOffClaim(False)
     free = Q(lease_owner__startswith=QUEUED_OWNER_PREFIX) | Q(lease_owner=holder)
@@ -119,7 +122,7 @@ def handoff_claim(*, task_id: UUID, step: int, fence: int, holder: str) -> HandO
         lease_owner=holder, lease_expires_at=now + timedelta(seconds=lease_ttl())
     )
     if taken:
-        return HandOffClaim(True, owner_id=row["owner_id"], agent_name=row["agent_name"])
+        return HandOffClaim(True)
     expires = row["lease_expires_at"]
     wait = (expires - now).total_seconds() if expires is not None else 0.0
     return HandOffClaim(False, wait=max(min(wait, lease_ttl()), 0.1))
