@@ -329,7 +329,9 @@ def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatRe
             continue
         calls.append(
             {
-                "id": call.id,
+                # Some servers (llama.cpp, LM Studio) send "" or no id: the id is set
+                # where the reply is recorded (tool_call_ids), from the step.
+                "id": getattr(call, "id", None) or "",
                 "type": "function",
                 "function": {"name": function.name, "arguments": function.arguments or "{}"},
             }
@@ -355,6 +357,42 @@ def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatRe
         usage_estimated=estimated,
         duration_ms=duration_ms,
     )
+
+
+def tool_call_ids(response: dict[str, Any], step: int) -> dict[str, Any]:
+    """``response`` (a chat completion as JSON) with an id on every tool call of its
+    first choice: a call whose id is missing, empty, not a string or the same as an
+    earlier call's of this reply gets ``call_<step>_<index>`` (``index`` counts the
+    reply's calls from 0). Servers such as llama.cpp and LM Studio send ``""`` or no
+    id; without one the call and its result cannot be paired in later requests.
+
+    Deterministic, and the identity on a response whose ids are all set and distinct,
+    so applying it again (to a record made before it existed) gives the same ids.
+    """
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return response
+    message = choices[0].get("message")
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list) or not calls:
+        return response
+    seen: set[str] = set()
+    fixed = []
+    for index, call in enumerate(calls):
+        if not isinstance(call, dict):
+            fixed.append(call)
+            continue
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id or call_id in seen:
+            call = {**call, "id": f"call_{step}_{index}"}
+        seen.add(call["id"])
+        fixed.append(call)
+    if fixed == calls:
+        return response
+    return {
+        **response,
+        "choices": [{**choices[0], "message": {**message, "tool_calls": fixed}}, *choices[1:]],
+    }
 
 
 # --- Per-model rate limits, shared through Redis ------------------------------------------

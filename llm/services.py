@@ -7,7 +7,7 @@ from uuid import UUID
 
 from django.db import IntegrityError, transaction
 
-from llm.client import ChatReply, ModelConfig
+from llm.client import ChatReply, ModelConfig, tool_call_ids
 from llm.context import ChatMessage
 from llm.models import Message, ModelCall
 
@@ -26,7 +26,9 @@ def model_call_record(
 
     Returns ``(record, created)``. If another copy of the step recorded this key first,
     that record is returned (``created`` False) and this reply is discarded: every
-    copy then acts on the same response.
+    copy then acts on the same response. Tool calls without an id (or with a repeated
+    one) are given ``call_<step>_<index>`` here, once (``llm.client.tool_call_ids``):
+    the record, the assistant message and the tool results all carry that id.
     """
     try:
         with transaction.atomic():
@@ -38,7 +40,7 @@ def model_call_record(
                 purpose=purpose,
                 model=config.name,
                 endpoint=config.base_url,
-                response=reply.response,
+                response=tool_call_ids(reply.response, step),
                 finish_reason=reply.finish_reason,
                 prompt_tokens=reply.prompt_tokens,
                 completion_tokens=reply.completion_tokens,

@@ -10,7 +10,10 @@ last entry repeats once the script runs out. ``scripts`` chooses a script by a t
 the request's first user message contains; ``script`` is the default. Entries::
 
     {"content": "the answer"}                                  a final answer
-    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?)
+    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?);
+                                                               a call's "id" is sent as
+                                                               given ("" as llama.cpp
+                                                               does; None: no id at all)
     {"status": 429, "retry_after": 1}                          an error status, with a
                                                                Retry-After header if given
     {"status": 400, "code": "context_length_exceeded"}         a refusal with that code
@@ -202,16 +205,17 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     content: str | None = entry.get("content")
     calls = []
     for number, call in enumerate(entry.get("tool_calls") or ()):
-        calls.append(
-            {
-                "id": f"call_{index}_{number}",
-                "type": "function",
-                "function": {
-                    "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
-                    "arguments": json.dumps(call.get("arguments", {})),
-                },
-            }
-        )
+        wire: dict[str, Any] = {
+            "id": call.get("id", f"call_{index}_{number}"),
+            "type": "function",
+            "function": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
+                "arguments": json.dumps(call.get("arguments", {})),
+            },
+        }
+        if wire["id"] is None:
+            del wire["id"]
+        calls.append(wire)
     if entry.get("summary"):
         content = f"(summary of {len(json.dumps(body.get('messages', [])))} characters)"
     message: dict[str, Any] = {"role": "assistant", "content": content}
