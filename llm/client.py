@@ -373,7 +373,9 @@ def tool_call_ids(response: dict[str, Any], step: int) -> dict[str, Any]:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return response
     message = choices[0].get("message")
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        return response
+    calls = message.get("tool_calls")
     if not isinstance(calls, list) or not calls:
         return response
     seen: set[str] = set()
