@@ -130,7 +130,9 @@ class LLMAgent(Agent):
             "summary": None,  # {"call": ModelCall id, "upto": first seq not in it}
             "pending": None,  # the last reply's tool calls, until their results are in
             "awaiting": None,  # what a suspension waits for: tool | budget | owner_budget
-            "budget_grants": 0,
+            "budget_grants": 0,  # approvals past the task's budget
+            "budget_offer": None,  # what the approval being asked for grants
+            "budget_limit": None,  # the budget plus the grants approved (None: none yet)
             "owner_grant_day": None,
             "context_limits": None,  # limits shrunk after a "context too long"
         }

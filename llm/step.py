@@ -53,6 +53,7 @@ from llm.budget import (
     ERROR_CODE,
     Budget,
     budget_check,
+    budget_grant,
     owner_daily_check,
     usage_add,
 )
@@ -238,6 +239,12 @@ class LLMStep:
                 error=f"{ERROR_CODE}: continuing past the budget was rejected", state=self.state
             )
         if awaiting == "budget":
+            # What the question offered (a suspension from before offers were recorded:
+            # one more budget of the same size).
+            offered = self.state.get("budget_offer")
+            self.state["budget_offer"] = None
+            grant = Budget.from_input(offered) if offered else self.settings.budget
+            self.state["budget_limit"] = self._budget_limit().plus(grant).as_state()
             self.state["budget_grants"] += 1
         else:
             self.state["owner_grant_day"] = _today()
@@ -480,12 +487,20 @@ class LLMStep:
             )
         return key
 
+    def _budget_limit(self) -> Budget:
+        """The task's budget plus every grant approved so far (``budget_limit`` in the
+        state; a state from before it was recorded granted one budget per approval)."""
+        limit = self.state.get("budget_limit")
+        if limit is not None:
+            return Budget.from_input(limit)
+        return self.settings.budget.times(1 + self.state["budget_grants"])
+
     def _over_budget(self, config: ModelConfig, calls: int, tokens: int) -> Outcome | None:
         """Fail or suspend if the next call(s) would pass a budget. The call is counted
         as ``tokens`` (the estimate of its prompt) scaled by how the provider counted the
         last request against its estimate, plus as many completion tokens as the last
         reply had: a bill can still pass the budget by what that guess misses."""
-        budget = self.settings.budget.times(1 + self.state["budget_grants"])
+        budget = self._budget_limit()
         completion = 0
         calibration = self.state.get("calibration")
         if calibration:
@@ -507,11 +522,20 @@ class LLMStep:
             return None
         if self.settings.on_budget == "approval":
             self.state["awaiting"] = awaiting
-            grant = (
-                "another budget of the same size"
-                if awaiting == "budget"
-                else "going past the daily budget today"
-            )
+            if awaiting == "budget":
+                # At least what this call needs: an approval always lets it go out.
+                offer = budget_grant(
+                    budget=self.settings.budget,
+                    limit=budget,
+                    usage=self.state["usage"],
+                    calls=calls,
+                    tokens=tokens,
+                    cost=config.cost(tokens - completion, completion),
+                )
+                self.state["budget_offer"] = offer.as_state()
+                grant = f"another {offer.describe()} for this task"
+            else:
+                grant = "this task going past the daily budget for the rest of today (UTC)"
             return Suspend(
                 state=self.state,
                 approval=f"Budget: {reason}. Approve {grant}?",
