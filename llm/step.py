@@ -57,7 +57,14 @@ from llm.budget import (
     owner_daily_check,
     usage_add,
 )
-from llm.client import ChatReply, ContextTooLong, ModelConfig, chat_complete, model_config
+from llm.client import (
+    ChatReply,
+    ContextTooLong,
+    ModelConfig,
+    ModelRefused,
+    chat_complete,
+    model_config,
+)
 from llm.context import (
     ChatMessage,
     ContextSettings,
@@ -309,7 +316,7 @@ class LLMStep:
                 state=self.state,
             )
         self._write()  # the request is built from storage, these included
-        config = model_config(self.settings.model)
+        config = self._model()
         outcome = self._reply(config)
         if not isinstance(outcome, tuple):
             return outcome
@@ -474,6 +481,23 @@ class LLMStep:
             },
         )
         return reply, record
+
+    def _model(self) -> ModelConfig:
+        """The task's model, refused (``PermanentError`` naming the field) when it is not
+        on the allow-list, or has no price and a cost budget applies: the settings may
+        have changed since the task was accepted."""
+        try:
+            return model_config(
+                self.settings.model, need_price=self.settings.budget.cost is not None
+            )
+        except ModelRefused as exc:
+            model = self.settings.model
+            named = (
+                model is not None
+                and isinstance(self.ctx.input, dict)
+                and self.ctx.input.get("model") == model
+            )
+            raise PermanentError(f"{'input.model' if named else 'model'}: {exc}") from None
 
     def _api_key(self, config: ModelConfig) -> str:
         if not config.api_key_credential:

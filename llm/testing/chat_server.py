@@ -53,6 +53,7 @@ class Recorded:
     call: str  # the X-Agents-Call header ("" without one)
     body: dict[str, Any]
     received_at: float
+    authorization: str = ""  # the Authorization header: which key the request used
 
     @property
     def task(self) -> str:
@@ -140,8 +141,12 @@ class ChatServer:
 
     # --- answering ----------------------------------------------------------------------------
 
-    def answer(self, call: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-        record = Recorded(call=call, body=body, received_at=time.time())
+    def answer(
+        self, call: str, body: dict[str, Any], authorization: str = ""
+    ) -> tuple[int, dict[str, str], bytes]:
+        record = Recorded(
+            call=call, body=body, received_at=time.time(), authorization=authorization
+        )
         with self._lock:
             self.requests.append(record)
         size = estimate(body)
@@ -267,7 +272,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(*_error(400, "invalid_json", "the request body is not JSON"))
             return
-        self._send(*self.chat.answer(self.headers.get("X-Agents-Call", ""), body))
+        self._send(
+            *self.chat.answer(
+                self.headers.get("X-Agents-Call", ""),
+                body,
+                self.headers.get("Authorization", ""),
+            )
+        )
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/").endswith("/models"):
