@@ -71,14 +71,16 @@ class Budget:
         }
 
     def describe(self) -> str:
-        """``"520 tokens, 1 model call and a cost of 0.00052"`` (the limits it has)."""
+        """``"520 more tokens, 1 more model call and 0.00052 more in cost"`` (the limits
+        it has), as a grant reads in an approval question."""
         parts = []
         if self.tokens is not None:
-            parts.append(f"{self.tokens} tokens")
+            parts.append(f"{self.tokens} more tokens")
         if self.model_calls is not None:
-            parts.append(f"{self.model_calls} model call{'' if self.model_calls == 1 else 's'}")
+            plural = "" if self.model_calls == 1 else "s"
+            parts.append(f"{self.model_calls} more model call{plural}")
         if self.cost is not None:
-            parts.append(f"a cost of {self.cost.normalize():f}")
+            parts.append(f"{self.cost.normalize():f} more in cost")
         if len(parts) < 2:
             return "".join(parts) or "nothing"
         return f"{', '.join(parts[:-1])} and {parts[-1]}"

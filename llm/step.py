@@ -557,7 +557,7 @@ class LLMStep:
                     cost=config.cost(tokens - completion, completion),
                 )
                 self.state["budget_offer"] = offer.as_state()
-                grant = f"another {offer.describe()} for this task"
+                grant = f"{offer.describe()} for this task"
             else:
                 grant = "this task going past the daily budget for the rest of today (UTC)"
             return Suspend(
