@@ -28,6 +28,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -35,6 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from agents.definition import (
     CallTools,
@@ -84,7 +86,7 @@ from llm.selectors import (
     reply_from_record,
 )
 from llm.services import messages_append, model_call_record
-from tools.credentials import credentials_for_task
+from tools.credentials import task_credentials
 from tools.registry import Tool, find_tool
 
 
@@ -500,14 +502,24 @@ class LLMStep:
             raise PermanentError(f"{'input.model' if named else 'model'}: {exc}") from None
 
     def _api_key(self, config: ModelConfig) -> str:
-        if not config.api_key_credential:
+        """The key of the model's requests: the owner's credential when the model names
+        one (never the deployment's key), sent only to a host it is bound to
+        (``credentials set --host``); else ``AGENTS_LLM_API_KEY``. ``PermanentError``
+        when the owner has no such credential or it is bound to other hosts."""
+        name = config.api_key_credential
+        if not name:
             return config.api_key
-        credentials = credentials_for_task(task_id=self.ctx.task_id, owner_id=self.ctx.owner_id)
-        key = credentials.get(config.api_key_credential)
+        key, bound = task_credentials(self.ctx.task_id, self.ctx.owner_id).get(name, ("", ()))
         if not key:
             raise PermanentError(
-                f"model {config.name!r} needs the credential {config.api_key_credential!r}, "
+                f"model {config.name!r} needs the credential {name!r}, "
                 "which this task's owner does not have"
+            )
+        host = (urlsplit(config.base_url).hostname or "").lower().rstrip(".")
+        if bound and not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
+            raise PermanentError(
+                f"model {config.name!r}: credential {name!r} may only be sent to "
+                f"{', '.join(bound)}, not to {host}"
             )
         return key
 

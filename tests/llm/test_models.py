@@ -129,7 +129,11 @@ def test_a_price_removed_under_a_cost_budget_is_refused_at_the_step(models, user
     assert models.requests == []
 
 
-def test_a_model_naming_a_credential_uses_the_tenant_s_key(models, user):
+def test_a_model_naming_a_credential_uses_the_tenant_s_key(models, user, settings):
+    # The model's server by the name the credential is bound to (localhost: 127.0.0.1).
+    local = models.url.replace("127.0.0.1", "localhost")
+    tenant = {"api_key_credential": "openai", "base_url": local}
+    settings.LLM = {**settings.LLM, "MODELS": {**settings.LLM["MODELS"], "tenant-model": tenant}}
     credential_set(owner=user, name="openai", value=TENANT_KEY, hosts=["localhost"], actor="test")
     answer = create(user, model="tenant-model")
     assert answer.status_code == 201, answer.content
@@ -171,3 +175,16 @@ def test_settings_refuse_model_names_with_spaces_and_bad_prices(value, says):
     )
     assert done.returncode != 0
     assert "ImproperlyConfigured" in done.stderr and says in done.stderr, done.stderr
+
+
+def test_a_model_credential_bound_to_other_hosts_is_not_sent(models, user):
+    credential_set(
+        owner=user, name="openai", value=TENANT_KEY, hosts=["api.example.com"], actor="test"
+    )
+    answer = create(user, model="tenant-model")
+    assert answer.status_code == 201, answer.content
+    run_until_idle()
+    task = AgentTask.objects.get(pk=answer.json()["id"])
+    assert task.status == "failed"
+    assert "may only be sent to api.example.com, not to 127.0.0.1" in task.error
+    assert models.requests == []
