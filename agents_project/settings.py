@@ -307,6 +307,30 @@ LLM = {
 }
 if not isinstance(LLM["MODELS"], dict):
     raise ImproperlyConfigured("AGENTS_LLM_MODELS must be a JSON object keyed by model name")
+# The model names are the allow-list, matched exactly: a name with spaces around it
+# would be a twin of another that no one meant to allow.
+for _name, _model in {LLM["MODEL"]: {}, **LLM["MODELS"]}.items():
+    if _name != _name.strip() or (not _name and _name in LLM["MODELS"]):
+        raise ImproperlyConfigured(
+            f"AGENTS_LLM_MODELS / AGENTS_LLM_MODEL: model name {_name!r} is empty or has "
+            "spaces around it"
+        )
+    _price = _model.get("price") if isinstance(_model, dict) else None
+    if not isinstance(_model, dict) or (
+        _price is not None
+        and not (
+            isinstance(_price, dict)
+            and set(_price) == {"input", "output"}
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                for v in _price.values()
+            )
+        )
+    ):
+        raise ImproperlyConfigured(
+            f"AGENTS_LLM_MODELS[{_name!r}] must be an object; its price, if given, "
+            '{"input": number >= 0, "output": number >= 0} per million tokens'
+        )
 
 # --- HTTP, static files, i18n ---------------------------------------------------------
 

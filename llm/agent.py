@@ -127,9 +127,13 @@ class LLMAgent(Agent):
         if not isinstance(input, dict):
             raise InvalidInput("must be an object", field="input")
         try:
-            self.run_settings(input)
+            settings = self.run_settings(input)
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"is not usable: {exc}", field="input") from None
+        try:
+            model_config(settings.model, need_price=settings.budget.cost is not None)
+        except PermanentError as exc:
+            raise InvalidInput(str(exc), field="model") from None
 
     def initial_state(self, input: Any) -> dict[str, Any]:
         return {
@@ -141,7 +145,9 @@ class LLMAgent(Agent):
             "summary": None,  # {"call": ModelCall id, "upto": first seq not in it}
             "pending": None,  # the last reply's tool calls, until their results are in
             "awaiting": None,  # what a suspension waits for: tool | budget | owner_budget
-            "budget_grants": 0,
+            "budget_grants": 0,  # approvals past the task's budget
+            "budget_offer": None,  # what the approval being asked for grants
+            "budget_limit": None,  # the budget plus the grants approved (None: none yet)
             "owner_grant_day": None,
             "context_limits": None,  # limits shrunk after a "context too long"
         }
@@ -217,7 +223,9 @@ def llm_input_check(input: Any) -> None:
     if not input["prompt"].strip():
         raise InvalidInput("must not be empty", field="input.prompt")
     _check(input, "system", str)
-    _check(input, "model", str)
+    model = _check(input, "model", str)
+    if model is not None and not model:
+        raise InvalidInput("must be a model name", field="input.model")
     for key in ("tools", "approve_tools"):
         names = _check(input, key, list) or []
         for index, name in enumerate(names):
@@ -255,7 +263,8 @@ def llm_input_check(input: Any) -> None:
             raise InvalidInput("must be at least 1", field=f"input.context.{key}")
     _check(context, "pin_tools", list, path="input.context")
     try:
-        model_config(input.get("model"))
+        # On the allow-list, matched exactly; priced if a cost budget applies.
+        model_config(model, need_price=budget.get("cost") is not None)
     except PermanentError as exc:
         raise InvalidInput(str(exc), field="input.model") from None
 

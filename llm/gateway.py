@@ -82,9 +82,8 @@ from llm.client import (
 )
 from llm.models import ModelCall
 from llm.selectors import model_call_find
-from llm.services import model_call_record
+from llm.services import model_api_key, model_call_record
 from tools.breakers import Transition, breaker_call, breaker_open_for
-from tools.credentials import credentials_for_task
 
 logger = structlog.get_logger(__name__)
 
@@ -343,18 +342,12 @@ class Gateway:
         return _with_breaker({"key": key, "recorded": True}, transitions), record
 
     async def _api_key(self, call: Call, config: ModelConfig) -> str:
-        if not config.api_key_credential:
-            return config.api_key
-        credentials = await self.db(
-            credentials_for_task, task_id=call.task_id, owner_id=int(call.payload["owner_id"])
+        return await self.db(
+            model_api_key,
+            config=config,
+            task_id=call.task_id,
+            owner_id=int(call.payload["owner_id"]),
         )
-        key = credentials.get(config.api_key_credential)
-        if not key:
-            raise PermanentError(
-                f"model {config.name!r} needs the credential {config.api_key_credential!r}, "
-                "which this task's owner does not have"
-            )
-        return str(key)
 
     async def _admit(self, call: Call, config: ModelConfig) -> None:
         """Wait for the model's and owner's slots and rate limits, until the deadline."""

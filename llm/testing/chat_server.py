@@ -10,7 +10,10 @@ last entry repeats once the script runs out. ``scripts`` chooses a script by a t
 the request's first user message contains; ``script`` is the default. Entries::
 
     {"content": "the answer"}                                  a final answer
-    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?)
+    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?);
+                                                               a call's "id" is sent as
+                                                               given ("" as llama.cpp
+                                                               does; None: no id at all)
     {"status": 429, "retry_after": 1}                          an error status, with a
                                                                Retry-After header if given
     {"status": 400, "code": "context_length_exceeded"}         a refusal with that code
@@ -55,6 +58,7 @@ class Recorded:
     call: str  # the X-Agents-Call header ("" without one)
     body: dict[str, Any]
     received_at: float
+    authorization: str = ""  # the Authorization header: which key the request used
 
     @property
     def task(self) -> str:
@@ -146,21 +150,27 @@ class ChatServer:
     # --- answering ----------------------------------------------------------------------------
 
     def answer(
-        self, call: str, body: dict[str, Any], closed: Callable[[], bool] = lambda: False
+        self,
+        call: str,
+        body: dict[str, Any],
+        authorization: str = "",
+        closed: Callable[[], bool] = lambda: False,
     ) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.in_flight += 1
             self.in_flight_max = max(self.in_flight_max, self.in_flight)
         try:
-            return self._answer(call, body, closed)
+            return self._answer(call, body, authorization, closed)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
     def _answer(
-        self, call: str, body: dict[str, Any], closed: Callable[[], bool]
+        self, call: str, body: dict[str, Any], authorization: str, closed: Callable[[], bool]
     ) -> tuple[int, dict[str, str], bytes]:
-        record = Recorded(call=call, body=body, received_at=time.time())
+        record = Recorded(
+            call=call, body=body, received_at=time.time(), authorization=authorization
+        )
         with self._lock:
             self.requests.append(record)
         size = estimate(body)
@@ -230,16 +240,17 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     content: str | None = entry.get("content")
     calls = []
     for number, call in enumerate(entry.get("tool_calls") or ()):
-        calls.append(
-            {
-                "id": f"call_{index}_{number}",
-                "type": "function",
-                "function": {
-                    "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
-                    "arguments": json.dumps(call.get("arguments", {})),
-                },
-            }
-        )
+        wire: dict[str, Any] = {
+            "id": call.get("id", f"call_{index}_{number}"),
+            "type": "function",
+            "function": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
+                "arguments": json.dumps(call.get("arguments", {})),
+            },
+        }
+        if wire["id"] is None:
+            del wire["id"]
+        calls.append(wire)
     if entry.get("summary"):
         content = f"(summary of {len(json.dumps(body.get('messages', [])))} characters)"
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -291,7 +302,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(*_error(400, "invalid_json", "the request body is not JSON"))
             return
-        answer = self.chat.answer(self.headers.get("X-Agents-Call", ""), body, self._closed)
+        answer = self.chat.answer(
+            self.headers.get("X-Agents-Call", ""),
+            body,
+            self.headers.get("Authorization", ""),
+            self._closed,
+        )
         if answer[0] != 499:
             self._send(*answer)
 

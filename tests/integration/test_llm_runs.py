@@ -134,6 +134,36 @@ def test_over_budget_with_approval_the_task_asks_to_go_on(workers, user, staff_u
     assert task.result == {"answer": "two calls later"}
 
 
+def test_a_budget_approval_always_lets_the_call_it_was_asked_about_go_out(
+    workers, user, staff_user, chat
+):
+    # Calls of about 500 tokens against a budget of 100: each approval must let one
+    # call out (it used to grant another 100 tokens and suspend again, forever).
+    chat.script = [
+        {"tool_calls": [{"name": "calc", "arguments": {"expression": "1 + 1"}}]},
+        {"content": "approved twice"},
+    ]
+    workers.start(concurrency=2, **llm_env(chat))
+    task = start(
+        user,
+        prompt="count: " + "word " * 400,
+        tools=["calc"],
+        budget={"tokens": 100},
+        on_budget="approval",
+    )
+    for approval in (1, 2):
+        wait_until(lambda: status_of(task) == TaskStatus.SUSPENDED, timeout=60)
+        assert chat.count(task=task.pk) == approval - 1
+        question = AuditEvent.objects.filter(task=task, type="suspended").last().payload
+        assert "more tokens for this task" in str(question)
+        task_approve(task_id=task.pk, user=staff_user, approved=True)
+        wait_until(lambda a=approval: chat.count(task=task.pk) == a, timeout=60)
+    task = wait_until(lambda: ended(task), timeout=60)
+    assert task.status == TaskStatus.COMPLETED, task.error
+    assert task.result == {"answer": "approved twice"}
+    assert chat.count(task=task.pk) == 2
+
+
 def test_the_owner_s_daily_token_budget_spans_their_tasks(workers, user, chat):
     # Each task makes one call of about 11 tokens, and estimates the next at 5 before
     # making it: two fit in 25 tokens a day, the third would pass it.
