@@ -288,7 +288,10 @@ LLM = {
     "BASE_URL": env.str("AGENTS_LLM_BASE_URL", default=""),
     "MODEL": env.str("AGENTS_LLM_MODEL", default=""),
     "API_KEY": env.str("AGENTS_LLM_API_KEY", default=""),
-    "MODELS": env.json("AGENTS_LLM_MODELS", default={}),
+    # Empty (compose passes it through unset as ""): no per-model settings.
+    "MODELS": env.json("AGENTS_LLM_MODELS", default={})
+    if env.str("AGENTS_LLM_MODELS", default="")
+    else {},
     # Tokens an owner's tasks may use per UTC day, together (0: no limit).
     "OWNER_DAILY_TOKENS": env.int("AGENTS_LLM_OWNER_DAILY_TOKENS", default=0),
     # Seconds a model request may take, unless the model's own "timeout" says otherwise.

@@ -285,6 +285,7 @@ class Gateway:
                 step=call.step,
                 fence=call.fence,
                 holder=self.holder,
+                agent_name=str(call.payload.get("agent") or "llm"),
                 handed_back=handed_back,
                 also=also,
             )
