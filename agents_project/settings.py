@@ -307,6 +307,8 @@ LLM = {
     "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=8),
     "GATEWAY_PREFETCH": env.int("AGENTS_LLM_GATEWAY_PREFETCH", default=5000),
     "GATEWAY_HEALTH_PORT": env.int("AGENTS_LLM_GATEWAY_HEALTH_PORT", default=8002),
+    # Without Redis (the demo), streamed replies' deltas are appended to this file.
+    "DELTAS_FILE": env.str("AGENTS_LLM_DELTAS_FILE", default=""),
 }
 if not isinstance(LLM["MODELS"], dict):
     raise ImproperlyConfigured("AGENTS_LLM_MODELS must be a JSON object keyed by model name")
