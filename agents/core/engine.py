@@ -257,10 +257,13 @@ def _run(
             actor=worker_actor(),
         )
         return StepResult.REFUSED
-    if task.status == TaskStatus.PENDING and not suspensions.task_begin(
-        task_id=task_id, actor=worker_actor()
-    ):
-        return StepResult.STALE
+    audit_head = claim.audit_head
+    if task.status == TaskStatus.PENDING:
+        began, audit_head = suspensions.task_begin(
+            task_id=task_id, actor=worker_actor(), head=audit_head
+        )
+        if not began:
+            return StepResult.STALE
     if published_at is not None and not claim.took_over:
         # Publish to start, for agents_step_queue_seconds (a take-over's time includes
         # the copy that died, so it is left out).
@@ -287,7 +290,7 @@ def _run(
     )
     per_delivery, commit_every = checkpoint_policy(agent)
     # The audit chain's head as the claim read it, then as each commit left it.
-    chain = ChainHead(claim.audit_head)
+    chain = ChainHead(audit_head)
     done: list[StepRecord] = []
     while True:
         try:

@@ -30,7 +30,7 @@ from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskSt
 from agents.selectors import parse_task_id
 from agents_project.errors import Conflict, InvalidInput, NotFound
 from agents_project.validation import json_value_check
-from audit.models import EventType
+from audit.models import AuditEvent, EventType
 from audit.services import AuditBatch, user_actor
 
 logger = structlog.get_logger(__name__)
@@ -53,17 +53,22 @@ def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
     return task
 
 
-def task_begin(*, task_id: UUID, actor: str) -> bool:
-    """``pending`` -> ``running`` as its first step starts. True if the task may run."""
+def task_begin(
+    *, task_id: UUID, actor: str, head: tuple[int, str] | None = None
+) -> tuple[bool, tuple[int, str] | None]:
+    """``pending`` -> ``running`` as its first step starts. Returns (whether the task may
+    run, the audit chain's head ``(seq, hash)`` after it, None when unknown). ``head``:
+    the chain's head as the caller read it (the claim's), which saves reading it."""
     with transaction.atomic():
         task = task_lock(task_id=task_id)
         if task.status != TaskStatus.PENDING:
-            return task.status == TaskStatus.RUNNING
-        audit = AuditBatch(task, actor=actor)
+            return task.status == TaskStatus.RUNNING, None
+        audit = AuditBatch(task, actor=actor, head=head)
         transition(task, TaskStatus.RUNNING, audit=audit)
-        audit.flush()
+        events = audit.seal()
+        AuditEvent.objects.bulk_create(events)
         task.save(update_fields=_SAVE_FIELDS)
-    return True
+    return True, ((events[-1].seq, events[-1].hash) if events else None)
 
 
 def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: AuditBatch) -> bool:
