@@ -1,6 +1,7 @@
 // The console's task page, live: follows GET /api/tasks/{id}/events/ (Server-Sent
 // Events) and adds each audit event to the timeline, each finished step to the duration
-// bars, and refreshes the "why" panel from the task's diagnosis. No framework, no CDN.
+// bars, refreshes the "why" panel from the task's diagnosis, and shows a reply growing
+// as the model streams it (model_delta events). No framework, no CDN.
 (function () {
   "use strict";
   var configNode = document.getElementById("task-live-config");
@@ -162,7 +163,34 @@
     refreshWhy();
   }
 
+  // A reply streaming from the model ("stream": true): its pieces (model_delta, not
+  // audit events) grow the panel until the reply's model_call event is recorded.
+  var replyKey = null;
+  function onDelta(message) {
+    var d = JSON.parse(message.data);
+    var panel = document.getElementById("reply-live");
+    var text = document.getElementById("reply-live-text");
+    if (!panel || !text) { return; }
+    if (d.key !== replyKey) {
+      replyKey = d.key;
+      text.textContent = "";
+      document.getElementById("reply-live-step").textContent = d.step;
+      document.getElementById("reply-live-state").textContent = "streaming";
+    }
+    panel.hidden = false;
+    text.textContent += d.delta;
+  }
+
+  function onReplyRecorded(message) {
+    var data = JSON.parse(message.data);
+    if (replyKey && data.payload && data.payload.key === replyKey) {
+      document.getElementById("reply-live-state").textContent = "recorded";
+    }
+  }
+
   var source = new EventSource(config.events_url + "?last_event_id=" + lastSeq);
+  source.addEventListener("model_delta", onDelta);
+  source.addEventListener("model_call", onReplyRecorded);
   config.event_types.forEach(function (type) { source.addEventListener(type, onEvent); });
   source.addEventListener("end", function (message) {
     source.close();
