@@ -57,6 +57,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from openai.types.chat import ChatCompletion
 
 from agents.errors import PermanentError, RetryableError, RetryLater
+from agents_project.errors import CircuitOpen
 from llm.streaming import ChunkAccumulator
 from tools.breakers import Transition, breaker_call
 
@@ -252,6 +253,8 @@ def error_as_note(exc: Exception) -> dict[str, Any]:
     note: dict[str, Any] = {"kind": kind, "message": str(exc)}
     if isinstance(exc, RetryLater):
         note["delay"] = exc.delay
+    if isinstance(exc, CircuitOpen):
+        note |= {"kind": "circuit_open", "breaker": exc.breaker}
     return note
 
 
@@ -261,6 +264,8 @@ def error_from_note(note: dict[str, Any]) -> Exception:
     kind, message = note.get("kind", "retryable"), str(note.get("message", "model call failed"))
     if kind == "retry_later":
         return RetryLater(message, delay=float(note.get("delay") or DEFAULT_RATE_LIMIT_WAIT))
+    if kind == "circuit_open":
+        return CircuitOpen(str(note.get("breaker")), delay=float(note.get("delay") or 1.0))
     return _NOTE_KINDS.get(kind, RetryableError)(message)
 
 

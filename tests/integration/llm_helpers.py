@@ -33,3 +33,15 @@ def ended(task: AgentTask) -> AgentTask | None:
     fresh = AgentTask.objects.get(pk=task.pk)
     done = fresh.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD_LETTERED)
     return fresh if done else None
+
+
+def llm_workers_start(
+    workers, chat: ChatServer, *, gateway: bool, concurrency: int = 1, **extra: str
+) -> dict[str, str]:
+    """Start a worker for the chat server, and with ``gateway`` a model gateway too (the
+    workers then hand their model calls off). Returns the environment they got."""
+    env = llm_env(chat, AGENTS_LLM_GATEWAY=str(gateway).lower(), **extra)
+    workers.start(concurrency=concurrency, **env)
+    if gateway:
+        workers.start_gateway(**env)
+    return env

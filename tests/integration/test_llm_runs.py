@@ -18,7 +18,7 @@ from llm.models import Message, ModelCall
 from llm.testing.chat_server import estimate
 from tests.helpers import wait_until
 from tests.integration import llm_tools  # noqa: F401 (registers the test tools here too)
-from tests.integration.llm_helpers import ended, llm_env, start, status_of
+from tests.integration.llm_helpers import ended, llm_env, llm_workers_start, start, status_of
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.integration
@@ -70,15 +70,16 @@ def test_a_worker_killed_while_a_tool_runs_after_the_model_answered_pays_once(
     assert list(Message.objects.filter(task=task).values_list("seq", flat=True)) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
 def test_a_tool_needing_approval_waits_and_a_rejection_reaches_the_model(
-    workers, user, staff_user, chat
+    workers, user, staff_user, chat, gateway
 ):
     chat.script = [
         {"tool_calls": [{"name": "ledger.append", "arguments": {"key": "refund", "value": 90}}]},
         {"tool_calls": [{"name": "ledger.append", "arguments": {"key": "refund", "value": 40}}]},
         {"content": "refunded 40"},
     ]
-    workers.start(concurrency=2, **llm_env(chat))
+    llm_workers_start(workers, chat, gateway=gateway, concurrency=2)
     task = start(user, tools=["ledger.append"], approve_tools=["ledger.append"])
     wait_until(lambda: status_of(task) == TaskStatus.SUSPENDED, timeout=60)
     question = AuditEvent.objects.filter(task=task, type="suspended").last().payload
@@ -100,9 +101,10 @@ def test_a_tool_needing_approval_waits_and_a_rejection_reaches_the_model(
     assert list(LedgerEntry.objects.filter(task=task).values_list("value", flat=True)) == [40]
 
 
-def test_over_budget_the_task_fails_with_budget_exceeded(workers, user, chat):
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
+def test_over_budget_the_task_fails_with_budget_exceeded(workers, user, chat, gateway):
     chat.script = [{"tool_calls": [{"name": "calc", "arguments": {"expression": "1 + 1"}}]}]
-    workers.start(concurrency=2, **llm_env(chat))
+    llm_workers_start(workers, chat, gateway=gateway, concurrency=2)
     task = start(user, tools=["calc"], budget={"model_calls": 2}, max_steps=10)
     task = wait_until(lambda: ended(task), timeout=60)
     assert task.status == TaskStatus.FAILED
@@ -164,11 +166,14 @@ def test_a_budget_approval_always_lets_the_call_it_was_asked_about_go_out(
     assert chat.count(task=task.pk) == 2
 
 
-def test_the_owner_s_daily_token_budget_spans_their_tasks(workers, user, chat):
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
+def test_the_owner_s_daily_token_budget_spans_their_tasks(workers, user, chat, gateway):
     # Each task makes one call of about 11 tokens, and estimates the next at 5 before
     # making it: two fit in 25 tokens a day, the third would pass it.
     chat.script = [{"content": "short"}]
-    workers.start(concurrency=2, **llm_env(chat, AGENTS_LLM_OWNER_DAILY_TOKENS="25"))
+    llm_workers_start(
+        workers, chat, gateway=gateway, concurrency=2, AGENTS_LLM_OWNER_DAILY_TOKENS="25"
+    )
     done = []
     for _ in range(3):
         task = start(user)
@@ -201,11 +206,11 @@ def test_429_and_503_with_retry_after_wait_without_spending_attempts(workers, us
     assert not task.dead_letters.exists()
 
 
-def test_server_errors_and_malformed_answers_are_retried(workers, user, chat):
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
+def test_server_errors_and_malformed_answers_are_retried(workers, user, chat, gateway):
     chat.script = [{"status": 500}, {"malformed": True}, {"content": "third time"}]
-    workers.start(
-        concurrency=1,
-        **llm_env(chat, AGENTS_RETRY_BACKOFF="0.05", AGENTS_RETRY_BACKOFF_MAX="0.1"),
+    llm_workers_start(
+        workers, chat, gateway=gateway, AGENTS_RETRY_BACKOFF="0.05", AGENTS_RETRY_BACKOFF_MAX="0.1"
     )
     task = start(user)
     task = wait_until(lambda: ended(task), timeout=60)
@@ -214,8 +219,9 @@ def test_server_errors_and_malformed_answers_are_retried(workers, user, chat):
     assert chat.count(task=task.pk, step=1) == 3
 
 
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
 def test_an_unreachable_model_opens_its_breaker_and_tasks_wait_not_fail(
-    workers, user, chat, settings
+    workers, user, chat, settings, gateway
 ):
     url = chat.url
     chat.stop()
@@ -226,12 +232,15 @@ def test_an_unreachable_model_opens_its_breaker_and_tasks_wait_not_fail(
         AGENTS_RETRY_BACKOFF="0.05",
         AGENTS_RETRY_BACKOFF_MAX="0.1",
         AGENTS_MAX_RETRIES="3",
+        AGENTS_LLM_GATEWAY=str(gateway).lower(),
     )
     from tools.breakers import force_close
 
     force_close(f"llm:127.0.0.1:{url.split(':')[2].split('/')[0]}", actor="test")
     env["AGENTS_LLM_BASE_URL"] = url
     workers.start(concurrency=2, **env)
+    if gateway:
+        workers.start_gateway(**env)
     task = start(user)
     wait_until(
         lambda: AuditEvent.objects.filter(
@@ -244,12 +253,15 @@ def test_an_unreachable_model_opens_its_breaker_and_tasks_wait_not_fail(
     assert opened.exists()
 
 
-def test_a_context_too_long_shrinks_a_rolling_request_and_retries_once(workers, user, chat):
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
+def test_a_context_too_long_shrinks_a_rolling_request_and_retries_once(
+    workers, user, chat, gateway
+):
     chat.script = [
         {"tool_calls": [{"name": "calc", "arguments": {"expression": f"{i} + 1"}}]}
         for i in range(6)
     ] + [{"content": "done"}]
-    workers.start(concurrency=1, **llm_env(chat))
+    llm_workers_start(workers, chat, gateway=gateway)
     task = start(user, tools=["calc"], context={"policy": "rolling", "max_messages": 50})
     # Let the conversation grow, then make the model refuse long requests.
     wait_until(lambda: chat.count(task=task.pk) >= 5, timeout=60)
@@ -297,9 +309,10 @@ def test_rolling_keeps_the_latest_whole_turns(workers, user, chat):
     assert Message.objects.filter(task=task).count() == 2 + 8 * 2 + 1
 
 
-def test_summarize_folds_old_turns_once_and_reuses_the_summary(workers, user, chat):
+@pytest.mark.parametrize("gateway", [False, True], ids=["in-the-worker", "through-the-gateway"])
+def test_summarize_folds_old_turns_once_and_reuses_the_summary(workers, user, chat, gateway):
     chat.script = LONG_RUN
-    workers.start(concurrency=1, **llm_env(chat))
+    llm_workers_start(workers, chat, gateway=gateway)
     task = start(
         user, tools=["calc"], context={"policy": "summarize", "max_messages": 6, "keep_last": 2}
     )
