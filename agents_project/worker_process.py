@@ -56,6 +56,17 @@ def start_worker(
         "--loglevel=INFO",
         *extra_args,
     ]
+    return _spawn(command, env, output, parent_death_signal)
+
+
+def _spawn(
+    command: list[str],
+    env: Mapping[str, str] | None,
+    output: IO[bytes] | int | None,
+    parent_death_signal: int,
+) -> subprocess.Popen[bytes]:
+    """``command`` in the project's folder, its own process group, ``parent_death_signal``
+    when its parent dies."""
     return subprocess.Popen(
         command,
         cwd=BASE_DIR,
@@ -75,15 +86,7 @@ def start_gateway(
 ) -> subprocess.Popen[bytes]:
     """Start the model gateway (``manage.py llm_gateway``), as ``start_worker`` does a
     worker: its own process group, ``parent_death_signal`` if its parent dies."""
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "llm_gateway"],
-        cwd=BASE_DIR,
-        env={**os.environ, **(env or {})},
-        stdout=output,
-        stderr=subprocess.STDOUT if output is not None else None,
-        start_new_session=True,
-        preexec_fn=_die_with_parent(parent_death_signal),
-    )
+    return _spawn([sys.executable, "manage.py", "llm_gateway"], env, output, parent_death_signal)
 
 
 def stop_worker(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> int:

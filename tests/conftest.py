@@ -8,11 +8,13 @@ tests that need them.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
 
+from llm.testing.chat_server import ChatServer
 from tests.helpers import publishes_refused, purge_queues
 
 
@@ -76,3 +78,22 @@ def broker_unreachable():
 @pytest.fixture
 def fast_retries(settings):
     settings.AGENTS = {**settings.AGENTS, "RETRY_BACKOFF": 0.01, "RETRY_BACKOFF_MAX": 0.05}
+
+
+@pytest.fixture
+def chat(settings) -> Iterator[ChatServer]:
+    """A scripted chat-completions server on loopback (``llm.testing.chat_server``), and
+    this process's settings pointing at it (model ``scripted``; workers get it from
+    ``tests.integration.llm_helpers.llm_env``)."""
+    server = ChatServer()
+    with server.running():
+        settings.LLM = {
+            **settings.LLM,
+            "BASE_URL": server.url,
+            "MODEL": "scripted",
+            "API_KEY": "",
+            "MODELS": {},
+            "OWNER_DAILY_TOKENS": 0,
+            "TIMEOUT": 10.0,
+        }
+        yield server

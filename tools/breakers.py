@@ -374,6 +374,12 @@ def breaker_open_for(name: str) -> CircuitOpen | None:
         state = breaker.current_state
     except redis.RedisError:
         return None
+    return _refusal(name, breaker, forced=forced, state=state)
+
+
+def _refusal(name: str, breaker: _Breaker, *, forced: bool, state: str) -> CircuitOpen | None:
+    """What a call through ``breaker`` gets at once: held open by an operator, or open
+    and not yet due for a trial; None when the call may be made."""
     if forced:
         return CircuitOpen(name, delay=breaker.reset_timeout, reason="is held open by an operator")
     if state == OPEN:
@@ -399,12 +405,9 @@ def _through(
             "circuit breaker state unavailable; calling unguarded", breaker=name, error=repr(exc)
         )
         return func()
-    if forced:
-        raise CircuitOpen(name, delay=breaker.reset_timeout, reason="is held open by an operator")
-    if state == OPEN:
-        remaining = _remaining(breaker)
-        if remaining > 0:
-            raise CircuitOpen(name, delay=remaining)
+    refusal = _refusal(name, breaker, forced=forced, state=state)
+    if refusal is not None:
+        raise refusal
     if state == CLOSED:
         return guarded(breaker, func)
     # Open for long enough, or half-open: one trial call, in one process.

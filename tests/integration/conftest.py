@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from agents_project.worker_process import kill_worker_group, start_gateway, start_worker
-from llm.testing.chat_server import ChatServer
 from tests.helpers import log_dir, tail, wait_until, worker_env
 from tests.integration.servers import free_port
 
@@ -83,20 +82,6 @@ def workers(request, transactional_db) -> Iterator[Workers]:
     pool.stop_all()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         print(pool.report())
-
-
-@pytest.fixture
-def chat(settings) -> Iterator[ChatServer]:
-    server = ChatServer()
-    with server.running():
-        settings.LLM = {
-            **settings.LLM,
-            "BASE_URL": server.url,
-            "MODEL": "scripted",
-            "MODELS": {},
-            "OWNER_DAILY_TOKENS": 0,
-        }
-        yield server
 
 
 class AsgiServer:
