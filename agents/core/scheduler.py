@@ -71,8 +71,10 @@ def retries_fire() -> int:
 
     def fire(task: AgentTask) -> None:
         task.retry_at = None
+        # When the step was published: the takeover sweep measures its grace from here.
+        task.updated_at = clock.now()
         current_step_publish(task=task)
-        task.save(update_fields=("retry_at", "in_flight"))
+        task.save(update_fields=("retry_at", "in_flight", "updated_at"))
 
     return _each_locked(
         AgentTask.objects.filter(retry_at__lte=clock.now(), status__in=RUNNABLE), fire
