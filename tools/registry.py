@@ -183,12 +183,12 @@ def tool(
         if name in _REGISTRY and not replace:
             raise ValueError(f"tool {name!r} is already registered")
         for arg_name, spec in args.items():
-            if not spec.required and spec.default is not None:
-                if not _is_instance(spec.default, spec.type):
-                    raise ValueError(
-                        f"tool {name!r}: the default of argument {arg_name!r} must be None "
-                        f"or {_type_name(spec.type)}"
-                    )
+            default = spec.default
+            if not spec.required and default is not None and not _is_instance(default, spec.type):
+                raise ValueError(
+                    f"tool {name!r}: the default of argument {arg_name!r} must be None "
+                    f"or {_type_name(spec.type)}"
+                )
         _REGISTRY[name] = Tool(
             name=name,
             func=func,
