@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -414,46 +415,54 @@ def _check_storable(
 
 
 class _InputCache:
-    """Task inputs by task id, least recently used first out, bounded in bytes
-    (``AGENTS_INPUT_CACHE_BYTES`` per process): an input never changes after creation,
-    and re-reading a large one on every step is a large part of the step's cost."""
+    """Task inputs by task id, as their JSON text, least recently used first out,
+    bounded by the memory the texts take (``sys.getsizeof``; at most
+    ``AGENTS_INPUT_CACHE_BYTES`` per process): an input never changes after creation,
+    and re-reading a large one on every step is a large part of the step's cost. The
+    text, not the decoded value, is kept: decoded JSON takes several times its text's
+    size (a list of 30,000 numbers: 240 KB of text, 1.1 MB of objects), which let a
+    cache bounded by text length hold gigabytes per worker."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[UUID, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[UUID, str] = OrderedDict()
         self._bytes = 0
 
     def get(self, task_id: UUID) -> Any:
-        if task_id in self._items:
+        """A fresh decoded copy of the task's input (each caller may change its own)."""
+        raw = self._items.get(task_id)
+        if raw is not None:
             self._items.move_to_end(task_id)
-            return self._items[task_id][0]
-        raw = (
+            return json.loads(raw)
+        fetched = (
             AgentTask.objects.annotate(raw=Cast("input", TextField()))
             .values_list("raw", flat=True)
             .get(pk=task_id)
         )
-        value = _decode(raw)
-        size = len(raw)
+        if not isinstance(fetched, str):
+            return copy.deepcopy(fetched)
+        size = sys.getsizeof(fetched)
         limit = settings.AGENTS["INPUT_CACHE_BYTES"]
         if size <= limit // 4:
-            self._items[task_id] = (value, size)
+            self._items[task_id] = fetched
             self._bytes += size
             while self._bytes > limit:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._bytes -= dropped
-        return value
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= sys.getsizeof(dropped)
+        return json.loads(fetched)
 
-
-def _decode(raw: Any) -> Any:
-    return json.loads(raw) if isinstance(raw, str) else raw
+    @property
+    def size(self) -> int:
+        """Bytes the cached texts take."""
+        return self._bytes
 
 
 _inputs = _InputCache()
 
 
 def _task_input(task_id: UUID) -> Any:
-    """The task's input; each step gets its own copy, so an agent that modifies it
-    affects nothing else."""
-    return copy.deepcopy(_inputs.get(task_id))
+    """The task's input; each step gets its own copy (decoded anew), so an agent that
+    modifies it affects nothing else."""
+    return _inputs.get(task_id)
 
 
 def _migrate(agent: Agent, checkpoint: Checkpoint, events: list[tuple[str, dict[str, Any]]]):
