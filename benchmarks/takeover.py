@@ -118,6 +118,12 @@ def main() -> None:
                 stop_worker(far_worker, timeout=5)
                 purge_queues()
 
+    # A task left running by an interrupted run would occupy a worker of this one.
+    from agents.models import ACTIVE_STATUSES, AgentTask
+
+    for left in AgentTask.objects.filter(agent_name="slow_side_effect", status__in=ACTIVE_STATUSES):
+        task_cancel(task_id=left.pk, user=None, actor="benchmark")
+
     print(f"takeover across hosts, {machine()}, {args.runs} runs each")
     for scenario in ("kill", "partition", "lost message"):
         times = [one_run(scenario, run) for run in range(args.runs)]
