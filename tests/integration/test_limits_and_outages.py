@@ -359,7 +359,7 @@ def test_a_pool_process_stays_bounded_over_many_large_inputs(workers, user):
     assert _children(worker.pid) == [child], "the pool process was replaced"
     grown_mb = (_rss_kb(child) - warm) / 1024
     print(f"pool process RSS: {warm / 1024:.0f} MB warm, grew {grown_mb:.1f} MB over 120 tasks")
-    # Decoded, 120 inputs took ~450 MB; as text, the cache holds at most its 32 MiB.
+    # Bounded by text length, 120 inputs took ~450 MB; now at most its 32 MiB.
     assert grown_mb < 32 + 40
 
 
