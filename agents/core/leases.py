@@ -293,6 +293,16 @@ def task_creation_lock(*, task_id: UUID) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [str(task_id)])
 
 
+def task_creation_locks(*, task_ids: list[UUID]) -> None:
+    """``task_creation_lock`` of many tasks, in one statement."""
+    if connection.vendor == "postgresql" and task_ids:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(x, 0)) FROM unnest(%s::text[]) x",
+                [[str(task_id) for task_id in task_ids]],
+            )
+
+
 def _verdict(task: AgentTask | None, step: int) -> Verdict | None:
     if task is None:
         return Verdict.UNKNOWN
@@ -379,6 +389,11 @@ def _wait_for_publisher(task_id: UUID, step: int) -> bool | None:
 def _holder_gone(owner: str) -> bool:
     """True if ``owner`` ran on this machine and its process no longer exists."""
     return _holder_here(owner) is False
+
+
+def lease_holder_gone(owner: str) -> bool:
+    """True if the lease owner ``owner`` ran on this machine and its process is gone."""
+    return _holder_gone(owner)
 
 
 def _holder_alive_here(owner: str) -> bool:

@@ -10,11 +10,19 @@ last entry repeats once the script runs out. ``scripts`` chooses a script by a t
 the request's first user message contains; ``script`` is the default. Entries::
 
     {"content": "the answer"}                                  a final answer
-    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?)
+    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?);
+                                                               a call's "id" is sent as
+                                                               given ("" as llama.cpp
+                                                               does; None: no id at all)
     {"status": 429, "retry_after": 1}                          an error status, with a
                                                                Retry-After header if given
     {"status": 400, "code": "context_length_exceeded"}         a refusal with that code
     {"delay": 2.5, ...}                                        answer that much later
+    {"chunk_delay": 0.1, ...}                                 when streamed ("stream": true in
+                                                               the request), this long between
+                                                               pieces of about two words
+    {"hang": true}                                             never answer; note when the
+                                                               client closes the connection
     {"malformed": true}                                        200 with broken JSON
     {"usage": false}                                           no usage in the answer
     {"summary": true}                                          summarise (echo the input's
@@ -25,13 +33,16 @@ with 400 ``context_length_exceeded`` without taking an entry. A summary request 
 runtime's ``:summary`` calls) never takes an entry either: it gets a short summary.
 
 Every request is kept (``requests``) with its body, so tests can count requests per
-task and step and look at what was sent.
+task and step and look at what was sent; ``in_flight_max`` is the most requests it held
+at once, ``disconnected`` the calls whose client hung up on a ``hang`` entry.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +61,7 @@ class Recorded:
     call: str  # the X-Agents-Call header ("" without one)
     body: dict[str, Any]
     received_at: float
+    authorization: str = ""  # the Authorization header: which key the request used
 
     @property
     def task(self) -> str:
@@ -76,6 +88,11 @@ class ChatServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[Recorded] = field(default_factory=list)
+    disconnected: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    in_flight_max: int = 0
+    # Seconds between the pieces of a streamed answer (an entry's "chunk_delay" wins).
+    chunk_delay: float = 0.02
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,8 +154,28 @@ class ChatServer:
 
     # --- answering ----------------------------------------------------------------------------
 
-    def answer(self, call: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-        record = Recorded(call=call, body=body, received_at=time.time())
+    def answer(
+        self,
+        call: str,
+        body: dict[str, Any],
+        authorization: str = "",
+        closed: Callable[[], bool] = lambda: False,
+    ) -> tuple[int, dict[str, str], bytes | _Chunks]:
+        with self._lock:
+            self.in_flight += 1
+            self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            return self._answer(call, body, authorization, closed)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(
+        self, call: str, body: dict[str, Any], authorization: str, closed: Callable[[], bool]
+    ) -> tuple[int, dict[str, str], bytes | _Chunks]:
+        record = Recorded(
+            call=call, body=body, received_at=time.time(), authorization=authorization
+        )
         with self._lock:
             self.requests.append(record)
         size = estimate(body)
@@ -157,6 +194,12 @@ class ChatServer:
             entry = self._next(record.task or "anonymous", body)
         if entry.get("delay"):
             time.sleep(float(entry["delay"]))
+        if entry.get("hang"):
+            while not closed():
+                time.sleep(0.05)
+            with self._lock:
+                self.disconnected.append(call)
+            return 499, {}, b""
         status = int(entry.get("status", 200))
         if status != 200:
             code, headers, payload = _error(
@@ -167,11 +210,11 @@ class ChatServer:
             return code, headers, payload
         if entry.get("malformed"):
             return 200, {"Content-Type": "application/json"}, b'{"id": "chatcmpl-broken", "choi'
-        return (
-            200,
-            {"Content-Type": "application/json"},
-            json.dumps(completion(body, entry, size, index=len(self.requests))).encode(),
-        )
+        whole = completion(body, entry, size, index=len(self.requests))
+        if body.get("stream"):
+            pause = float(entry.get("chunk_delay", self.chunk_delay))
+            return 200, {"Content-Type": "text/event-stream"}, _Chunks(whole, body, pause)
+        return 200, {"Content-Type": "application/json"}, json.dumps(whole).encode()
 
     def _next(self, task: str, body: dict[str, Any]) -> Entry:
         prompt = first_user_text(body)
@@ -202,16 +245,17 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     content: str | None = entry.get("content")
     calls = []
     for number, call in enumerate(entry.get("tool_calls") or ()):
-        calls.append(
-            {
-                "id": f"call_{index}_{number}",
-                "type": "function",
-                "function": {
-                    "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
-                    "arguments": json.dumps(call.get("arguments", {})),
-                },
-            }
-        )
+        wire: dict[str, Any] = {
+            "id": call.get("id", f"call_{index}_{number}"),
+            "type": "function",
+            "function": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
+                "arguments": json.dumps(call.get("arguments", {})),
+            },
+        }
+        if wire["id"] is None:
+            del wire["id"]
+        calls.append(wire)
     if entry.get("summary"):
         content = f"(summary of {len(json.dumps(body.get('messages', [])))} characters)"
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -243,6 +287,42 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     return data
 
 
+class _Chunks:
+    """A streamed answer (``"stream": true``): ``whole``'s text in pieces of about two
+    words, ``pause`` seconds apart, its tool calls in one chunk, then the finish reason,
+    the usage (when ``stream_options.include_usage``) and ``[DONE]``, as server-sent
+    events of ``chat.completion.chunk`` objects."""
+
+    def __init__(self, whole: dict[str, Any], body: dict[str, Any], pause: float) -> None:
+        self.whole, self.body, self.pause = whole, body, pause
+
+    def events(self) -> Iterator[bytes]:
+        head = {k: self.whole[k] for k in ("id", "created", "model")}
+        choice = self.whole["choices"][0]
+        message = choice["message"]
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        yield chunk({"role": "assistant", "content": ""})
+        words = re.findall(r"\S+\s*", message.get("content") or "")
+        for start in range(0, len(words), 2):
+            time.sleep(self.pause)
+            yield chunk({"content": "".join(words[start : start + 2])})
+        calls = [{**call, "index": i} for i, call in enumerate(message.get("tool_calls") or ())]
+        if calls:
+            yield chunk({"tool_calls": calls})
+        yield chunk({}, choice["finish_reason"])
+        options = self.body.get("stream_options") or {}
+        if options.get("include_usage") and "usage" in self.whole:
+            data = {**head, "object": "chat.completion.chunk", "choices": [],
+                    "usage": self.whole["usage"]}  # fmt: skip
+            yield f"data: {json.dumps(data)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
 def _error(status: int, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
     payload = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
     return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
@@ -263,7 +343,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(*_error(400, "invalid_json", "the request body is not JSON"))
             return
-        self._send(*self.chat.answer(self.headers.get("X-Agents-Call", ""), body))
+        answer = self.chat.answer(
+            self.headers.get("X-Agents-Call", ""),
+            body,
+            self.headers.get("Authorization", ""),
+            self._closed,
+        )
+        if answer[0] != 499:
+            self._send(*answer)
+
+    def _closed(self) -> bool:
+        """Whether the client closed its end (a read would return nothing)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/").endswith("/models"):
@@ -272,7 +369,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(*_error(404, "not_found", f"no route {self.path}"))
 
-    def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+    def _send(self, status: int, headers: dict[str, str], payload: bytes | _Chunks) -> None:
+        if isinstance(payload, _Chunks):
+            # No length: the answer ends when the connection closes (HTTP/1.1).
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for event in payload.events():
+                self.wfile.write(event)
+                self.wfile.flush()
+            return
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
