@@ -63,8 +63,12 @@ class AgentTask(models.Model):
     fence = models.PositiveBigIntegerField(default=0)
     # Messages for the current step that can still be delivered (published and not yet
     # consumed, or held by the lease's holder, which RabbitMQ redelivers if it dies).
-    # The stuck-task sweep only publishes a step when this is 0 and no lease is live.
+    # The stuck-task sweep publishes a step at once when this is 0 and no lease is live;
+    # with a message counted, only once its lease (or publish) is AGENTS_SWEEP_GRACE old.
     in_flight = models.IntegerField(default=0)
+    # The fence of the lease the sweep last took for vanished and published the step
+    # again for: one such publish per lease (``agents.core.scheduler``).
+    swept_fence = models.PositiveBigIntegerField(null=True, blank=True)
     # Set when a worker refused the step (its agent unknown here, or the checkpoint
     # newer than its code): only a worker whose agent has at least this state version
     # takes the step again, so refusals do not loop.

@@ -4,7 +4,8 @@
 
 - declares the dead-letter exchange and queue on RabbitMQ before it consumes;
 - runs the scheduler (``agents.core.scheduler``) in a thread of its main process, so
-  timers, retries, deadlines and the stuck-task sweep need no extra process to deploy;
+  timers, retries, deadlines and the stuck-task sweep need no extra process to deploy,
+  and announces the agent versions it serves before it consumes;
 - on SIGTERM, lets running steps finish within ``AGENTS_SHUTDOWN_GRACE`` seconds;
 - serves ``/healthz`` and ``/readyz`` on ``AGENTS_WORKER_HEALTH_PORT`` when it is set
   (``tools.health``);
@@ -74,6 +75,13 @@ class RunScheduler(bootsteps.StartStopStep):
         if settings.AGENTS["SCHEDULER_INTERVAL"] <= 0:
             return
         self.scheduler = Scheduler()
+        # Announce the versions this worker serves before it consumes (the consumer is
+        # the worker's last bootstep): a task created from now on may be pinned to them.
+        try:
+            self.scheduler.announce()
+        except Exception:
+            # The database may be away: the scheduler's first tick announces instead.
+            logger.exception("could not announce this worker's versions at start")
         self.scheduler.start()
 
     def stop(self, worker: Any) -> None:

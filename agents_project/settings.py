@@ -140,6 +140,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=1.0)
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
 CELERY_DB_REUSE_MAX = 1000
+# AMQP heartbeat of a worker's consuming connection, in seconds (0: none). RabbitMQ
+# closes a connection that missed two of them and returns its unacknowledged messages
+# to the queue: a worker cut off from the broker gives its steps back within about
+# twice this. Celery asks 120 s by default, and RabbitMQ's 60 s offer wins.
+CELERY_BROKER_HEARTBEAT = env.float("AGENTS_BROKER_HEARTBEAT", default=10.0)
 if BROKER_IS_AMQP:
     # Wait for the broker's confirm on every publish: a step is only handed over once
     # RabbitMQ has taken responsibility for it.
@@ -185,6 +190,12 @@ AGENTS = {
     # the step runs): how long a step whose process died on another machine waits to be
     # taken over (on the same machine the death is seen at once).
     "LEASE_TTL": env.float("AGENTS_LEASE_TTL", default=6.0),
+    # Seconds past a step's lease expiry (or, for a step never claimed, past its
+    # publish) before the scheduler's sweep publishes it again although a message is
+    # counted in flight: its holder is taken for vanished (partitioned, or its host
+    # gone) or its message for lost (agents/core/scheduler.py). Smaller: faster
+    # takeover, more spare copies when a redelivery was about to arrive anyway.
+    "SWEEP_GRACE": env.float("AGENTS_SWEEP_GRACE", default=10.0),
     # Per agent name, {"steps_per_delivery": N, "commit_every": K}: see Agent's docstring.
     "CHECKPOINT_POLICY": env.json("AGENTS_CHECKPOINT_POLICY", default={}),
     # Fair sharing (agents/core/admission.py): tasks of one owner admitted (pending with

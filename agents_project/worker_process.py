@@ -38,10 +38,14 @@ def start_worker(
     output: IO[bytes] | int | None = None,
     extra_args: Sequence[str] = (),
     parent_death_signal: int = signal.SIGTERM,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``celery -A agents_project worker``; it gets ``parent_death_signal`` if the
-    process that started it dies (SIGTERM: a warm shutdown; SIGKILL: a crash)."""
+    process that started it dies (SIGTERM: a warm shutdown; SIGKILL: a crash).
+    ``prefix``: a command that execs the worker's (``ip netns exec NAME``, for a worker
+    in its own network namespace)."""
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "celery",

@@ -118,7 +118,12 @@ class Tool:
         return self.breaker(args) if callable(self.breaker) else self.breaker
 
     def validate(self, args: Any) -> dict[str, Any]:
-        """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field."""
+        """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field.
+
+        An optional argument given as ``null`` counts as not given (models send it so).
+        Validating arguments this returned returns them unchanged (an agent validates a
+        model's call, then the tool runner validates the filled arguments again): every
+        default is ``None`` or of its argument's type, which ``tool`` checks."""
         if not isinstance(args, Mapping):
             raise ToolArgumentError(self.name, "args", "must be an object")
         unknown = sorted(set(args) - set(self.args))
@@ -132,6 +137,9 @@ class Tool:
                 clean[name] = spec.default
                 continue
             value = args[name]
+            if value is None and not spec.required:
+                clean[name] = spec.default
+                continue
             if not _is_instance(value, spec.type):
                 raise ToolArgumentError(
                     self.name, f"args.{name}", f"must be {_type_name(spec.type)}"
@@ -174,6 +182,13 @@ def tool(
     def decorator(func: ToolFunc) -> ToolFunc:
         if name in _REGISTRY and not replace:
             raise ValueError(f"tool {name!r} is already registered")
+        for arg_name, spec in args.items():
+            default = spec.default
+            if not spec.required and default is not None and not _is_instance(default, spec.type):
+                raise ValueError(
+                    f"tool {name!r}: the default of argument {arg_name!r} must be None "
+                    f"or {_type_name(spec.type)}"
+                )
         _REGISTRY[name] = Tool(
             name=name,
             func=func,

@@ -36,6 +36,7 @@ import structlog
 from django.conf import settings
 from django.db import connection, transaction
 
+from agents.core import clock
 from agents.core.dispatch import current_step_publish
 from agents.core.state_machine import RUNNABLE
 from agents.definition import Agent, registered_agents
@@ -140,9 +141,11 @@ def _admit_one(owner_id: int, agents: dict[str, Agent]) -> bool:
             return False
         task.queued_for_admission = False
         task.in_flight = 0
+        # When the step was published: the takeover sweep measures its grace from here.
+        task.updated_at = clock.now()
         if not current_step_publish(task=task):
             return False
-        task.save(update_fields=("queued_for_admission", "in_flight"))
+        task.save(update_fields=("queued_for_admission", "in_flight", "updated_at"))
         return True
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -471,37 +472,65 @@ def _check_storable(
 
 
 class _InputCache:
-    """Task inputs by task id, least recently used first out, bounded in bytes
-    (``AGENTS_INPUT_CACHE_BYTES`` per process): an input never changes after creation,
-    and re-reading a large one on every step is a large part of the step's cost."""
+    """Task inputs by task id, decoded, least recently used first out, bounded by the
+    memory the decoded values take (``_deep_size``; at most ``AGENTS_INPUT_CACHE_BYTES``
+    per process): an input never changes after creation, and re-reading and decoding a
+    large one on every step is a large part of the step's cost. Bounded by the JSON
+    text's length instead, the cache held many times its limit (a list of 30,000
+    numbers: 240 KB of text, 1.1 MB of objects), gigabytes per worker."""
 
     def __init__(self) -> None:
         self._items: OrderedDict[UUID, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
 
     def get(self, task_id: UUID) -> Any:
+        """A copy of the task's input of the caller's own (it may change it)."""
         if task_id in self._items:
             self._items.move_to_end(task_id)
-            return self._items[task_id][0]
+            return copy.deepcopy(self._items[task_id][0])
         raw = (
             AgentTask.objects.annotate(raw=Cast("input", TextField()))
             .values_list("raw", flat=True)
             .get(pk=task_id)
         )
-        value = _decode(raw)
-        size = len(raw)
+        value = json.loads(raw) if isinstance(raw, str) else raw
         limit = settings.AGENTS["INPUT_CACHE_BYTES"]
-        if size <= limit // 4:
-            self._items[task_id] = (value, size)
-            self._bytes += size
-            while self._bytes > limit:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._bytes -= dropped
+        # Decoded JSON is never smaller than its text: a text over the share is not sized.
+        if isinstance(raw, str) and len(raw) <= limit // 4:
+            size = _deep_size(value)
+            if size <= limit // 4:
+                self._items[task_id] = (value, size)
+                self._bytes += size
+                while self._bytes > limit:
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._bytes -= dropped
+                return copy.deepcopy(value)
         return value
 
+    @property
+    def size(self) -> int:
+        """Bytes the cached values take (as ``_deep_size`` counts them)."""
+        return self._bytes
 
-def _decode(raw: Any) -> Any:
-    return json.loads(raw) if isinstance(raw, str) else raw
+
+def _deep_size(value: Any) -> int:
+    """Bytes a decoded JSON value takes: ``sys.getsizeof`` of it and of every container,
+    key and item inside (an object reached twice is counted once)."""
+    seen: set[int] = set()
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return total
 
 
 _inputs = _InputCache()
@@ -510,7 +539,7 @@ _inputs = _InputCache()
 def _task_input(task_id: UUID) -> Any:
     """The task's input; each step gets its own copy, so an agent that modifies it
     affects nothing else."""
-    return copy.deepcopy(_inputs.get(task_id))
+    return _inputs.get(task_id)
 
 
 def _migrate(agent: Agent, checkpoint: Checkpoint, events: list[tuple[str, dict[str, Any]]]):

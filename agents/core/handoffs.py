@@ -164,7 +164,11 @@ def handoff_return(
     agent: Agent | None = registered_agents().get(agent_name)
     with transaction.atomic():
         # The update locks the row; the publish goes out before the commit.
-        runnable = held.filter(status__in=RUNNABLE).update(lease_owner="", lease_expires_at=None)
+        # updated_at: when the step was published again, which the takeover sweep
+        # measures its grace from (``agents.core.scheduler``).
+        runnable = held.filter(status__in=RUNNABLE).update(
+            lease_owner="", lease_expires_at=None, updated_at=clock.now()
+        )
         if runnable and agent is not None:
             if also is not None:
                 also()

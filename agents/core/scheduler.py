@@ -8,11 +8,18 @@ Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clo
 - sweeps: publishes the current step of any runnable task that has no live lease, no
   message that can still arrive (``in_flight`` 0) and no retry pending. That is a step
   whose publish the broker refused, or whose last message was consumed as a duplicate
-  while its holder then died. It never looks at the time since the last commit, so a
-  long step or a long queue is never copied; and it selects only rows this worker can
-  act on (agents it knows, at a state version it can run), so rows it cannot act on
-  never fill its batch; and only tasks pinned to a version this worker's code serves
+  while its holder then died. It selects only rows this worker can act on (agents it
+  knows, at a state version it can run), so rows it cannot act on never fill its
+  batch; and only tasks pinned to a version this worker's code serves
   (``agents.core.versions``), so a parked step goes only to a worker of its version;
+- takes over vanished holders and lost messages (``vanished_tasks_republish``): a step
+  with a message counted in flight is published again when its lease expired more
+  than ``AGENTS_SWEEP_GRACE`` seconds ago (its holder is cut off or its host gone,
+  and nothing renews it; the message, or the commit that released it, may be lost),
+  once per lease (``swept_fence``); and a step never claimed, published more than that
+  grace ago, when the work queue holds no ready message on two sweeps running (its
+  message is neither waiting nor taken: lost). A long step renews its lease and a
+  backlog keeps messages ready, so neither is ever copied;
 - admits tasks waiting for their owner's limit of tasks running at once, round-robin
   across owners (``agents.core.admission``);
 - every ``AGENTS_WORKER_TTL / 3`` seconds, announces the agent versions this worker
@@ -31,13 +38,15 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import reduce
 from operator import or_
+from uuid import UUID
 
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 
 from agents.core import clock, suspensions
 from agents.core.admission import admissions_grant
@@ -47,6 +56,7 @@ from agents.core.state_machine import RUNNABLE
 from agents.core.versions import worker_ttl, worker_versions_announce, worker_versions_withdraw
 from agents.definition import registered_agents
 from agents.models import ACTIVE_STATUSES, AgentTask, Suspension
+from agents_project.celery import app
 from agents_project.errors import Backpressure
 from audit.models import EventType
 from audit.services import AuditBatch, process_actor
@@ -61,8 +71,10 @@ def retries_fire() -> int:
 
     def fire(task: AgentTask) -> None:
         task.retry_at = None
+        # When the step was published: the takeover sweep measures its grace from here.
+        task.updated_at = clock.now()
         current_step_publish(task=task)
-        task.save(update_fields=("retry_at", "in_flight"))
+        task.save(update_fields=("retry_at", "in_flight", "updated_at"))
 
     return _each_locked(
         AgentTask.objects.filter(retry_at__lte=clock.now(), status__in=RUNNABLE), fire
@@ -93,19 +105,10 @@ def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
     purpose. ``include_queued`` drops the lease and message conditions (an operator's
     ``resume_stuck --include-queued`` after a queue was purged, or the demo after its
     worker was killed with its embedded broker's message)."""
-    agents = registered_agents()
-    if not agents:
+    runnable_here = _runnable_here()
+    if runnable_here is None:
         return AgentTask.objects.none()
     now = clock.now()
-    runnable_here = reduce(
-        or_,
-        (
-            Q(agent_name=name)
-            & Q(agent_version__in=[a.version, *a.compatible_versions])
-            & (Q(needs_state_version__isnull=True) | Q(needs_state_version__lte=a.state_version))
-            for name, a in agents.items()
-        ),
-    )
     tasks = AgentTask.objects.filter(
         runnable_here, status__in=RUNNABLE, retry_at__isnull=True, queued_for_admission=False
     )
@@ -114,6 +117,130 @@ def stuck_tasks(*, include_queued: bool = False) -> QuerySet[AgentTask]:
             Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
         )
     return tasks.order_by("updated_at")
+
+
+def sweep_grace() -> float:
+    """Seconds a counted message may go unseen before the sweep takes its step for
+    vanished (``AGENTS_SWEEP_GRACE``)."""
+    return float(settings.AGENTS["SWEEP_GRACE"])
+
+
+def _runnable_here() -> Q | None:
+    agents = registered_agents()
+    if not agents:
+        return None
+    return reduce(
+        or_,
+        (
+            Q(agent_name=name)
+            & Q(agent_version__in=[a.version, *a.compatible_versions])
+            & (Q(needs_state_version__isnull=True) | Q(needs_state_version__lte=a.state_version))
+            for name, a in agents.items()
+        ),
+    )
+
+
+def vanished_tasks(*, unclaimed: bool) -> QuerySet[AgentTask]:
+    """Runnable tasks of this worker with a message counted in flight whose step nothing
+    is seen running (see the module's docstring), oldest first.
+
+    Not ``unclaimed``: the lease expired more than ``AGENTS_SWEEP_GRACE`` seconds ago
+    and the sweep has not yet published the step for this lease (``swept_fence``).
+    ``unclaimed``: no lease, or an expired one the sweep already acted on, and the last
+    publish (``updated_at``) more than the grace ago; the caller checks the queue."""
+    runnable_here = _runnable_here()
+    if runnable_here is None:
+        return AgentTask.objects.none()
+    before = clock.now() - timedelta(seconds=sweep_grace())
+    tasks = AgentTask.objects.filter(
+        runnable_here,
+        status__in=RUNNABLE,
+        retry_at__isnull=True,
+        queued_for_admission=False,
+        in_flight__gt=0,
+    )
+    expired = Q(lease_expires_at__lt=before)
+    swept = Q(swept_fence=F("fence"))
+    if unclaimed:
+        tasks = tasks.filter(
+            (Q(lease_expires_at__isnull=True) | (expired & swept)), updated_at__lt=before
+        )
+    else:
+        tasks = tasks.filter(expired).exclude(swept)
+    return tasks.order_by("updated_at")
+
+
+# Tasks the last sweep found unclaimed with an empty queue: {task id: (step, fence)}.
+# One sighting may be a message the broker handed over a millisecond before its claim;
+# the same task seen again on the next sweep, the queue still empty, is not.
+_unclaimed_seen: dict[UUID, tuple[int, int]] = {}
+
+
+def vanished_tasks_republish(*, actor: str) -> int:
+    """Publish again the steps ``vanished_tasks`` finds: each lease's step once (the
+    late holder, if it lives, is kept out by the fence), and a never-claimed step
+    whose message is neither in the queue nor taken. Returns how many."""
+
+    def republish(reason: str) -> Callable[[AgentTask], None]:
+        def act(task: AgentTask) -> None:
+            audit = AuditBatch(task, actor=actor)
+            audit.add(
+                EventType.REPUBLISHED,
+                {
+                    "reason": reason,
+                    "in_flight": task.in_flight,
+                    "lease_expired_at": (
+                        task.lease_expires_at.isoformat() if task.lease_expires_at else None
+                    ),
+                },
+                step=task.current_step,
+            )
+            task.swept_fence = task.fence
+            task.updated_at = clock.now()
+            current_step_publish(task=task)
+            audit.flush()
+            task.save(update_fields=("audit_seq", "in_flight", "swept_fence", "updated_at"))
+
+        return act
+
+    done = _each_locked(
+        vanished_tasks(unclaimed=False),
+        republish("lease expired and not renewed: holder vanished or its message lost"),
+    )
+    suspects = {
+        pk: (step, fence)
+        for pk, step, fence in vanished_tasks(unclaimed=True).values_list(
+            "pk", "current_step", "fence"
+        )[:BATCH]
+    }
+    if suspects and work_queue_ready() == 0:
+        confirmed = [pk for pk, seen in suspects.items() if _unclaimed_seen.get(pk) == seen]
+        _unclaimed_seen.clear()
+        _unclaimed_seen.update(suspects)
+        if confirmed:
+            done += _each_locked(
+                vanished_tasks(unclaimed=True).filter(pk__in=confirmed),
+                republish("message neither queued nor taken: lost"),
+            )
+    else:
+        _unclaimed_seen.clear()
+    if done:
+        logger.warning("steps of vanished holders or lost messages published again", count=done)
+    return done
+
+
+def work_queue_ready() -> int | None:
+    """Messages ready in the work queue (waiting for a consumer), or None when the
+    broker cannot say (away, or a transport that does not count)."""
+    try:
+        with app.connection_for_write() as conn:
+            declared = conn.default_channel.queue_declare(
+                queue=settings.AGENTS["QUEUE"], passive=True
+            )
+        return int(declared.message_count)
+    except Exception as exc:  # the broker may be away: act on nothing unclaimed
+        logger.info("work queue depth unknown", error=repr(exc))
+        return None
 
 
 def stuck_tasks_republish(*, actor: str, include_queued: bool = False) -> int:
@@ -175,6 +302,7 @@ def tick(*, actor: str) -> dict[str, int]:
         "wakeups": suspensions_expire(actor=actor),
         "deadlines": deadlines_enforce(actor=actor),
         "republished": stuck_tasks_republish(actor=actor),
+        "taken_over": vanished_tasks_republish(actor=actor),
         "admitted": admissions_grant(),
     }
 

@@ -107,3 +107,22 @@ class Poison(Agent):
 def echo(ctx, args):
     """Answers with a NUL character in its value, as a binary HTTP body would."""
     return {"body": args["text"] + "\x00"}
+
+
+@register
+class SlowSideEffect(Agent):
+    """Step 1 sleeps ``input["sleep"]`` seconds, then appends to the ledger (a side
+    effect once per idempotency key); step 2 finishes. Each copy of step 1 is logged in
+    ``AGENTS_COPY_LOG`` (start and end, with its host name), so a takeover test can
+    see the vanished copy come back late."""
+
+    name = "slow_side_effect"
+
+    def step(self, ctx: StepContext):
+        if ctx.step > 1:
+            return Finish(result="done")
+        host = os.uname().nodename
+        _copy_log(f"start {ctx.task_id} {ctx.step} {os.getpid()} {time.time():.6f} {host}")
+        time.sleep(float(ctx.input["sleep"]))
+        _copy_log(f"end {ctx.task_id} {ctx.step} {os.getpid()} {time.time():.6f} {host}")
+        return CallTools([ToolCall("ledger.append", {"key": "slow", "value": 1})], state={})

@@ -28,7 +28,11 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.logs: list = []
 
-    def start(self, *, concurrency: int = 2, **env: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, *, concurrency: int = 2, prefix: tuple[str, ...] = (), **env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker; ``prefix`` runs it in another network namespace
+        (``tests.integration.netns``)."""
         index = len(self.processes)
         path = log_dir() / f"{self.name}-{index}.log"
         log = open(path, "wb")  # noqa: SIM115 (closed in stop_all)
@@ -37,6 +41,7 @@ class Workers:
             concurrency=concurrency,
             hostname=self.node_name(index),
             output=log,
+            prefix=prefix,
         )
         self.processes.append(process)
         self.logs.append((path, log))

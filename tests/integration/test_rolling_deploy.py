@@ -157,3 +157,19 @@ def test_tasks_finish_on_their_version_through_a_deploy_a_ramp_and_a_rollback(
     listing = StringIO()
     call_command("versions", "deployed", stdout=listing)
     assert "held" in listing.getvalue()
+
+
+def test_a_new_worker_announces_its_versions_before_it_consumes(workers, api_code):
+    """Issue 22, item 7: a task created as soon as a version 2 worker consumes is pinned
+    to version 2. The worker's scheduler ticks only every 60 s here, so only the
+    announcement made at start (before the consumer) can tell the API about it."""
+    owner = service_user("deployer")
+    workers.start(concurrency=1, **V1)
+    wait_until(lambda: serving("1") == 1)
+    api_code(versioned_v2.DeployedV2)
+    workers.start(concurrency=1, AGENTS_SCHEDULER_INTERVAL="60", CELERY_LOG_LEVEL="INFO", **V2)
+    log = workers.logs[1][0]
+    wait_until(lambda: log.exists() and b"ready." in log.read_bytes(), timeout=60)
+    assert serving("2") == 1, "the worker consumes, and nobody knows its version"
+    [task] = start(owner, 1)
+    assert task.agent_version == "2"
