@@ -37,6 +37,12 @@ LOOPBACK_FORMS = [
     "[::ffff:127.0.0.1]",
     "[::ffff:7f00:1]",
     "[::]",
+    "[::127.0.0.1]",  # IPv4-compatible
+    "[::7f00:1]",
+    "[::ffff:0:7f00:1]",  # IPv4-translated
+    "[::ffff:0:127.0.0.1]",
+    "[64:ff9b::7f00:1]",  # NAT64
+    "[2002:7f00:1::1]",  # 6to4
 ]
 
 NON_PUBLIC = [
@@ -56,6 +62,13 @@ NON_PUBLIC = [
     "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
     "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
     "[ff02::1]",
+    "[fec0::1]",  # site-local (deprecated), which ipaddress calls global
+    "[::10.0.0.1]",  # IPv4-compatible
+    "[::ffff:0:a9fe:a9fe]",  # IPv4-translated 169.254.169.254
+    "[64:ff9b:1::a9fe:a9fe]",  # local-use NAT64
+    "[2001:0:4136:e378:8000:63bf:f5ff:fffe]",  # Teredo whose client is 10.0.0.1
+    "[2001:db8::1]",  # documentation
+    "[100::1]",  # discard-only
 ]
 
 
@@ -78,7 +91,15 @@ def test_private_link_local_metadata_and_reserved_addresses_are_refused(host):
 
 
 @pytest.mark.parametrize(
-    "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+    ],
 )
 def test_public_addresses_are_allowed(address):
     assert is_public(ipaddress.ip_address(address))
