@@ -212,7 +212,8 @@ def _get_with(user, url: str, name: str = "api_key"):
         (["*.example.com"], False),
         (["localhost"], False),  # the request goes to 127.0.0.1, not to localhost
         (["127.0.0.1"], None),  # an address is not a host name: refused at set
-        ([], True),
+        ([], None),  # no hosts: refused at set (--any-host is the explicit exception)
+        (["*"], None),  # nor is "any host" a host name
     ],
 )
 def test_a_credential_bound_to_hosts_is_sent_nowhere_else(
@@ -237,6 +238,68 @@ def test_a_credential_bound_to_hosts_is_sent_nowhere_else(
     assert flaky.requests == []
 
 
+def test_a_credential_with_any_host_is_sent_to_any_allowed_host(user, flaky, loopback_allowed):
+    secret = "sk-anyhost-0123456789"
+    credential_set(owner=user, name="api_key", value=secret, any_host=True, actor="test")
+    _get_with(user, flaky.url("/me"))
+    assert flaky.requests[0].authorization == f"Bearer {secret}"
+
+
+def test_an_unbound_credential_is_sent_nowhere_and_check_deploy_reports_it(
+    user, flaky, loopback_allowed
+):
+    """A credential stored before hosts were required (hosts ``[]``) goes to no host."""
+    from django.core import checks
+
+    from tools.models import Credential
+
+    secret = "SECRETVALUE-0123456789"
+    credential_set(owner=user, name="api_key", value=secret, any_host=True, actor="test")
+    Credential.objects.filter(name="api_key").update(hosts=[])
+    with pytest.raises(ToolArgumentError, match="bound to no host") as refused:
+        _get_with(user, flaky.url("/me"))
+    assert secret not in str(refused.value)
+    assert flaky.requests == []
+    found = [
+        message
+        for message in checks.run_checks(include_deployment_checks=True)
+        if message.id == "tools.W002"
+    ]
+    assert len(found) == 1 and f"{user.username}/api_key" in found[0].msg
+    Credential.objects.filter(name="api_key").update(hosts=["api.example.com"])
+    assert not [
+        m for m in checks.run_checks(include_deployment_checks=True) if m.id == "tools.W002"
+    ]
+
+
+def test_the_command_requires_hosts_or_any_host(user):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    from tools.models import Credential
+
+    def set_(*extra):
+        call_command(
+            "credentials",
+            "set",
+            "--owner",
+            user.username,
+            "--name",
+            "k",
+            *extra,
+            stdin=io.StringIO("sk-0123456789\n"),
+        )
+
+    with pytest.raises(CommandError, match="hosts: .*--host.*--any-host"):
+        set_()
+    assert not Credential.objects.exists()
+    with pytest.raises(CommandError, match="hosts: .*not both"):
+        set_("--any-host", "--host", "api.example.com")
+    set_("--any-host")
+    assert Credential.objects.get().hosts == ["*"]
+
+
 def test_a_credential_bound_to_its_host_is_sent_there(user, flaky, settings):
     settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["localhost"]}
     secret = "sk-bound-0123456789"
@@ -247,7 +310,7 @@ def test_a_credential_bound_to_its_host_is_sent_there(user, flaky, settings):
 
 def test_authorization_is_dropped_on_a_redirect_to_another_host(user, flaky, loopback_allowed):
     settings_hosts = ["localhost"]
-    credential_set(owner=user, name="api_key", value="sk-0123456789", actor="test")
+    credential_set(owner=user, name="api_key", value="sk-0123456789", any_host=True, actor="test")
     from django.conf import settings
 
     settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["127.0.0.1", *settings_hosts]}
