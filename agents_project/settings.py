@@ -229,9 +229,10 @@ AGENTS = {
     # Quotas of the kv.set tool per owner: bytes of one value, keys over all scopes.
     "KV_MAX_VALUE_BYTES": env.int("AGENTS_KV_MAX_VALUE_BYTES", default=64 * 1024),
     "KV_MAX_KEYS": env.int("AGENTS_KV_MAX_KEYS", default=1000),
-    # Key of the audit trail's hash chain (audit/integrity.py); default: derived from
-    # DJANGO_SECRET_KEY. Keep it out of the database's reach; changing it makes older
-    # events unverifiable.
+    # Keys of the audit trail's hash chain and anchors (audit/integrity.py), comma-
+    # separated: the first signs, every one verifies (rotation: NEW,OLD). Required in
+    # production; elsewhere derived from DJANGO_SECRET_KEY when unset. Keep it out of the
+    # database's reach, and keep an old key listed as long as events it signed are kept.
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
     # Workers serve /healthz and /readyz on this port (0: off), see tools/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
@@ -422,6 +423,12 @@ if AGENTS["ENVIRONMENT"] == "production":
             "with it, and the development key is derived from DJANGO_SECRET_KEY. Generate "
             "one with python -c 'from cryptography.fernet import Fernet; "
             "print(Fernet.generate_key().decode())'"
+        )
+    if len(AGENTS["AUDIT_KEY"].split(",")[0].strip()) < 32:
+        _missing.append(
+            "AGENTS_AUDIT_KEY must be set in production to a random value of 32 or more "
+            "characters (the audit trail's hash chain is keyed with it; with NEW,OLD while "
+            "rotating): python -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
     if not METRICS_TOKEN:
         _missing.append(

@@ -129,6 +129,7 @@ def test_production_refuses_to_start_without_a_credentials_key():
             "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
             "DJANGO_SECRET_KEY": "x7" * 30 + "abcdef",
             "AGENTS_METRICS_TOKEN": "scrape-token",
+            "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
             "DJANGO_SETTINGS_MODULE": "agents_project.settings",
         },
         capture_output=True,
