@@ -37,6 +37,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_prometheus",
+    # Admin login lockout (AXES_* below).
+    "axes",
     "agents",
     "tools",
     "audit",
@@ -59,8 +61,23 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Answers a locked-out admin login with 429 (after everything that may authenticate).
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
+
+# Admin (session) logins go through django-axes first: AXES_FAILURE_LIMIT failed logins
+# of one username from one address lock that pair out for AXES_COOLOFF_TIME (hours), a
+# right password included; a success resets the count. Failures are kept in the database
+# (axes' AccessAttempt, visible in the admin); `manage.py axes_reset` lifts every lockout.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_TIME", default=0.25)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 
 ROOT_URLCONF = "agents_project.urls"
 WSGI_APPLICATION = "agents_project.wsgi.application"
@@ -234,6 +251,13 @@ AGENTS = {
     # production; elsewhere derived from DJANGO_SECRET_KEY when unset. Keep it out of the
     # database's reach, and keep an old key listed as long as events it signed are kept.
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
+    # Failed API token authentications counted per client address and per token prefix
+    # (agents/api/authentication.py): past LIMIT within WINDOW seconds, 429 with
+    # Retry-After (0: no limit). API tokens expire this many seconds after creation
+    # (0: never); POST /api/token/rotate/ or drf_create_token --reset makes a new one.
+    "AUTH_FAIL_LIMIT": env.int("AGENTS_AUTH_FAIL_LIMIT", default=20),
+    "AUTH_FAIL_WINDOW": env.int("AGENTS_AUTH_FAIL_WINDOW", default=60),
+    "API_TOKEN_MAX_AGE": env.int("AGENTS_API_TOKEN_MAX_AGE", default=90 * 24 * 3600),
     # Workers serve /healthz and /readyz on this port (0: off), see tools/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
@@ -336,7 +360,9 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 REST_FRAMEWORK = {
     # Token first: an unauthenticated request gets 401 with "WWW-Authenticate: Token".
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # Failed token authentications counted per address and token prefix (429 past
+        # AGENTS_AUTH_FAIL_LIMIT), tokens expiring after AGENTS_API_TOKEN_MAX_AGE.
+        "agents.api.authentication.ThrottledTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

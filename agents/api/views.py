@@ -27,6 +27,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents import permissions
+from agents.api.authentication import api_token_expires_at, api_token_rotate
 from agents.api.errors import Unavailable
 from agents.api.events import EVENTS_DESCRIPTION, EventStreamRenderer, last_event_id
 from agents.api.pagination import NewestFirstPagination, seek_page
@@ -51,6 +52,7 @@ from agents.api.serializers import (
     TaskListItemSerializer,
     TaskQuerySerializer,
     TaskSerializer,
+    TokenSerializer,
 )
 from agents.core.dead_letters import dead_letter_requeue
 from agents.core.suspensions import task_approve, task_cancel, task_signal
@@ -345,3 +347,21 @@ class BreakerListView(APIView):
         except RedisError as exc:
             raise Unavailable(f"circuit breaker state is unavailable: {exc}") from exc
         return Response(BreakerSerializer(breakers, many=True).data)
+
+
+class TokenRotateView(APIView):
+    """Replace the caller's API token: the old one is refused from now on."""
+
+    @extend_schema(
+        summary="Rotate your API token (the old one stops working)",
+        request=None,
+        responses={201: TokenSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        token = api_token_rotate(request.user)
+        body = {
+            "token": token.key,
+            "created": token.created,
+            "expires_at": api_token_expires_at(token),
+        }
+        return Response(TokenSerializer(body).data, status=status.HTTP_201_CREATED)
