@@ -264,7 +264,13 @@ AGENTS = {
     # GET /api/tasks/{id}/events/ (agents/events.py): seconds between polls of the audit
     # trail, and the longest a stream stays open before the client must reconnect.
     "EVENTS_POLL_INTERVAL": env.float("AGENTS_EVENTS_POLL_INTERVAL", default=0.5),
-    "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=3600.0),
+    # Under ASGI a stream closes after MAX_SECONDS in all, or IDLE_SECONDS without a new
+    # event (the client resumes with Last-Event-ID); at most MAX_STREAMS_PER_USER open
+    # per user and MAX_STREAMS in all (0: no limit), 429 beyond (agents/api/streams.py).
+    "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=900.0),
+    "EVENTS_IDLE_SECONDS": env.float("AGENTS_EVENTS_IDLE_SECONDS", default=300.0),
+    "EVENTS_MAX_STREAMS": env.int("AGENTS_EVENTS_MAX_STREAMS", default=50),
+    "EVENTS_MAX_STREAMS_PER_USER": env.int("AGENTS_EVENTS_MAX_STREAMS_PER_USER", default=4),
     "EVENTS_HEARTBEAT": env.float("AGENTS_EVENTS_HEARTBEAT", default=15.0),
     # Version-pinned runs (agents/core/versions.py): seconds a worker's announcement of
     # the agent versions it serves stays live, and the share of new tasks (percent) per

@@ -54,6 +54,7 @@ from agents.api.serializers import (
     TaskSerializer,
     TokenSerializer,
 )
+from agents.api.streams import holding, holding_async, stream_slot_acquire
 from agents.core.dead_letters import dead_letter_requeue
 from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.diagnosis import with_dead_letter_error
@@ -193,7 +194,7 @@ class TaskViewSet(viewsets.GenericViewSet):
             204: OpenApiResponse(
                 description="The task has ended and there is nothing after Last-Event-ID."
             ),
-            **errors(400, 404),
+            **errors(400, 404, 429),
         },
     )
     @action(
@@ -207,10 +208,11 @@ class TaskViewSet(viewsets.GenericViewSet):
         after = last_event_id(request)
         if task_events_finished(task_id=task.pk, after_seq=after):
             return HttpResponse(status=status.HTTP_204_NO_CONTENT)
+        slot = stream_slot_acquire(request.user.pk)  # 429 past the limits
         if isinstance(request._request, ASGIRequest):
-            stream: Any = event_stream_async(task_id=task.pk, after_seq=after)
+            stream: Any = holding_async(slot, event_stream_async(task_id=task.pk, after_seq=after))
         else:
-            stream = event_stream(task_id=task.pk, after_seq=after)
+            stream = holding(slot, event_stream(task_id=task.pk, after_seq=after))
         response = StreamingHttpResponse(stream, content_type="text/event-stream; charset=utf-8")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
