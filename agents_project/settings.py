@@ -251,6 +251,9 @@ AGENTS = {
     # production; elsewhere derived from DJANGO_SECRET_KEY when unset. Keep it out of the
     # database's reach, and keep an old key listed as long as events it signed are kept.
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
+    # The anchor log (audit/anchor.py): where audit_anchor appends, and what
+    # audit_verify checks, unless --to / --anchors say otherwise ("": none).
+    "AUDIT_ANCHOR_FILE": env.str("AGENTS_AUDIT_ANCHOR_FILE", default=""),
     # Failed API token authentications counted per client address and per token prefix
     # (agents/api/authentication.py): past LIMIT within WINDOW seconds, 429 with
     # Retry-After (0: no limit). API tokens expire this many seconds after creation

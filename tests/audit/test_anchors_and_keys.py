@@ -157,3 +157,15 @@ def test_the_key_rotates_without_breaking_older_events(user, settings, tmp_path)
     assert "intact" in verify(str(after.pk))
     report = broken(str(before.pk), "--anchors", str(anchors))
     assert "does not match its hash (changed)" in report and "[forged-anchor]" in report
+
+
+def test_the_configured_anchor_file_is_both_commands_default(user, settings, tmp_path):
+    anchors = tmp_path / "anchors.jsonl"
+    settings.AGENTS = {**settings.AGENTS, "AUDIT_ANCHOR_FILE": str(anchors)}
+    task = completed(user)
+    assert "0 anchored" not in verify("--all")  # no log yet: said, not a break
+    call_command("audit_anchor", "--lag", "0", stdout=StringIO())
+    assert "1 anchored head(s) checked" in verify("--all")
+    owner_sql("DELETE FROM audit_auditevent WHERE task_id = %s AND seq > 1", [task.pk])
+    AgentTask.objects.filter(pk=task.pk).update(audit_seq=1)
+    assert "[cut]" in broken("--all")

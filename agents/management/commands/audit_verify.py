@@ -7,8 +7,10 @@ Each break is printed with its kind in brackets: ``changed``, ``removed``, ``ins
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from agents.models import AgentTask
@@ -30,7 +32,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--anchors",
             default=None,
-            help="an anchor log (audit_anchor --to): every anchored head must still be there",
+            help="an anchor log (audit_anchor --to): every anchored head must still be there "
+            "(default AGENTS_AUDIT_ANCHOR_FILE)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -45,9 +48,13 @@ class Command(BaseCommand):
         report = audit_verify(tasks=tasks.values_list("id", "audit_seq").iterator(chunk_size=500))
         breaks = list(report.breaks)
         anchored = ""
-        if options["anchors"]:
+        anchor_file = options["anchors"] or settings.AGENTS["AUDIT_ANCHOR_FILE"]
+        if anchor_file and not options["anchors"] and not os.path.exists(anchor_file):
+            self.stderr.write(f"no anchor log at {anchor_file} yet: heads not checked")
+            anchor_file = ""
+        if anchor_file:
             try:
-                with open(options["anchors"], encoding="utf-8") as log:
+                with open(anchor_file, encoding="utf-8") as log:
                     anchors, forged = anchors_read(log)
             except OSError as exc:
                 raise CommandError(f"--anchors: {exc}") from exc

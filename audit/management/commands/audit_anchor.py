@@ -1,4 +1,4 @@
-"""``python manage.py audit_anchor --to FILE [--every SECONDS]``: anchor the audit chain.
+"""``python manage.py audit_anchor [--to FILE] [--every SECONDS]``: anchor the audit chain.
 
 Appends one signed line with the head of every task that got events since the last
 anchor in FILE (``-``: standard output, for a log store) (``audit.anchor``). Run it
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from audit.anchor import ANCHOR_LAG, anchor_last_through, anchor_line, anchor_make
@@ -30,7 +31,11 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--to", required=True, help="the anchor log to append to (- : stdout)")
+        parser.add_argument(
+            "--to",
+            default=None,
+            help="the anchor log to append to (- : stdout; default AGENTS_AUDIT_ANCHOR_FILE)",
+        )
         parser.add_argument(
             "--every", type=float, default=0, help="seconds between anchors (0: once)"
         )
@@ -42,7 +47,9 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        target: str = options["to"]
+        target: str = options["to"] or settings.AGENTS["AUDIT_ANCHOR_FILE"]
+        if not target:
+            raise CommandError("--to: give the anchor log (or set AGENTS_AUDIT_ANCHOR_FILE)")
         every: float = options["every"]
         if every < 0:
             raise CommandError("--every: must be 0 or more seconds")
