@@ -91,12 +91,32 @@ class StepContext:
     owner_id: int
     tool_results: tuple[ToolResult, ...] = ()
     resumed: Resumption | None = None
+    # What the process a step was handed to says of it (``HandOff``): ``{"key": ...,
+    # "error": {...}}`` or ``{"key": ..., "recorded": true}``; None on a plain delivery.
+    handed_back: Mapping[str, Any] | None = None
     # The step's audit events as ``(type, payload)`` pairs; the engine passes its own list.
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 
     def audit(self, event_type: str, payload: dict[str, Any]) -> None:
         """Record ``event_type`` with ``payload`` (JSON) in this step's audit trail."""
         self.events.append((event_type, payload))
+
+
+class HandOff(Exception):  # noqa: N818 (a control-flow signal, like StopIteration)
+    """Raised by a step to give its wait to another process: the step ends without a
+    checkpoint, its lease passes to that process, and the pool process is free.
+
+    ``payload`` (JSON) is published, with the task id, step and fencing token, to the
+    hand-off queue (``AGENTS_HANDOFF_QUEUE``); the process that takes it (the model
+    gateway, ``manage.py llm_gateway``) does the waiting and then publishes the same
+    step again, with what it learned in ``StepContext.handed_back``. The step runs
+    again from its checkpoint, so it must find what was done (a recorded reply) and
+    not hand the same thing off twice.
+    """
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload.get("key", "hand-off"))
+        self.payload = payload
 
 
 @dataclass(frozen=True)
@@ -180,9 +200,11 @@ class Agent:
     - ``steps_per_delivery`` and ``commit_every``, the checkpoint policy. By default each
       step is one delivery and one commit. An agent whose steps are cheap may let up to
       ``steps_per_delivery`` consecutive steps run in one delivery (a step that calls
-      tools, suspends or ends the task ends the run), committing their checkpoints (one
-      per step, as always) every ``commit_every`` steps, each group in one transaction.
-      The trade-off: after a crash, the steps since the last commit run again.
+      tools, suspends or ends the task ends the run; with ``continue_after_tools`` a
+      step that calls tools does not), committing their checkpoints (one per step, as
+      always) every ``commit_every`` steps, each group in one transaction. The
+      trade-off: after a crash, the steps since the last commit run again (their tool
+      calls keep their idempotency keys).
       ``AGENTS_CHECKPOINT_POLICY`` overrides both per agent name.
     - ``tool_errors_to_agent``: a tool's permanent error (bad arguments, a refused
       request) becomes that call's failed ``ToolResult`` for the next step, instead of
@@ -204,6 +226,7 @@ class Agent:
     learned_limits: ClassVar[bool] = False
     steps_per_delivery: ClassVar[int] = 1
     commit_every: ClassVar[int] = 1
+    continue_after_tools: ClassVar[bool] = False
     tool_errors_to_agent: ClassVar[bool] = False
     max_running_per_owner: ClassVar[int | None] = None
 

@@ -58,13 +58,20 @@ TASKS_FINISHED = Counter(
     "Tasks that entered a final status or dead_lettered, by agent and that status.",
     ["agent", "status"],
 )
+STEP_HANDOFFS = Counter(
+    "agents_step_handoffs",
+    "Steps that handed their wait to another process (the model gateway), by agent.",
+    ["agent"],
+)
 STEP_FAILURES = Counter(
     "agents_step_failures",
     "Failed step attempts, by agent and by the tool that failed (none: the agent's code).",
     ["agent", "tool"],
 )
 
-renew_after_fork(STEP_DURATION, STEP_QUEUE_TIME, TASKS_CREATED, TASKS_FINISHED, STEP_FAILURES)
+renew_after_fork(
+    STEP_DURATION, STEP_QUEUE_TIME, TASKS_CREATED, TASKS_FINISHED, STEP_FAILURES, STEP_HANDOFFS
+)
 
 # The statuses counted by agents_tasks_finished_total: the final ones, and dead_lettered
 # (a task there waits for an operator; requeued, it is counted again when it ends).
@@ -83,6 +90,14 @@ def step_started(*, agent: str, queued_seconds: float) -> None:
     """A step started in a worker ``queued_seconds`` after its message was published."""
     try:
         STEP_QUEUE_TIME.labels(agent=agent).observe(max(queued_seconds, 0.0))
+    except Exception as exc:
+        logger.warning("step metric not recorded", error=repr(exc))
+
+
+def step_handed_off(*, agent: str) -> None:
+    """A step of ``agent`` handed its wait off (``agents.core.handoffs``)."""
+    try:
+        STEP_HANDOFFS.labels(agent=agent).inc()
     except Exception as exc:
         logger.warning("step metric not recorded", error=repr(exc))
 

@@ -22,7 +22,7 @@ from agents.core.results import StepResult
     acks_on_timeout=False,
     ignore_result=True,
 )
-def run_step(self: Task, task_id: str, step: int) -> str:
+def run_step(self: Task, task_id: str, step: int, handed_back: dict[str, Any] | None = None) -> str:
     """Run one step of one agent task.
 
     Safe to run twice, even at once: the engine's lease lets one copy run the step and
@@ -33,6 +33,7 @@ def run_step(self: Task, task_id: str, step: int) -> str:
     ``AGENTS_MAX_WORKER_LOSSES`` such take-overs, or when the step's retries are spent,
     the task is dead-lettered and the message rejected into the DLQ. If the database
     stays away longer than ``AGENTS_DATABASE_PATIENCE``, the message is given back.
+    ``handed_back``: what a hand-off's process says of the step (``agents.core.handoffs``).
     """
     request = self.request
     delivery: dict[str, Any] = request.delivery_info or {}
@@ -48,6 +49,7 @@ def run_step(self: Task, task_id: str, step: int) -> str:
         message=message,
         node=request.hostname or "local",
         published_at=request.get("agents_published_at"),
+        handed_back=handed_back,
     )
     if result == StepResult.DEAD_LETTERED:
         raise Reject(f"task {task_id} dead-lettered at step {step}", requeue=False)

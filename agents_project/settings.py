@@ -180,6 +180,12 @@ AGENTS = {
     "DEAD_LETTER_QUEUE": env.str("AGENTS_DEAD_LETTER_QUEUE", default="agents.dead"),
     # RabbitMQ's own backstop: a message returned this many times goes to the DLQ.
     "DELIVERY_LIMIT": env.int("AGENTS_DELIVERY_LIMIT", default=10),
+    # Where a step hands its wait to another process (agents/core/handoffs.py; the model
+    # gateway, manage.py llm_gateway, consumes it).
+    "HANDOFF_QUEUE": env.str("AGENTS_HANDOFF_QUEUE", default=""),
+    # Seconds a handed-off step waits in that queue before the stuck-task sweep may
+    # take it back (the gateway is down or far behind).
+    "HANDOFF_PATIENCE": env.float("AGENTS_HANDOFF_PATIENCE", default=300.0),
     # Backpressure: beyond this many ready messages, publishes are refused.
     "QUEUE_MAX_LENGTH": env.int("AGENTS_QUEUE_MAX_LENGTH", default=100_000),
     # Step time limits, in seconds (an agent may set its own).
@@ -321,9 +327,44 @@ LLM = {
     "OWNER_DAILY_TOKENS": env.int("AGENTS_LLM_OWNER_DAILY_TOKENS", default=0),
     # Seconds a model request may take, unless the model's own "timeout" says otherwise.
     "TIMEOUT": env.float("AGENTS_LLM_TIMEOUT", default=120.0),
+    # Model calls go through the model gateway (manage.py llm_gateway; llm/gateway.py):
+    # a step prepares its request and ends, and no pool process waits on the model.
+    # Needs RabbitMQ; off, each call is made by the worker's pool process itself.
+    "GATEWAY": env.bool("AGENTS_LLM_GATEWAY", default=False),
+    # The gateway: seconds a SIGTERM lets in-flight calls finish before it hands them
+    # back; how many threads (and database connections) it runs its database work on;
+    # how many hand-off messages it takes from the queue at once.
+    "GATEWAY_DRAIN": env.float("AGENTS_LLM_GATEWAY_DRAIN", default=25.0),
+    "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=8),
+    "GATEWAY_PREFETCH": env.int("AGENTS_LLM_GATEWAY_PREFETCH", default=5000),
+    "GATEWAY_HEALTH_PORT": env.int("AGENTS_LLM_GATEWAY_HEALTH_PORT", default=8002),
 }
 if not isinstance(LLM["MODELS"], dict):
     raise ImproperlyConfigured("AGENTS_LLM_MODELS must be a JSON object keyed by model name")
+# The model names are the allow-list, matched exactly: a name with spaces around it
+# would be a twin of another that no one meant to allow.
+for _name, _model in {LLM["MODEL"]: {}, **LLM["MODELS"]}.items():
+    if _name != _name.strip() or (not _name and _name in LLM["MODELS"]):
+        raise ImproperlyConfigured(
+            f"AGENTS_LLM_MODELS / AGENTS_LLM_MODEL: model name {_name!r} is empty or has "
+            "spaces around it"
+        )
+    _price = _model.get("price") if isinstance(_model, dict) else None
+    if not isinstance(_model, dict) or (
+        _price is not None
+        and not (
+            isinstance(_price, dict)
+            and set(_price) == {"input", "output"}
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                for v in _price.values()
+            )
+        )
+    ):
+        raise ImproperlyConfigured(
+            f"AGENTS_LLM_MODELS[{_name!r}] must be an object; its price, if given, "
+            '{"input": number >= 0, "output": number >= 0} per million tokens'
+        )
 
 # --- HTTP, static files, i18n ---------------------------------------------------------
 
@@ -362,6 +403,7 @@ CELERY_TASK_QUEUES = (topology.work_queue(AGENTS, amqp=BROKER_IS_AMQP),)
 # run's on the same virtual host.
 CELERY_CONTROL_EXCHANGE = env.str("AGENTS_CONTROL_EXCHANGE", default=f"{AGENTS['QUEUE']}.control")
 CELERY_TASK_DEFAULT_QUEUE = AGENTS["QUEUE"]
+AGENTS["HANDOFF_QUEUE"] = AGENTS["HANDOFF_QUEUE"] or f"{AGENTS['QUEUE']}.handoff"
 CELERY_TASK_CREATE_MISSING_QUEUES = False
 
 # --- Operator API, console and metrics (agents/api/, agents/admin.py, metrics.py) -----

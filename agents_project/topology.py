@@ -42,6 +42,20 @@ def work_queue(conf: dict[str, Any], *, amqp: bool) -> Queue:
     )
 
 
+def handoff_queue(conf: dict[str, Any]) -> Queue:
+    """The queue of handed-off steps (``agents.core.handoffs``): durable and quorum, so
+    an accepted hand-off survives a broker restart; no dead-lettering (its consumer
+    hands a step it cannot serve back to the work queue instead)."""
+    name = conf["HANDOFF_QUEUE"]
+    return Queue(
+        name,
+        Exchange(name, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
 def dead_letter_queue(conf: dict[str, Any]) -> Queue:
     exchange = Exchange(conf["DEAD_LETTER_EXCHANGE"], type="direct", durable=True)
     return Queue(

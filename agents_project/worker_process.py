@@ -67,6 +67,25 @@ def start_worker(
     )
 
 
+def start_gateway(
+    *,
+    env: Mapping[str, str] | None = None,
+    output: IO[bytes] | int | None = None,
+    parent_death_signal: int = signal.SIGTERM,
+) -> subprocess.Popen[bytes]:
+    """Start the model gateway (``manage.py llm_gateway``), as ``start_worker`` does a
+    worker: its own process group, ``parent_death_signal`` if its parent dies."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "llm_gateway"],
+        cwd=BASE_DIR,
+        env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(parent_death_signal),
+    )
+
+
 def stop_worker(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> int:
     """SIGTERM (warm shutdown: finish running steps), then SIGKILL the group if it hangs."""
     if process.poll() is None:

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from django.conf import settings
+
 from agents.definition import Agent, Outcome, StepContext, register
 from agents.errors import PermanentError
 from agents_project.errors import InvalidInput
@@ -76,6 +78,15 @@ class LLMAgent(Agent):
     max_steps: ClassVar[int] = 20
     # A tool's permanent error goes back to the model as that call's result.
     tool_errors_to_agent: ClassVar[bool] = True
+    # With the model gateway, a delivery goes on after the tools of a recorded reply up
+    # to the next model call, which it hands off: one delivery per model call, not two.
+    continue_after_tools: ClassVar[bool] = True
+
+    @property
+    def steps_per_delivery(self) -> int:  # type: ignore[override]
+        """8 with the model gateway (``AGENTS_LLM_GATEWAY``; a hand-off ends the
+        delivery anyway), else 1: a model call in the worker is a step of its own."""
+        return 8 if settings.LLM["GATEWAY"] else 1
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -116,9 +127,13 @@ class LLMAgent(Agent):
         if not isinstance(input, dict):
             raise InvalidInput("must be an object", field="input")
         try:
-            self.run_settings(input)
+            settings = self.run_settings(input)
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"is not usable: {exc}", field="input") from None
+        try:
+            model_config(settings.model, need_price=settings.budget.cost is not None)
+        except PermanentError as exc:
+            raise InvalidInput(str(exc), field="model") from None
 
     def initial_state(self, input: Any) -> dict[str, Any]:
         return {
@@ -130,7 +145,9 @@ class LLMAgent(Agent):
             "summary": None,  # {"call": ModelCall id, "upto": first seq not in it}
             "pending": None,  # the last reply's tool calls, until their results are in
             "awaiting": None,  # what a suspension waits for: tool | budget | owner_budget
-            "budget_grants": 0,
+            "budget_grants": 0,  # approvals past the task's budget
+            "budget_offer": None,  # what the approval being asked for grants
+            "budget_limit": None,  # the budget plus the grants approved (None: none yet)
             "owner_grant_day": None,
             "context_limits": None,  # limits shrunk after a "context too long"
         }
@@ -206,7 +223,9 @@ def llm_input_check(input: Any) -> None:
     if not input["prompt"].strip():
         raise InvalidInput("must not be empty", field="input.prompt")
     _check(input, "system", str)
-    _check(input, "model", str)
+    model = _check(input, "model", str)
+    if model is not None and not model:
+        raise InvalidInput("must be a model name", field="input.model")
     for key in ("tools", "approve_tools"):
         names = _check(input, key, list) or []
         for index, name in enumerate(names):
@@ -244,7 +263,8 @@ def llm_input_check(input: Any) -> None:
             raise InvalidInput("must be at least 1", field=f"input.context.{key}")
     _check(context, "pin_tools", list, path="input.context")
     try:
-        model_config(input.get("model"))
+        # On the allow-list, matched exactly; priced if a cost budget applies.
+        model_config(model, need_price=budget.get("cost") is not None)
     except PermanentError as exc:
         raise InvalidInput(str(exc), field="input.model") from None
 

@@ -8,9 +8,12 @@ tokens (``llm.context.estimate_tokens``), since its completion is not known yet.
 
 When the next call would pass a budget, the task ends ``failed`` with the error code
 ``budget_exceeded`` (``on_budget: fail``, the default), or suspends for a person's
-approval (``on_budget: approval``): approving grants another budget of the same size
-(for the daily budget: lets this task go on past it for the rest of the UTC day);
-rejecting ends the task ``failed`` with ``budget_exceeded``.
+approval (``on_budget: approval``). Approving a task budget grants, for each limit the budget
+has, the larger of the budget's own size and what the call asked about needs beyond
+the limit so far (``budget_grant``), so an approval always lets that call go out; the
+question says how much it grants. Approving the daily budget lets this task go on past
+it for the rest of the UTC day. Rejecting ends the task ``failed`` with
+``budget_exceeded``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,65 @@ class Budget:
             cost=self.cost * n if self.cost is not None else None,
             model_calls=self.model_calls * n if self.model_calls is not None else None,
         )
+
+    def plus(self, other: Budget) -> Budget:
+        """This budget with ``other`` added to each limit it has (None stays None)."""
+        return Budget(
+            tokens=None if self.tokens is None else self.tokens + (other.tokens or 0),
+            cost=None if self.cost is None else self.cost + (other.cost or Decimal(0)),
+            model_calls=(
+                None if self.model_calls is None else self.model_calls + (other.model_calls or 0)
+            ),
+        )
+
+    def as_state(self) -> dict[str, Any]:
+        """As JSON for a checkpoint's state (``from_input`` reads it back)."""
+        return {
+            "tokens": self.tokens,
+            "cost": str(self.cost) if self.cost is not None else None,
+            "model_calls": self.model_calls,
+        }
+
+    def describe(self) -> str:
+        """``"520 more tokens, 1 more model call and 0.00052 more in cost"`` (the limits
+        it has), as a grant reads in an approval question."""
+        parts = []
+        if self.tokens is not None:
+            parts.append(f"{self.tokens} more tokens")
+        if self.model_calls is not None:
+            plural = "" if self.model_calls == 1 else "s"
+            parts.append(f"{self.model_calls} more model call{plural}")
+        if self.cost is not None:
+            parts.append(f"{self.cost.normalize():f} more in cost")
+        if len(parts) < 2:
+            return "".join(parts) or "nothing"
+        return f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def budget_grant(
+    *,
+    budget: Budget,
+    limit: Budget,
+    usage: dict[str, Any],
+    calls: int,
+    tokens: int,
+    cost: Decimal,
+) -> Budget:
+    """What approving a task over ``limit`` (its ``budget`` plus earlier grants) adds:
+    for each limit, the larger of ``budget``'s own size and what ``usage`` plus the
+    next ``calls`` calls of about ``tokens`` tokens and ``cost`` need beyond ``limit``.
+    With it added, ``budget_check`` of those same calls passes."""
+
+    def more(size: Any, current: Any, needed: Any) -> Any:
+        if size is None or current is None:
+            return None
+        return max(size, needed - current)
+
+    return Budget(
+        tokens=more(budget.tokens, limit.tokens, usage["total_tokens"] + tokens),
+        cost=more(budget.cost, limit.cost, Decimal(usage["cost"]) + cost),
+        model_calls=more(budget.model_calls, limit.model_calls, usage["model_calls"] + calls),
+    )
 
 
 def usage_empty() -> dict[str, Any]:

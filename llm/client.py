@@ -3,7 +3,8 @@
 Any OpenAI-compatible server works (vLLM, Ollama, llama.cpp, a hosted API): the SDK's
 ``base_url`` points at it. Configuration (``settings.LLM``, from the environment):
 ``AGENTS_LLM_BASE_URL``, ``AGENTS_LLM_MODEL`` (the default model), ``AGENTS_LLM_API_KEY``,
-and ``AGENTS_LLM_MODELS``, JSON keyed by model name, each optionally with::
+and ``AGENTS_LLM_MODELS``, JSON keyed by model name. Those names and the default model
+are the allow-list: no other name runs (matched exactly). Each optionally with::
 
     {"base_url": "http://gpu-1:8000/v1",     # else AGENTS_LLM_BASE_URL
      "api_key_credential": "openai",         # a credential of the task's owner
@@ -72,6 +73,10 @@ class ContextTooLong(PermanentError):
     """The server refused the request as longer than the model's context window."""
 
 
+class ModelRefused(PermanentError):
+    """The model may not run: not on the allow-list, or unpriced where a price is needed."""
+
+
 class MalformedResponse(RetryableError):
     """The server answered 2xx with something that is not a chat completion."""
 
@@ -90,6 +95,7 @@ class ModelConfig:
     timeout: float = 120.0
     rpm: int | None = None
     tpm: int | None = None
+    priced: bool = False  # AGENTS_LLM_MODELS gives its price (0 may be a real price)
 
     @property
     def breaker(self) -> str:
@@ -103,34 +109,54 @@ class ModelConfig:
         return (prompt_tokens * self.price_input + completion_tokens * self.price_output) / MILLION
 
 
-def model_config(name: str | None = None) -> ModelConfig:
-    """The settings of model ``name`` (default ``AGENTS_LLM_MODEL``).
+def model_config(name: str | None = None, *, need_price: bool = False) -> ModelConfig:
+    """The settings of model ``name`` (None: ``AGENTS_LLM_MODEL``).
 
-    Raises ``PermanentError`` when no model or no server is configured.
+    Only the names in ``AGENTS_LLM_MODELS`` and ``AGENTS_LLM_MODEL`` run, matched
+    exactly (``"m "`` is not ``"m"``); ``need_price`` (a cost budget applies) also
+    requires the model's ``price`` there. A model naming ``api_key_credential`` gets no
+    deployment key (``api_key`` empty): its calls use the task owner's credential or
+    none. Raises ``ModelRefused`` for a name not allowed or a price missing, and
+    ``PermanentError`` when no model or no server is configured.
     """
     conf = settings.LLM
-    name = name or conf["MODEL"]
+    name = conf["MODEL"] if name is None else name
     if not name:
         raise PermanentError("no model: give input.model or set AGENTS_LLM_MODEL")
-    own = conf["MODELS"].get(name, {})
+    allowed = set(conf["MODELS"]) | ({conf["MODEL"]} if conf["MODEL"] else set())
+    if name not in allowed:
+        raise ModelRefused(
+            f"model {name!r} is not allowed; the models are {sorted(allowed)} "
+            "(AGENTS_LLM_MODELS, AGENTS_LLM_MODEL)"
+        )
+    own = conf["MODELS"].get(name) or {}
+    given = own.get("price")
+    price: dict[str, Any] = given if isinstance(given, dict) else {}
+    priced = "input" in price and "output" in price
+    if need_price and not priced:
+        raise ModelRefused(
+            f"model {name!r} has no price in AGENTS_LLM_MODELS, which a cost budget "
+            "(budget.cost) needs"
+        )
     base_url = own.get("base_url") or conf["BASE_URL"]
     if not base_url:
         raise PermanentError(
             f"no server for model {name!r}: set AGENTS_LLM_BASE_URL or its base_url in "
             "AGENTS_LLM_MODELS"
         )
-    price = own.get("price") or {}
+    credential = own.get("api_key_credential") or ""
     return ModelConfig(
         name=name,
         base_url=base_url,
-        api_key=conf["API_KEY"],
-        api_key_credential=own.get("api_key_credential", ""),
+        api_key="" if credential else conf["API_KEY"],
+        api_key_credential=credential,
         context_window=own.get("context_window"),
         price_input=Decimal(str(price.get("input", 0))),
         price_output=Decimal(str(price.get("output", 0))),
         timeout=float(own.get("timeout", conf["TIMEOUT"])),
         rpm=own.get("rpm"),
         tpm=own.get("tpm"),
+        priced=priced,
     )
 
 
@@ -176,6 +202,45 @@ def chat_transport(transport: Transport) -> Iterator[None]:
         yield
     finally:
         _transport.reset(token)
+
+
+def gateway_enabled() -> bool:
+    """Whether this thread's model calls go through the model gateway
+    (``AGENTS_LLM_GATEWAY``): never under ``chat_transport`` (an evaluation run answers
+    in process)."""
+    return bool(settings.LLM["GATEWAY"]) and _transport.get() is None
+
+
+# Errors a model call can end with, as the gateway reports them to the step
+# (``StepContext.handed_back``): kind -> the exception the step raises.
+_NOTE_KINDS: dict[str, type[Exception]] = {
+    "context_too_long": ContextTooLong,
+    "permanent": PermanentError,
+    "retry_later": RetryLater,
+    "retryable": RetryableError,
+}
+
+
+def error_as_note(exc: Exception) -> dict[str, Any]:
+    """``{"kind", "message", "delay"}`` of a model call's error (JSON), for the step."""
+    kind = "retryable"
+    for name, cls in _NOTE_KINDS.items():
+        if isinstance(exc, cls):
+            kind = name
+            break
+    note: dict[str, Any] = {"kind": kind, "message": str(exc)}
+    if isinstance(exc, RetryLater):
+        note["delay"] = exc.delay
+    return note
+
+
+def error_from_note(note: dict[str, Any]) -> Exception:
+    """The exception ``error_as_note`` described (``RetryableError`` for an unknown
+    kind), for the step to raise as if it had made the call itself."""
+    kind, message = note.get("kind", "retryable"), str(note.get("message", "model call failed"))
+    if kind == "retry_later":
+        return RetryLater(message, delay=float(note.get("delay") or DEFAULT_RATE_LIMIT_WAIT))
+    return _NOTE_KINDS.get(kind, RetryableError)(message)
 
 
 def chat_complete(
@@ -229,7 +294,7 @@ def _chat_send(
         transitions=transitions,
     )
     duration_ms = round((time.monotonic() - started) * 1000, 3)
-    reply = _reply(completion, duration_ms, estimated_tokens)
+    reply = reply_from_completion(completion, duration_ms, estimated_tokens)
     rate_limit_correct(config=config, estimated=estimated_tokens, used=reply.total_tokens)
     return reply
 
@@ -250,7 +315,9 @@ def _request(
     api_key: str,
     headers: dict[str, str],
 ) -> Any:
-    client = _client(config.base_url, api_key or config.api_key, config.timeout)
+    # A model that names a credential never falls back to the deployment's key.
+    key = api_key if config.api_key_credential else (api_key or config.api_key)
+    client = _client(config.base_url, key, config.timeout)
     extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
     try:
         return client.chat.completions.create(
@@ -266,12 +333,13 @@ def _request(
     except openai.APIConnectionError as exc:
         raise RetryableError(f"model {config.name!r}: connection failed: {exc}") from exc
     except openai.APIStatusError as exc:
-        raise _status_error(config, exc) from exc
+        raise status_error(config, exc) from exc
     except ValueError as exc:  # the body was not JSON
         raise MalformedResponse(f"model {config.name!r}: malformed answer: {exc}") from exc
 
 
-def _status_error(config: ModelConfig, exc: openai.APIStatusError) -> Exception:
+def status_error(config: ModelConfig, exc: openai.APIStatusError) -> Exception:
+    """The runtime's error for an HTTP error answer (see the module docstring)."""
     status = exc.status_code
     what = f"model {config.name!r}: HTTP {status}: {exc.message}"
     wait = retry_after(exc.response.headers)
@@ -316,7 +384,9 @@ def retry_after(headers: Any) -> float | None:
     return min(max(seconds, 0.0), MAX_WAIT)
 
 
-def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatReply:
+def reply_from_completion(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatReply:
+    """A ``ChatReply`` of the SDK's ``ChatCompletion``; ``MalformedResponse`` if it is
+    not one. Usage missing: estimated from ``estimated_tokens`` and the reply's length."""
     if isinstance(completion, str) or not getattr(completion, "choices", None):
         raise MalformedResponse(f"malformed answer: {str(completion)[:200]!r}")
     data = completion.model_dump(mode="json", exclude_unset=True)
@@ -329,7 +399,9 @@ def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatRe
             continue
         calls.append(
             {
-                "id": call.id,
+                # Some servers (llama.cpp, LM Studio) send "" or no id: the id is set
+                # where the reply is recorded (tool_call_ids), from the step.
+                "id": getattr(call, "id", None) or "",
                 "type": "function",
                 "function": {"name": function.name, "arguments": function.arguments or "{}"},
             }
@@ -355,6 +427,44 @@ def _reply(completion: Any, duration_ms: float, estimated_tokens: int) -> ChatRe
         usage_estimated=estimated,
         duration_ms=duration_ms,
     )
+
+
+def tool_call_ids(response: dict[str, Any], step: int) -> dict[str, Any]:
+    """``response`` (a chat completion as JSON) with an id on every tool call of its
+    first choice: a call whose id is missing, empty, not a string or the same as an
+    earlier call's of this reply gets ``call_<step>_<index>`` (``index`` counts the
+    reply's calls from 0). Servers such as llama.cpp and LM Studio send ``""`` or no
+    id; without one the call and its result cannot be paired in later requests.
+
+    Deterministic, and the identity on a response whose ids are all set and distinct,
+    so applying it again (to a record made before it existed) gives the same ids.
+    """
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return response
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        return response
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        return response
+    seen: set[str] = set()
+    fixed = []
+    for index, call in enumerate(calls):
+        if not isinstance(call, dict):
+            fixed.append(call)
+            continue
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id or call_id in seen:
+            call = {**call, "id": f"call_{step}_{index}"}
+        seen.add(call["id"])
+        fixed.append(call)
+    if fixed == calls:
+        return response
+    return {
+        **response,
+        "choices": [{**choices[0], "message": {**message, "tool_calls": fixed}}, *choices[1:]],
+    }
 
 
 # --- Per-model rate limits, shared through Redis ------------------------------------------

@@ -11,7 +11,7 @@ from uuid import UUID
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
-from llm.client import ChatReply
+from llm.client import ChatReply, tool_call_ids
 from llm.context import ChatMessage
 from llm.models import Message, ModelCall
 
@@ -128,12 +128,14 @@ def _backwards(task_id: UUID, start: int, end: int, subtask: int | None) -> Iter
 
 
 def reply_from_record(record: ModelCall) -> ChatReply:
-    """The reply as recorded: what every copy of the step acts on."""
-    choice = (record.response.get("choices") or [{}])[0]
+    """The reply as recorded: what every copy of the step acts on. Tool call ids are
+    set as ``model_call_record`` sets them, also for a record made before it did."""
+    response = tool_call_ids(record.response, record.step)
+    choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     calls = [
         {
-            "id": c.get("id") or "",
+            "id": c["id"],
             "type": "function",
             "function": {
                 "name": c["function"]["name"],
@@ -144,7 +146,7 @@ def reply_from_record(record: ModelCall) -> ChatReply:
         if c.get("function")
     ]
     return ChatReply(
-        response=record.response,
+        response=response,
         content=message.get("content") or "",
         tool_calls=calls,
         finish_reason=record.finish_reason,

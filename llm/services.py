@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
 
-from llm.client import ChatReply, ModelConfig
+from agents.errors import PermanentError
+from llm.client import ChatReply, ModelConfig, tool_call_ids
 from llm.context import ChatMessage
 from llm.models import Message, ModelCall
+from tools.credentials import task_credentials
 
 
 def model_call_record(
@@ -26,7 +30,9 @@ def model_call_record(
 
     Returns ``(record, created)``. If another copy of the step recorded this key first,
     that record is returned (``created`` False) and this reply is discarded: every
-    copy then acts on the same response.
+    copy then acts on the same response. Tool calls without an id (or with a repeated
+    one) are given ``call_<step>_<index>`` here, once (``llm.client.tool_call_ids``):
+    the record, the assistant message and the tool results all carry that id.
     """
     try:
         with transaction.atomic():
@@ -38,7 +44,7 @@ def model_call_record(
                 purpose=purpose,
                 model=config.name,
                 endpoint=config.base_url,
-                response=reply.response,
+                response=tool_call_ids(reply.response, step),
                 finish_reason=reply.finish_reason,
                 prompt_tokens=reply.prompt_tokens,
                 completion_tokens=reply.completion_tokens,
@@ -82,3 +88,26 @@ def messages_append(
         ],
         ignore_conflicts=True,
     )
+
+
+def model_api_key(*, config: ModelConfig, task_id: UUID, owner_id: int) -> str:
+    """The key of the model's requests for this task: the owner's credential when the
+    model names one (never the deployment's key), sent only to a host it is bound to
+    (``credentials set --host``); else ``AGENTS_LLM_API_KEY``. ``PermanentError`` when
+    the owner has no such credential or it is bound to other hosts."""
+    name = config.api_key_credential
+    if not name:
+        return config.api_key
+    key, bound = task_credentials(task_id, owner_id).get(name, ("", ()))
+    if not key:
+        raise PermanentError(
+            f"model {config.name!r} needs the credential {name!r}, "
+            "which this task's owner does not have"
+        )
+    host = (urlsplit(config.base_url).hostname or "").lower().rstrip(".")
+    if bound and not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
+        raise PermanentError(
+            f"model {config.name!r}: credential {name!r} may only be sent to "
+            f"{', '.join(bound)}, not to {host}"
+        )
+    return key

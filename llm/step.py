@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -41,6 +42,7 @@ from agents.definition import (
     Continue,
     Fail,
     Finish,
+    HandOff,
     Outcome,
     StepContext,
     Suspend,
@@ -53,10 +55,20 @@ from llm.budget import (
     ERROR_CODE,
     Budget,
     budget_check,
+    budget_grant,
     owner_daily_check,
     usage_add,
 )
-from llm.client import ChatReply, ContextTooLong, ModelConfig, chat_complete, model_config
+from llm.client import (
+    ChatReply,
+    ContextTooLong,
+    ModelConfig,
+    ModelRefused,
+    chat_complete,
+    error_from_note,
+    gateway_enabled,
+    model_config,
+)
 from llm.context import (
     ChatMessage,
     ContextSettings,
@@ -75,8 +87,7 @@ from llm.selectors import (
     model_call_find,
     reply_from_record,
 )
-from llm.services import messages_append, model_call_record
-from tools.credentials import credentials_for_task
+from llm.services import messages_append, model_api_key, model_call_record
 from tools.registry import Tool, find_tool
 
 
@@ -238,6 +249,12 @@ class LLMStep:
                 error=f"{ERROR_CODE}: continuing past the budget was rejected", state=self.state
             )
         if awaiting == "budget":
+            # What the question offered (a suspension from before offers were recorded:
+            # one more budget of the same size).
+            offered = self.state.get("budget_offer")
+            self.state["budget_offer"] = None
+            grant = Budget.from_input(offered) if offered else self.settings.budget
+            self.state["budget_limit"] = self._budget_limit().plus(grant).as_state()
             self.state["budget_grants"] += 1
         else:
             self.state["owner_grant_day"] = _today()
@@ -302,7 +319,7 @@ class LLMStep:
                 state=self.state,
             )
         self._write()  # the request is built from storage, these included
-        config = model_config(self.settings.model)
+        config = self._model()
         outcome = self._reply(config)
         if not isinstance(outcome, tuple):
             return outcome
@@ -396,6 +413,27 @@ class LLMStep:
         """The reply recorded under ``key`` (``record``, as the caller found it), asking
         the model only if there is none."""
         reused = record is not None
+        handed = self._handed_back(key)
+        if handed is not None:
+            for payload in handed.get("breaker", ()):
+                self.ctx.audit(EventType.BREAKER, payload)
+            if handed.get("error"):
+                raise error_from_note(handed["error"])
+            # Recorded by the model gateway for this delivery: a new call, not a reuse.
+            reused = reused and not handed.get("recorded")
+        if record is None and gateway_enabled():
+            raise HandOff(
+                {
+                    "key": key,
+                    "purpose": purpose,
+                    "model": config.name,
+                    "messages": [m.wire() for m in messages],
+                    "tools": tools,
+                    "estimated_tokens": estimate_request_tokens(messages, tools),
+                    "owner_id": self.ctx.owner_id,
+                    "agent": self.agent.name,
+                }
+            )
         if record is None:
             transitions: list[Any] = []
             try:
@@ -468,24 +506,45 @@ class LLMStep:
         )
         return reply, record
 
-    def _api_key(self, config: ModelConfig) -> str:
-        if not config.api_key_credential:
-            return config.api_key
-        credentials = credentials_for_task(task_id=self.ctx.task_id, owner_id=self.ctx.owner_id)
-        key = credentials.get(config.api_key_credential)
-        if not key:
-            raise PermanentError(
-                f"model {config.name!r} needs the credential {config.api_key_credential!r}, "
-                "which this task's owner does not have"
+    def _handed_back(self, key: str) -> Mapping[str, Any] | None:
+        """What the model gateway said of the call ``key`` on this delivery, if anything."""
+        handed = self.ctx.handed_back
+        return handed if handed is not None and handed.get("key") == key else None
+
+    def _model(self) -> ModelConfig:
+        """The task's model, refused (``PermanentError`` naming the field) when it is not
+        on the allow-list, or has no price and a cost budget applies: the settings may
+        have changed since the task was accepted."""
+        try:
+            return model_config(
+                self.settings.model, need_price=self.settings.budget.cost is not None
             )
-        return key
+        except ModelRefused as exc:
+            model = self.settings.model
+            named = (
+                model is not None
+                and isinstance(self.ctx.input, dict)
+                and self.ctx.input.get("model") == model
+            )
+            raise PermanentError(f"{'input.model' if named else 'model'}: {exc}") from None
+
+    def _api_key(self, config: ModelConfig) -> str:
+        return model_api_key(config=config, task_id=self.ctx.task_id, owner_id=self.ctx.owner_id)
+
+    def _budget_limit(self) -> Budget:
+        """The task's budget plus every grant approved so far (``budget_limit`` in the
+        state; a state from before it was recorded granted one budget per approval)."""
+        limit = self.state.get("budget_limit")
+        if limit is not None:
+            return Budget.from_input(limit)
+        return self.settings.budget.times(1 + self.state["budget_grants"])
 
     def _over_budget(self, config: ModelConfig, calls: int, tokens: int) -> Outcome | None:
         """Fail or suspend if the next call(s) would pass a budget. The call is counted
         as ``tokens`` (the estimate of its prompt) scaled by how the provider counted the
         last request against its estimate, plus as many completion tokens as the last
         reply had: a bill can still pass the budget by what that guess misses."""
-        budget = self.settings.budget.times(1 + self.state["budget_grants"])
+        budget = self._budget_limit()
         completion = 0
         calibration = self.state.get("calibration")
         if calibration:
@@ -507,11 +566,20 @@ class LLMStep:
             return None
         if self.settings.on_budget == "approval":
             self.state["awaiting"] = awaiting
-            grant = (
-                "another budget of the same size"
-                if awaiting == "budget"
-                else "going past the daily budget today"
-            )
+            if awaiting == "budget":
+                # At least what this call needs: an approval always lets it go out.
+                offer = budget_grant(
+                    budget=self.settings.budget,
+                    limit=budget,
+                    usage=self.state["usage"],
+                    calls=calls,
+                    tokens=tokens,
+                    cost=config.cost(tokens - completion, completion),
+                )
+                self.state["budget_offer"] = offer.as_state()
+                grant = f"{offer.describe()} for this task"
+            else:
+                grant = "this task going past the daily budget for the rest of today (UTC)"
             return Suspend(
                 state=self.state,
                 approval=f"Budget: {reason}. Approve {grant}?",

@@ -360,6 +360,29 @@ def breaker_call(
         _transitions.reset(token)
 
 
+def breaker_open_for(name: str) -> CircuitOpen | None:
+    """The ``CircuitOpen`` a call through the breaker ``name`` would raise now without
+    being made (held open by an operator, or open and not yet due for a trial); None
+    otherwise, or when Redis cannot tell (``breaker_call`` then calls unguarded too).
+
+    For a caller that makes its call outside ``breaker_call`` (the model gateway's
+    asyncio requests): it checks here first, then reports the outcome through
+    ``breaker_call`` with a function that returns or raises what the call did."""
+    try:
+        breaker = _breaker(name)
+        forced = _forced(name)
+        state = breaker.current_state
+    except redis.RedisError:
+        return None
+    if forced:
+        return CircuitOpen(name, delay=breaker.reset_timeout, reason="is held open by an operator")
+    if state == OPEN:
+        remaining = _remaining(breaker)
+        if remaining > 0:
+            return CircuitOpen(name, delay=remaining)
+    return None
+
+
 def _through(
     name: str,
     func: Callable[[], T],

@@ -44,6 +44,7 @@ from agents.models import AgentTask
 from agents.timeouts import learned_limit
 from agents_project.celery import app
 from agents_project.errors import Backpressure
+from agents_project.topology import handoff_queue
 
 logger = structlog.get_logger(__name__)
 
@@ -87,10 +88,16 @@ def step_time_limits(agent: Agent) -> tuple[float, float]:
 
 
 def step_publish(
-    *, task_id: UUID, step: int, agent: Agent, limits: tuple[float, float] | None = None
+    *,
+    task_id: UUID,
+    step: int,
+    agent: Agent,
+    limits: tuple[float, float] | None = None,
+    handed_back: dict[str, Any] | None = None,
 ) -> None:
     """Publish the message that runs ``step`` of the task; ``Backpressure`` if refused.
-    ``limits``: ``step_time_limits(agent)``, when the caller already has them.
+    ``limits``: ``step_time_limits(agent)``, when the caller already has them;
+    ``handed_back``: what a hand-off's process says of the step (``StepContext``).
 
     Safe to call twice for the same step: the engine drops the second delivery.
     """
@@ -100,6 +107,7 @@ def step_publish(
         return
     soft, hard = limits or step_time_limits(agent)
     args = (str(task_id), step)
+    kwargs = {"handed_back": handed_back} if handed_back else {}
     # What ``app.send_task`` sends, without its per-call routing, configuration lookups
     # and argument repr (a step's largest CPU cost; benchmarks/peers.md): the message is
     # built by Celery's own ``app.amqp.as_task_v2`` (task message protocol 2, as a
@@ -109,35 +117,56 @@ def step_publish(
         str(uuid.uuid4()),
         RUN_STEP,
         args=args,
-        kwargs={},
+        kwargs=kwargs,
         time_limit=hard,
         soft_time_limit=soft,
         ignore_result=True,
         origin=f"{_HOST}:{os.getpid()}",
         argsrepr=repr(args),
-        kwargsrepr="{}",
+        kwargsrepr=repr(kwargs),
     )
     # When it was published: the worker observes the time in queue
     # (agents_step_queue_seconds) when the step starts.
     message.headers["agents_published_at"] = time.time()
     try:
-        with app.producer_pool.acquire(block=True) as producer:
-            queue = _queue_bound_to(producer.channel)
-            producer.publish(
-                message.body,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                serializer="json",
-                headers=message.headers,
-                delivery_mode=2,
-                declare=[queue],
-                retry=True,
-                retry_policy=_RETRY_POLICY,
-                **message.properties,
-            )
+        _send(
+            app.amqp.queues[settings.AGENTS["QUEUE"]],
+            message.body,
+            message.headers,
+            message.properties,
+        )
     except PUBLISH_ERRORS as exc:
         logger.warning("step publish refused", task_id=str(task_id), step=step, error=repr(exc))
         raise Backpressure("the work queue cannot take more work now") from exc
+
+
+def handoff_publish(*, body: dict[str, Any]) -> None:
+    """Publish ``body`` (JSON) to the hand-off queue (``AGENTS_HANDOFF_QUEUE``), confirmed
+    by the broker; ``Backpressure`` if refused."""
+    try:
+        _send(handoff_queue(settings.AGENTS), body, {}, {})
+    except PUBLISH_ERRORS as exc:
+        logger.warning("hand-off publish refused", error=repr(exc))
+        raise Backpressure("the hand-off queue cannot take more work now") from exc
+
+
+def _send(queue: Queue, body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> None:
+    # A producer of the app's pool (kombu ``Producer.publish``, with its retries); the
+    # pool's connections publish with confirms (``broker_transport_options``).
+    with app.producer_pool.acquire(block=True) as producer:
+        bound = _queue_bound_to(producer.channel, queue)
+        producer.publish(
+            body,
+            exchange=bound.exchange,
+            routing_key=bound.routing_key,
+            serializer="json",
+            headers=headers,
+            delivery_mode=2,
+            declare=[bound],
+            retry=True,
+            retry_policy=_RETRY_POLICY,
+            **properties,
+        )
 
 
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
@@ -148,12 +177,11 @@ _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 _BOUND: weakref.WeakKeyDictionary[Any, dict[str, Queue]] = weakref.WeakKeyDictionary()
 
 
-def _queue_bound_to(channel: Any) -> Queue:
-    name = settings.AGENTS["QUEUE"]
+def _queue_bound_to(channel: Any, queue: Queue) -> Queue:
     bound = _BOUND.setdefault(channel, {})
-    if name not in bound:
-        bound[name] = app.amqp.queues[name].bind(channel)
-    return bound[name]
+    if queue.name not in bound:
+        bound[queue.name] = queue.bind(channel)
+    return bound[queue.name]
 
 
 _HOST = socket.gethostname()

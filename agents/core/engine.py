@@ -45,8 +45,10 @@ from django.db.models import TextField
 from django.db.models.functions import Cast
 
 from agents import metrics
-from agents.core import suspensions
+from agents.core import clock, suspensions
 from agents.core.commit import ChainHead, StepRecord, steps_commit, worker_actor
+from agents.core.dispatch import step_time_limits
+from agents.core.handoffs import step_hand_off
 from agents.core.leases import (
     Claim,
     DeadlineReached,
@@ -71,6 +73,7 @@ from agents.definition import (
     Continue,
     Fail,
     Finish,
+    HandOff,
     Outcome,
     Resumption,
     StepContext,
@@ -80,6 +83,7 @@ from agents.definition import (
 )
 from agents.errors import PermanentError, RetryLater
 from agents.models import AgentTask, Checkpoint, TaskStatus
+from agents_project.errors import Backpressure
 from agents_project.validation import json_path_check
 from audit.models import EventType
 from tools.runner import ToolRun, tools_run
@@ -96,6 +100,7 @@ def step_execute(
     message: Mapping[str, Any] | None = None,
     node: str = "local",
     published_at: float | None = None,
+    handed_back: Mapping[str, Any] | None = None,
 ) -> StepResult:
     """Run ``step`` of the task once, as its only live copy. Safe to call any number of
     times, concurrently, for the same step: at most one call runs the agent's code at a
@@ -103,7 +108,8 @@ def step_execute(
 
     ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``);
     ``published_at`` the time (``time.time()``) its message was published, for the
-    time-in-queue metric.
+    time-in-queue metric; ``handed_back`` what a hand-off's process said of this step
+    (``agents.core.handoffs``), for the step's ``StepContext``.
     Retries are scheduled in the database (``agents.core.retries``), not by raising. A
     ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
     dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
@@ -114,7 +120,9 @@ def step_execute(
         waited, delay = 0.0, 0.5
         while True:
             try:
-                return _execute(task_id, step, dict(message or {}), owner, published_at)
+                return _execute(
+                    task_id, step, dict(message or {}), owner, published_at, handed_back
+                )
             except DATABASE_ERRORS as exc:
                 # The database is restarting or unreachable. Nothing can progress without
                 # it, so this step holds its message and waits, rather than failing a
@@ -143,7 +151,12 @@ _DROPPED = {
 
 
 def _execute(
-    task_id: UUID, step: int, message: dict[str, Any], owner: str, published_at: float | None
+    task_id: UUID,
+    step: int,
+    message: dict[str, Any],
+    owner: str,
+    published_at: float | None,
+    handed_back: Mapping[str, Any] | None,
 ) -> StepResult:
     claim = lease_claim(task_id=task_id, step=step, owner=owner)
     if claim.verdict in _DROPPED:
@@ -174,7 +187,7 @@ def _execute(
         return StepResult.REFUSED
     with lease_held(task_id=task_id, fence=fence, owner=owner):
         try:
-            return _run(claim, agent, step, message, published_at)
+            return _run(claim, agent, step, message, published_at, owner, handed_back)
         except DeadlineReached:
             suspensions.task_time_out(task_id=task_id, actor=worker_actor())
             return StepResult.TIMED_OUT
@@ -198,7 +211,13 @@ def _execute(
 
 
 def _run(
-    claim: Claim, agent: Agent, step: int, message: dict[str, Any], published_at: float | None
+    claim: Claim,
+    agent: Agent,
+    step: int,
+    message: dict[str, Any],
+    published_at: float | None,
+    owner: str,
+    handed_back: Mapping[str, Any] | None,
 ) -> StepResult:
     task, checkpoint, fence = claim.task, claim.checkpoint, claim.fence
     assert task is not None
@@ -263,6 +282,7 @@ def _run(
             ToolResult(**r) for r in checkpoint.observations.get("tool_results", ())
         ),
         resumed=_resumption(task_id, step - 1, checkpoint),
+        handed_back=handed_back,
         events=events,
     )
     per_delivery, commit_every = checkpoint_policy(agent)
@@ -276,13 +296,20 @@ def _run(
             if done:
                 _commit_part(task, fence, agent, done, chain)
             raise
+        except HandOff as handoff:
+            if done and _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
+                return StepResult.STALE
+            return _hand_off(task, ctx.step, fence, owner, agent, handoff)
         except Exception as exc:
             # The steps of this delivery before this one succeeded: keep them first.
             if done and _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
                 return StepResult.STALE
             return _step_failed(task_id, ctx.step, fence, agent, exc, events, message)
         done.append(record)
-        if not (isinstance(record.outcome, Continue) and ctx.step - step + 1 < per_delivery):
+        goes_on = isinstance(record.outcome, Continue) or (
+            isinstance(record.outcome, CallTools) and agent.continue_after_tools
+        )
+        if not (goes_on and ctx.step - step + 1 < per_delivery):
             return steps_commit(task_id, fence, agent, done, hand_on=True, chain=chain)
         if len(done) >= commit_every:
             if _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
@@ -296,8 +323,35 @@ def _run(
             input=_task_input(task_id),
             state=record.state,
             owner_id=task.owner_id,
+            tool_results=tuple(record.results),
             events=events,
         )
+
+
+def _hand_off(
+    task: AgentTask, step: int, fence: int, owner: str, agent: Agent, handoff: HandOff
+) -> StepResult:
+    """End the delivery without a checkpoint, its wait handed to another process
+    (``agents.core.handoffs``). The payload gets ``deadline``: the time (``time.time()``)
+    by which the wait must end, the step's hard time limit or the task's deadline."""
+    _, hard = step_time_limits(agent)
+    deadline = time.time() + hard
+    if task.deadline is not None:
+        deadline = min(deadline, time.time() + (task.deadline - clock.now()).total_seconds())
+    payload = {**handoff.payload, "deadline": deadline}
+    try:
+        handed = step_hand_off(
+            task_id=task.pk, step=step, fence=fence, owner=owner, payload=payload
+        )
+    except Backpressure:
+        # As in a database outage: the message goes back, the lease is released.
+        lease_release_later(task_id=task.pk, owner=owner)
+        return StepResult.REQUEUE
+    if not handed:
+        logger.info("hand-off dropped: the lease was lost")
+        return StepResult.STALE
+    metrics.step_handed_off(agent=agent.name)
+    return StepResult.HANDED_OFF
 
 
 def _commit_part(

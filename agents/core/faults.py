@@ -8,7 +8,9 @@ number STEP) reaches POINT:
   the next step is not published;
 - ``after_publish``: the next step is published, its transaction not yet committed
   (the next step's delivery is then dropped as stale, and this one runs again);
-- ``after_commit``: the checkpoint committed, this message is not yet acknowledged.
+- ``after_commit``: the checkpoint committed, this message is not yet acknowledged;
+- ``handoff_returned`` (the model gateway): a call's reply is recorded and its step
+  handed back to the work queue, the hand-off message not yet acknowledged.
 
 With ``AGENTS_FAULT_ONCE_FILE=PATH`` the fault fires once across all processes: the
 first process to reach the point creates PATH (atomically) and dies; later ones carry on.
@@ -26,7 +28,7 @@ import time
 
 from django.conf import settings
 
-POINTS = ("before_commit", "after_commit", "after_publish")
+POINTS = ("before_commit", "after_commit", "after_publish", "handoff_returned")
 
 
 def parse(spec: str) -> tuple[str, int | None]:

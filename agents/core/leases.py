@@ -381,6 +381,11 @@ def _holder_gone(owner: str) -> bool:
     return _holder_here(owner) is False
 
 
+def lease_holder_gone(owner: str) -> bool:
+    """True if the lease owner ``owner`` ran on this machine and its process is gone."""
+    return _holder_gone(owner)
+
+
 def _holder_alive_here(owner: str) -> bool:
     """True if ``owner`` runs on this machine, in another process that still exists."""
     return _holder_here(owner) is True

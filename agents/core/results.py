@@ -15,3 +15,5 @@ class StepResult(StrEnum):
     TIMED_OUT = "timed_out"
     # The database stayed away too long: give the message back to the queue.
     REQUEUE = "requeue"
+    # The step gave its wait to another process (``agents.definition.HandOff``).
+    HANDED_OFF = "handed_off"

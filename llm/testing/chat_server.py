@@ -10,11 +10,16 @@ last entry repeats once the script runs out. ``scripts`` chooses a script by a t
 the request's first user message contains; ``script`` is the default. Entries::
 
     {"content": "the answer"}                                  a final answer
-    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?)
+    {"tool_calls": [{"name": "calc", "arguments": {...}}]}     tool calls (and content?);
+                                                               a call's "id" is sent as
+                                                               given ("" as llama.cpp
+                                                               does; None: no id at all)
     {"status": 429, "retry_after": 1}                          an error status, with a
                                                                Retry-After header if given
     {"status": 400, "code": "context_length_exceeded"}         a refusal with that code
     {"delay": 2.5, ...}                                        answer that much later
+    {"hang": true}                                             never answer; note when the
+                                                               client closes the connection
     {"malformed": true}                                        200 with broken JSON
     {"usage": false}                                           no usage in the answer
     {"summary": true}                                          summarise (echo the input's
@@ -25,13 +30,16 @@ with 400 ``context_length_exceeded`` without taking an entry. A summary request 
 runtime's ``:summary`` calls) never takes an entry either: it gets a short summary.
 
 Every request is kept (``requests``) with its body, so tests can count requests per
-task and step and look at what was sent.
+task and step and look at what was sent; ``in_flight_max`` is the most requests it held
+at once, ``disconnected`` the calls whose client hung up on a ``hang`` entry.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +58,7 @@ class Recorded:
     call: str  # the X-Agents-Call header ("" without one)
     body: dict[str, Any]
     received_at: float
+    authorization: str = ""  # the Authorization header: which key the request used
 
     @property
     def task(self) -> str:
@@ -76,6 +85,9 @@ class ChatServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[Recorded] = field(default_factory=list)
+    disconnected: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    in_flight_max: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,8 +149,28 @@ class ChatServer:
 
     # --- answering ----------------------------------------------------------------------------
 
-    def answer(self, call: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-        record = Recorded(call=call, body=body, received_at=time.time())
+    def answer(
+        self,
+        call: str,
+        body: dict[str, Any],
+        authorization: str = "",
+        closed: Callable[[], bool] = lambda: False,
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            self.in_flight += 1
+            self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            return self._answer(call, body, authorization, closed)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(
+        self, call: str, body: dict[str, Any], authorization: str, closed: Callable[[], bool]
+    ) -> tuple[int, dict[str, str], bytes]:
+        record = Recorded(
+            call=call, body=body, received_at=time.time(), authorization=authorization
+        )
         with self._lock:
             self.requests.append(record)
         size = estimate(body)
@@ -157,6 +189,12 @@ class ChatServer:
             entry = self._next(record.task or "anonymous", body)
         if entry.get("delay"):
             time.sleep(float(entry["delay"]))
+        if entry.get("hang"):
+            while not closed():
+                time.sleep(0.05)
+            with self._lock:
+                self.disconnected.append(call)
+            return 499, {}, b""
         status = int(entry.get("status", 200))
         if status != 200:
             code, headers, payload = _error(
@@ -202,16 +240,17 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     content: str | None = entry.get("content")
     calls = []
     for number, call in enumerate(entry.get("tool_calls") or ()):
-        calls.append(
-            {
-                "id": f"call_{index}_{number}",
-                "type": "function",
-                "function": {
-                    "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
-                    "arguments": json.dumps(call.get("arguments", {})),
-                },
-            }
-        )
+        wire: dict[str, Any] = {
+            "id": call.get("id", f"call_{index}_{number}"),
+            "type": "function",
+            "function": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", call["name"]),
+                "arguments": json.dumps(call.get("arguments", {})),
+            },
+        }
+        if wire["id"] is None:
+            del wire["id"]
+        calls.append(wire)
     if entry.get("summary"):
         content = f"(summary of {len(json.dumps(body.get('messages', [])))} characters)"
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -263,7 +302,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(*_error(400, "invalid_json", "the request body is not JSON"))
             return
-        self._send(*self.chat.answer(self.headers.get("X-Agents-Call", ""), body))
+        answer = self.chat.answer(
+            self.headers.get("X-Agents-Call", ""),
+            body,
+            self.headers.get("Authorization", ""),
+            self._closed,
+        )
+        if answer[0] != 499:
+            self._send(*answer)
+
+    def _closed(self) -> bool:
+        """Whether the client closed its end (a read would return nothing)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/").endswith("/models"):

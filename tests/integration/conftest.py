@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agents_project.worker_process import kill_worker_group, start_worker
+from agents_project.worker_process import kill_worker_group, start_gateway, start_worker
+from llm.testing.chat_server import ChatServer
 from tests.helpers import log_dir, tail, worker_env
 
 
@@ -31,6 +32,19 @@ class Workers:
             concurrency=concurrency,
             hostname=self.node_name(index),
             output=log,
+        )
+        self.processes.append(process)
+        self.logs.append((path, log))
+        return process
+
+    def start_gateway(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start a model gateway (``manage.py llm_gateway``) on this test's database;
+        it is one of ``processes`` (``kill(index)``, the logs and the clean-up)."""
+        index = len(self.processes)
+        path = log_dir() / f"{self.name}-{index}-gateway.log"
+        log = open(path, "wb")  # noqa: SIM115 (closed in stop_all)
+        process = start_gateway(
+            env=worker_env(AGENTS_LLM_GATEWAY_HEALTH_PORT="0", **env), output=log
         )
         self.processes.append(process)
         self.logs.append((path, log))
@@ -63,6 +77,20 @@ def workers(request, transactional_db) -> Iterator[Workers]:
     pool.stop_all()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         print(pool.report())
+
+
+@pytest.fixture
+def chat(settings) -> Iterator[ChatServer]:
+    server = ChatServer()
+    with server.running():
+        settings.LLM = {
+            **settings.LLM,
+            "BASE_URL": server.url,
+            "MODEL": "scripted",
+            "MODELS": {},
+            "OWNER_DAILY_TOKENS": 0,
+        }
+        yield server
 
 
 @pytest.hookimpl(hookwrapper=True)

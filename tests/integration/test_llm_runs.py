@@ -7,24 +7,21 @@ real ``openai`` SDK, and it counts the requests it gets per task and step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from agents.core.suspensions import task_approve
-from agents.models import AgentTask, TaskStatus
+from agents.models import TaskStatus
 from agents.permissions import operator_group_ensure
 from agents.services import task_start
 from audit.models import AuditEvent
 from llm.models import Message, ModelCall
-from llm.testing.chat_server import ChatServer, estimate
+from llm.testing.chat_server import estimate
 from tests.helpers import wait_until
 from tests.integration import llm_tools  # noqa: F401 (registers the test tools here too)
+from tests.integration.llm_helpers import ended, llm_env, start, status_of
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.integration
-
-TOOLS_MODULE = "tests.integration.llm_tools"
 
 
 @pytest.fixture
@@ -32,44 +29,6 @@ def staff_user(django_user_model):
     olga = django_user_model.objects.create_user(username="olga", password="pw", is_staff=True)
     olga.groups.add(operator_group_ensure())  # staff alone may not approve
     return olga
-
-
-@pytest.fixture
-def chat(settings) -> Iterator[ChatServer]:
-    server = ChatServer()
-    with server.running():
-        settings.LLM = {
-            **settings.LLM,
-            "BASE_URL": server.url,
-            "MODEL": "scripted",
-            "MODELS": {},
-            "OWNER_DAILY_TOKENS": 0,
-        }
-        yield server
-
-
-def llm_env(chat: ChatServer, **extra: str) -> dict[str, str]:
-    return {
-        "AGENTS_MODULES": TOOLS_MODULE,
-        "AGENTS_LLM_BASE_URL": chat.url,
-        "AGENTS_LLM_MODEL": "scripted",
-        "AGENTS_LLM_TIMEOUT": "5",
-        **extra,
-    }
-
-
-def start(user, **input) -> AgentTask:
-    return task_start(owner=user, agent="llm", input={"prompt": "go", **input})[0]
-
-
-def status_of(task: AgentTask) -> str:
-    return AgentTask.objects.values_list("status", flat=True).get(pk=task.pk)
-
-
-def ended(task: AgentTask) -> AgentTask | None:
-    fresh = AgentTask.objects.get(pk=task.pk)
-    done = fresh.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD_LETTERED)
-    return fresh if done else None
 
 
 def test_a_worker_killed_while_a_tool_runs_after_the_model_answered_pays_once(
@@ -173,6 +132,36 @@ def test_over_budget_with_approval_the_task_asks_to_go_on(workers, user, staff_u
     task = wait_until(lambda: ended(task), timeout=60)
     assert task.status == TaskStatus.COMPLETED
     assert task.result == {"answer": "two calls later"}
+
+
+def test_a_budget_approval_always_lets_the_call_it_was_asked_about_go_out(
+    workers, user, staff_user, chat
+):
+    # Calls of about 500 tokens against a budget of 100: each approval must let one
+    # call out (it used to grant another 100 tokens and suspend again, forever).
+    chat.script = [
+        {"tool_calls": [{"name": "calc", "arguments": {"expression": "1 + 1"}}]},
+        {"content": "approved twice"},
+    ]
+    workers.start(concurrency=2, **llm_env(chat))
+    task = start(
+        user,
+        prompt="count: " + "word " * 400,
+        tools=["calc"],
+        budget={"tokens": 100},
+        on_budget="approval",
+    )
+    for approval in (1, 2):
+        wait_until(lambda: status_of(task) == TaskStatus.SUSPENDED, timeout=60)
+        assert chat.count(task=task.pk) == approval - 1
+        question = AuditEvent.objects.filter(task=task, type="suspended").last().payload
+        assert "more tokens for this task" in str(question)
+        task_approve(task_id=task.pk, user=staff_user, approved=True)
+        wait_until(lambda a=approval: chat.count(task=task.pk) == a, timeout=60)
+    task = wait_until(lambda: ended(task), timeout=60)
+    assert task.status == TaskStatus.COMPLETED, task.error
+    assert task.result == {"answer": "approved twice"}
+    assert chat.count(task=task.pk) == 2
 
 
 def test_the_owner_s_daily_token_budget_spans_their_tasks(workers, user, chat):

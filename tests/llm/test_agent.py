@@ -3,6 +3,8 @@ chat-completions server on loopback (the real ``openai`` SDK over real HTTP)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from agents.models import AgentTask
@@ -165,3 +167,81 @@ def test_a_tool_s_permanent_error_goes_back_to_the_model_not_to_the_task(chat, u
     assert second[-1]["content"].startswith("error:")
     result = AuditEvent.objects.get(task=task, type="tool_result")
     assert result.payload["ok"] is False
+
+
+# --- provider quirks: tool calls without an id (llama.cpp, LM Studio) ------------------------
+
+TWO_CALLS = [
+    {"name": "calc", "arguments": {"expression": "2 + 3"}},
+    {"name": "calc", "arguments": {"expression": "4 * 5"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (["", ""], ["call_1_0", "call_1_1"]),  # llama.cpp
+        ([None, None], ["call_1_0", "call_1_1"]),  # no id at all
+        (["same", "same"], ["same", "call_1_1"]),  # a repeated id
+    ],
+)
+def test_tool_calls_without_an_id_go_back_as_calls_with_their_results(chat, user, sent, expected):
+    calls = [{**call, "id": sent[i]} for i, call in enumerate(TWO_CALLS)]
+    chat.script = [{"tool_calls": calls}, {"content": "5 and 20"}]
+    task = finish(start(user, tools=["calc"]))
+    assert task.status == "completed", task.error
+    second = chat.received(task=task.pk)[1].body["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in second[1]["tool_calls"]] == expected
+    assert [m["tool_call_id"] for m in second[2:]] == expected
+    assert [m["content"] for m in second[2:]] == ["5", "20"]
+    assert "[called" not in (second[1]["content"] or "")
+    record = ModelCall.objects.get(task=task, step=1)
+    recorded = record.response["choices"][0]["message"]["tool_calls"]
+    assert [c["id"] for c in recorded] == expected
+    stored = Message.objects.get(task=task, role="assistant", step=1)
+    assert [c["id"] for c in stored.tool_calls] == expected
+
+
+def test_a_reply_recorded_without_ids_is_reused_with_the_same_ids(chat, user):
+    # A record made before ids were set where a reply is recorded: the step that finds
+    # it (a copy running again) uses it with the ids the recording would have given.
+    chat.script = [{"content": "5 and 20"}]
+    task = start(user, tools=["calc"])
+    calls = [
+        {"id": "", "type": "function", "function": {"name": "calc", "arguments": "{}"}},
+        {"type": "function", "function": {"name": "calc", "arguments": "{}"}},
+    ]
+    for call, spec in zip(calls, TWO_CALLS, strict=True):
+        call["function"]["arguments"] = json.dumps(spec["arguments"])
+    ModelCall.objects.create(
+        task=task,
+        owner=user,
+        step=1,
+        key=f"{task.pk}:1:model",
+        model="scripted",
+        endpoint=chat.url,
+        response={
+            "id": "chatcmpl-old",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                }
+            ],
+        },
+        finish_reason="tool_calls",
+        prompt_tokens=10,
+        completion_tokens=10,
+        total_tokens=20,
+    )
+    task = finish(task)
+    assert task.status == "completed", task.error
+    sent = chat.received(task=task.pk)
+    assert [r.step for r in sent] == [2]
+    messages = sent[0].body["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_1_0", "call_1_1"]
+    assert [m["tool_call_id"] for m in messages[2:]] == ["call_1_0", "call_1_1"]
