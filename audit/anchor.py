@@ -82,14 +82,17 @@ def anchor_line(record: dict[str, Any]) -> str:
 
 def anchors_read(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[Break]]:
     """Parse an anchor log: (anchors whose signature verifies, a ``forged-anchor``
-    break for each line that is not JSON or whose signature does not verify under any
-    configured key)."""
+    break for each line that is not a valid anchor or whose signature does not verify
+    under any configured key, and for a removed line: each anchor starts where the one
+    before it ended, or at 0 when the anchor process started over). Lines that do not
+    start with ``{`` are skipped: log lines mixed into the same output (``--to -``)."""
     keys = audit_keys()
     anchors: list[dict[str, Any]] = []
     breaks: list[Break] = []
+    through = 0
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+        if not line.lstrip().startswith("{"):
+            continue  # not an anchor: a log line of the same output, or a blank one
         try:
             record = json.loads(line)
             sig = str(record["sig"])
@@ -108,6 +111,18 @@ def anchors_read(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[Break
                 )
             )
             continue
+        after = int(record.get("after_id", 0))
+        if after not in (0, through):  # 0: the anchor process started over
+            breaks.append(
+                Break(
+                    ANCHOR_LOG,
+                    number,
+                    f"starts after event id {after}, but the anchor before it ended at "
+                    f"{through} (an anchor line was removed)",
+                    "forged-anchor",
+                )
+            )
+        through = int(record["through_id"])
         anchors.append(record)
     return anchors, breaks
 

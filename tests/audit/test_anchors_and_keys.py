@@ -169,3 +169,21 @@ def test_the_configured_anchor_file_is_both_commands_default(user, settings, tmp
     owner_sql("DELETE FROM audit_auditevent WHERE task_id = %s AND seq > 1", [task.pk])
     AgentTask.objects.filter(pk=task.pk).update(audit_seq=1)
     assert "[cut]" in broken("--all")
+
+
+def test_a_removed_anchor_line_is_named_and_log_lines_are_skipped(user, tmp_path):
+    anchors = tmp_path / "anchors.jsonl"
+    completed(user)
+    anchor_now(anchors)
+    completed(user)
+    anchor_now(anchors)
+    completed(user)
+    anchor_now(anchors)
+    first, second, third = anchors.read_text().splitlines()
+    mixed = f"timestamp='x' level='info' event='a log line'\n{first}\n\n{second}\n{third}\n"
+    anchors.write_text(mixed)
+    assert "3 anchored head(s) checked" in verify("--all", "--anchors", str(anchors))
+    anchors.write_text(f"{first}\n{third}\n")
+    report = broken("--all", "--anchors", str(anchors))
+    assert "anchor log: line 2: starts after event id" in report
+    assert "(an anchor line was removed) [forged-anchor]" in report
