@@ -38,9 +38,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
@@ -177,19 +177,54 @@ def event_stream(*, task_id: UUID, after_seq: int) -> Iterator[bytes]:
             return  # over, or nothing more to send without waiting
 
 
+class LiveSource(Protocol):
+    """Messages that are not audit events, relayed live between polls (the ``llm``
+    app's ``model_delta``: ``llm.streaming.DeltaSubscription``)."""
+
+    async def open(self) -> None: ...
+
+    def messages(self, seconds: float) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+_LIVE_SOURCES: list[Callable[[UUID], LiveSource]] = []
+
+
+def live_source_register(factory: Callable[[UUID], LiveSource]) -> None:
+    """Relay ``factory(task_id)``'s messages in every ASGI event stream (an app above
+    this one registers in its ``AppConfig.ready``). Its messages carry no ``id``: they
+    do not move ``Last-Event-ID``, and a reconnection gets only those sent after it."""
+    if factory not in _LIVE_SOURCES:
+        _LIVE_SOURCES.append(factory)
+
+
 async def event_stream_async(*, task_id: UUID, after_seq: int) -> AsyncIterator[bytes]:
     """The stream for an ASGI server: no thread held between polls. Each read runs in
     the request's own sync thread (Django's per-request ThreadSensitiveContext), which
     keeps one database connection for the stream and closes it when the stream ends or
-    the client goes away (the generator is cancelled)."""
+    the client goes away (the generator is cancelled). Between polls it relays the
+    live sources' messages (``live_source_register``)."""
     stream = _Stream(task_id, after_seq)
     read_async = sync_to_async(stream.read)
-    yield f"retry: {RECONNECT_MS}\n\n".encode()
-    while True:
-        read = await read_async()
-        for message in stream.messages(read):
-            yield message
-        pause = stream.wait(read)
-        if pause is None:
-            return
-        await asyncio.sleep(pause)
+    live = [factory(task_id) for factory in _LIVE_SOURCES[:1]]
+    try:
+        for source in live:
+            await source.open()
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        while True:
+            read = await read_async()
+            for message in stream.messages(read):
+                yield message
+            pause = stream.wait(read)
+            if pause is None:
+                return
+            if not live:
+                await asyncio.sleep(pause)
+                continue
+            async for message in live[0].messages(pause):
+                stream.quiet_since = stream.last_event_at = time.monotonic()
+                yield message
+    finally:
+        for source in live:
+            await source.close()

@@ -121,6 +121,13 @@ def task_usage_reader_register(reader: UsageReader) -> None:
         _usage_readers.append(reader)
 
 
+def task_usage_none() -> dict[str, Any]:
+    """The usage of a task just created: zeros, read from nothing."""
+    totals: dict[str, Any] = {key: 0 for key in USAGE_KEYS}
+    totals["cost"] = 0.0
+    return totals
+
+
 def task_usage(*, task_id: UUID) -> dict[str, Any]:
     """``{model_calls, prompt_tokens, completion_tokens, total_tokens, cost}`` of the task,
     summed over the registered readers (ints, and cost a float)."""

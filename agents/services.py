@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
@@ -15,8 +16,8 @@ from django.db import IntegrityError, transaction
 from agents import metrics, permissions
 from agents.core import clock
 from agents.core.admission import admission_needed
-from agents.core.dispatch import step_publish
-from agents.core.leases import task_creation_lock
+from agents.core.dispatch import step_publish, step_time_limits
+from agents.core.leases import task_creation_lock, task_creation_locks
 from agents.core.versions import version_for_new_task
 from agents.definition import get_agent
 from agents.models import AgentTask, Checkpoint
@@ -24,7 +25,7 @@ from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
 from agents_project.errors import InvalidInput, NotFound
 from agents_project.validation import json_value_check
-from audit.models import EventType
+from audit.models import AuditEvent, EventType
 from audit.services import AuditBatch, user_actor
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -127,6 +128,98 @@ def task_start(
             raise
         return existing, False
     return task, True
+
+
+# Inputs ``tasks_start`` accepts at once.
+MAX_BATCH = 1000
+
+
+def tasks_start(
+    *, owner: User, agent: Any, inputs: Any, actor: str | None = None
+) -> list[AgentTask]:
+    """Accept ``inputs`` (a list of 1 to ``MAX_BATCH``) as tasks of one agent and publish
+    their first steps, all in one transaction: every task or none. Returns them in the
+    order of ``inputs``.
+
+    The same rules as ``task_start`` (each input checked before anything is written,
+    ``InvalidInput`` naming ``inputs[i]...``; ``Backpressure`` if the broker refuses,
+    leaving nothing), at a fraction of its cost per task: the tasks, checkpoints and
+    ``created`` events are inserted with one statement each, and the version intake and
+    the agent's learned deadline are read once. Tasks subject to fair sharing (an owner
+    or agent limit is set) are started one by one with ``task_start``, which queues
+    those past the limit for admission.
+    """
+    if not isinstance(agent, str) or not agent:
+        raise InvalidInput("must be the name of an agent", field="agent")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_BATCH:
+        raise InvalidInput(f"must be a list of 1 to {MAX_BATCH} inputs", field="inputs")
+    definition = get_agent(agent)
+    for index, input in enumerate(inputs):
+        try:
+            json_value_check(input, field="input")
+            definition.validate_input(input)
+        except InvalidInput as exc:
+            field = exc.field or "input"
+            rest = field[len("input") :] if field.startswith("input") else f".{field}"
+            raise InvalidInput(exc.message, field=f"inputs[{index}]{rest}") from None
+    if settings.AGENTS["OWNER_MAX_RUNNING"] or definition.max_running_per_owner:
+        with transaction.atomic():
+            return [task_start(owner=owner, agent=agent, input=i, actor=actor)[0] for i in inputs]
+    learned = learned_limit(definition)
+    deadline = _deadline(learned.task_timeout if learned is not None else None)
+    version = version_for_new_task(agent=definition)
+    local = version == definition.version
+    limits = step_time_limits(definition)
+    with transaction.atomic():
+        tasks = AgentTask.objects.bulk_create(
+            AgentTask(
+                owner=owner,
+                agent_name=definition.name,
+                agent_version=version,
+                input=input,
+                state_version=definition.state_version,
+                deadline=deadline,
+                in_flight=1,
+            )
+            for input in inputs
+        )
+        task_creation_locks(task_ids=[task.pk for task in tasks])
+        Checkpoint.objects.bulk_create(
+            Checkpoint(
+                task=task,
+                step=0,
+                state=definition.initial_state(task.input) if local else {},
+                schema_version=definition.state_version if local else 0,
+            )
+            for task in tasks
+        )
+        events = []
+        for task in tasks:
+            audit = AuditBatch(task, actor=actor or user_actor(owner), head=(0, ""))
+            audit.add(
+                EventType.CREATED,
+                {
+                    "agent": definition.name,
+                    "version": version,
+                    "input": task.input,
+                    "deadline": deadline.isoformat() if deadline else None,
+                    "idempotency_key": None,
+                },
+                step=0,
+            )
+            events += audit.seal()
+        AuditEvent.objects.bulk_create(events)
+        AgentTask.objects.filter(pk__in=[task.pk for task in tasks]).update(audit_seq=1)
+        for task in tasks:
+            step_publish(task_id=task.pk, step=1, agent=definition, limits=limits)
+        name, count = definition.name, len(tasks)
+
+        def counted() -> None:
+            for _ in range(count):
+                metrics.task_created(agent=name)
+
+        transaction.on_commit(counted)
+    return tasks
 
 
 def task_replay(

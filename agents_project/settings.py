@@ -322,7 +322,10 @@ LLM = {
     "BASE_URL": env.str("AGENTS_LLM_BASE_URL", default=""),
     "MODEL": env.str("AGENTS_LLM_MODEL", default=""),
     "API_KEY": env.str("AGENTS_LLM_API_KEY", default=""),
-    "MODELS": env.json("AGENTS_LLM_MODELS", default={}),
+    # Empty (compose passes it through unset as ""): no per-model settings.
+    "MODELS": env.json("AGENTS_LLM_MODELS", default={})
+    if env.str("AGENTS_LLM_MODELS", default="")
+    else {},
     # Tokens an owner's tasks may use per UTC day, together (0: no limit).
     "OWNER_DAILY_TOKENS": env.int("AGENTS_LLM_OWNER_DAILY_TOKENS", default=0),
     # Seconds a model request may take, unless the model's own "timeout" says otherwise.
@@ -338,6 +341,8 @@ LLM = {
     "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=8),
     "GATEWAY_PREFETCH": env.int("AGENTS_LLM_GATEWAY_PREFETCH", default=5000),
     "GATEWAY_HEALTH_PORT": env.int("AGENTS_LLM_GATEWAY_HEALTH_PORT", default=8002),
+    # Without Redis (the demo), streamed replies' deltas are appended to this file.
+    "DELTAS_FILE": env.str("AGENTS_LLM_DELTAS_FILE", default=""),
 }
 if not isinstance(LLM["MODELS"], dict):
     raise ImproperlyConfigured("AGENTS_LLM_MODELS must be a JSON object keyed by model name")

@@ -86,7 +86,7 @@ def main() -> None:
     from django.db.models import Count
 
     from agents.models import AgentTask
-    from agents.services import service_user, task_start
+    from agents.services import service_user, task_start, tasks_start
 
     owner = service_user("llmc")
     logs = Path(os.environ.get("LLMC_TMP", "/tmp/llmc"))
@@ -125,7 +125,15 @@ def main() -> None:
         meters = [meter.TreeMeter(p.pid).start() for p in (worker, gateway)]
         machine = meter.machine_cpu()
         t0 = time.time()
-        ids = [task_start(owner=owner, agent="llm", input=INPUT)[0].pk for _ in range(args.n)]
+        # Started as a client would start a thousand sessions: in batches (the API's
+        # POST /api/tasks/batch/), 500 at a time.
+        ids = [
+            task.pk
+            for start in range(0, args.n, 500)
+            for task in tasks_start(
+                owner=owner, agent="llm", inputs=[INPUT] * min(500, args.n - start)
+            )
+        ]
         result["start_phase_s"] = round(time.time() - t0, 2)
         terminal = 0
         while True:

@@ -17,8 +17,10 @@ Its output is the story of the task only: the demo process's own log lines go to
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +67,8 @@ LLM_INPUT = {
     "approve_tools": ["ledger.append"],
     "max_steps": 8,
     "budget": {"tokens": 20000, "model_calls": 8},
+    # The model's replies stream: the demo prints them as they come (llm.streaming).
+    "stream": True,
 }
 
 
@@ -123,7 +127,7 @@ def _with_model_server(out: Out) -> AgentTask:
         return _demo(
             out, agent="llm", input={**LLM_INPUT, **({"model": model} if model else {})}, env={}
         )
-    server = ChatServer(responder=_scripted_model)
+    server = ChatServer(responder=_scripted_model, chunk_delay=0.15)
     with server.running():
         out(
             "LLM run against a SCRIPTED chat-completions server on loopback "
@@ -151,8 +155,10 @@ def _demo(out: Out, *, agent: str, input: dict[str, Any], env: dict[str, str]) -
     with open(log_path, "ab") as log:
         # If the demo is killed, its worker dies too (SIGKILL: a crash, not a clean stop),
         # so the next run finds the task unfinished and resumes it.
+        deltas = settings.VAR_DIR / "demo-deltas.jsonl"
+        deltas.write_text("")
         worker = start_worker(
-            env={"AGENTS_SCHEDULER_INTERVAL": "0.5", **env},
+            env={"AGENTS_SCHEDULER_INTERVAL": "0.5", "AGENTS_LLM_DELTAS_FILE": str(deltas), **env},
             concurrency=1,
             hostname="demo@%h",
             output=log,
@@ -166,7 +172,7 @@ def _demo(out: Out, *, agent: str, input: dict[str, Any], env: dict[str, str]) -
             else:
                 task, _ = task_start(owner=owner, agent=agent, input=input)
                 out(f"Started task {task.pk}")
-            task = _follow(task, manager, out)
+            task = _follow(task, manager, out, _Deltas(deltas))
         finally:
             stop_worker(worker)
     _summary(task, out)
@@ -181,11 +187,48 @@ def _unfinished(owner, agent: str) -> AgentTask | None:
     )
 
 
-def _follow(task: AgentTask, manager, out: Out) -> AgentTask:
+class _Deltas:
+    """The streamed replies' pieces the worker appends to ``path``
+    (``AGENTS_LLM_DELTAS_FILE``), printed as they come, on one growing line per reply."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.key = ""
+
+    def show(self) -> None:
+        with open(self.path, encoding="utf-8") as source:
+            source.seek(self.offset)
+            lines = source.readlines()
+            self.offset = source.tell()
+        for line in lines:
+            if not line.endswith("\n"):
+                self.offset -= len(line.encode())  # half written: read it next time
+                break
+            delta = json.loads(line)
+            if delta["key"] != self.key:
+                self.end()
+                self.key = delta["key"]
+                sys.stdout.write(f"  step {delta['step']}: the model is writing: ")
+            sys.stdout.write(delta["delta"])
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.key:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.key = ""
+
+
+def _follow(task: AgentTask, manager, out: Out, deltas: _Deltas | None = None) -> AgentTask:
     seen = task.audit_seq if task.status != TaskStatus.PENDING else 0
     deadline = time.monotonic() + TIME_LIMIT
     while time.monotonic() < deadline:
+        if deltas is not None:
+            deltas.show()
         task = AgentTask.objects.get(pk=task.pk)
+        if deltas is not None and task.audit_seq > seen:
+            deltas.end()
         for event in audit_events(task_id=task.pk, after_seq=seen):
             out(f"  step {event.step}: {event.type}: {describe(event)}")
             seen = event.seq

@@ -168,6 +168,7 @@ _INPUT_KEYS = {
     "budget",
     "on_budget",
     "context",
+    "stream",
 }
 
 
@@ -200,6 +201,7 @@ class LLM(LLMAgent):
             budget=Budget.from_input(input.get("budget")),
             on_budget=input.get("on_budget", "fail"),
             context=ContextSettings.from_input(input.get("context")),
+            stream=bool(input.get("stream", False)),
         )
 
     def mark(self, ctx: StepContext, message: ChatMessage) -> bool:
@@ -223,6 +225,7 @@ def llm_input_check(input: Any) -> None:
     if not input["prompt"].strip():
         raise InvalidInput("must not be empty", field="input.prompt")
     _check(input, "system", str)
+    _check(input, "stream", bool)
     model = _check(input, "model", str)
     if model is not None and not model:
         raise InvalidInput("must be a model name", field="input.model")
@@ -282,9 +285,10 @@ def _check(
             raise InvalidInput("is required", field=f"{path}.{key}")
         return None
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, expected):
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
         names = expected if isinstance(expected, tuple) else (expected,)
         kinds = {
+            bool: "true or false",
             str: "a string",
             int: "an integer",
             float: "a number",

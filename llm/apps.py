@@ -18,3 +18,8 @@ class LlmConfig(AppConfig):
         from llm.selectors import task_usage
 
         task_usage_reader_register(task_usage)
+        # The event stream relays model deltas live (token streaming).
+        from agents.events import live_source_register
+        from llm.streaming import DeltaSubscription
+
+        live_source_register(DeltaSubscription)

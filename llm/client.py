@@ -54,8 +54,10 @@ from django.conf import settings
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
+from openai.types.chat import ChatCompletion
 
 from agents.errors import PermanentError, RetryableError, RetryLater
+from llm.streaming import ChunkAccumulator
 from tools.breakers import Transition, breaker_call
 
 logger = structlog.get_logger(__name__)
@@ -95,6 +97,8 @@ class ModelConfig:
     timeout: float = 120.0
     rpm: int | None = None
     tpm: int | None = None
+    # Whether the server may be asked to stream (a task asks with input "stream").
+    stream: bool = True
     priced: bool = False  # AGENTS_LLM_MODELS gives its price (0 may be a real price)
 
     @property
@@ -156,6 +160,7 @@ def model_config(name: str | None = None, *, need_price: bool = False) -> ModelC
         timeout=float(own.get("timeout", conf["TIMEOUT"])),
         rpm=own.get("rpm"),
         tpm=own.get("tpm"),
+        stream=bool(own.get("stream", True)),
         priced=priced,
     )
 
@@ -202,6 +207,22 @@ def chat_transport(transport: Transport) -> Iterator[None]:
         yield
     finally:
         _transport.reset(token)
+
+
+# Where this thread's streamed text goes (``streamed_to``); None: do not stream.
+_on_delta: ContextVar[Callable[[str], None] | None] = ContextVar("on_delta", default=None)
+
+
+@contextmanager
+def streamed_to(on_delta: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, this thread's requests are streamed (``stream: true``,
+    ``stream_options.include_usage``) and each piece of text goes to ``on_delta``; the
+    reply returned is the whole completion, as without streaming (``llm.streaming``)."""
+    token = _on_delta.set(on_delta)
+    try:
+        yield
+    finally:
+        _on_delta.reset(token)
 
 
 def gateway_enabled() -> bool:
@@ -319,13 +340,29 @@ def _request(
     key = api_key if config.api_key_credential else (api_key or config.api_key)
     client = _client(config.base_url, key, config.timeout)
     extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    on_delta = _on_delta.get()
     try:
-        return client.chat.completions.create(
+        if on_delta is None:
+            return client.chat.completions.create(
+                model=config.name,
+                messages=list(messages),  # type: ignore[arg-type]
+                extra_headers=headers,
+                **extra,
+            )
+        chunks = client.chat.completions.create(  # type: ignore[call-overload]
             model=config.name,
-            messages=list(messages),  # type: ignore[arg-type]
+            messages=list(messages),
             extra_headers=headers,
+            stream=True,
+            stream_options={"include_usage": True},
             **extra,
         )
+        accumulator = ChunkAccumulator()
+        for chunk in chunks:
+            text = accumulator.feed(chunk)
+            if text:
+                on_delta(text)
+        return ChatCompletion.model_validate(accumulator.completion())
     except openai.APITimeoutError as exc:
         raise RetryableError(
             f"model {config.name!r}: no answer within {config.timeout:g} s"

@@ -55,6 +55,7 @@ import structlog
 from aiohttp import web
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
+from openai.types.chat import ChatCompletion
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.core.faults import fault_point
@@ -83,6 +84,7 @@ from llm.client import (
 from llm.models import ModelCall
 from llm.selectors import model_call_find
 from llm.services import model_api_key, model_call_record
+from llm.streaming import ChunkAccumulator, delta_channel, delta_payload
 from tools.breakers import Transition, breaker_call, breaker_open_for
 
 logger = structlog.get_logger(__name__)
@@ -285,6 +287,7 @@ class Gateway:
                 step=call.step,
                 fence=call.fence,
                 holder=self.holder,
+                agent_name=str(call.payload.get("agent") or "llm"),
                 handed_back=handed_back,
                 also=also,
             )
@@ -396,16 +399,19 @@ class Gateway:
             metrics.GATEWAY_IN_FLIGHT.labels(model=config.name).inc()
             try:
                 async with asyncio.timeout(min(remaining, config.timeout)):
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model=config.name,
-                        messages=payload["messages"],
-                        extra_headers={"X-Agents-Call": payload["key"]},
-                        **extra,
-                    )
-                    metrics.GATEWAY_FIRST_TOKEN.labels(model=config.name).observe(
-                        time.monotonic() - started
-                    )
-                    outcome = raw.parse()
+                    if payload.get("stream"):
+                        outcome = await self._streamed(call, config, client, extra, started)
+                    else:
+                        raw = await client.chat.completions.with_raw_response.create(
+                            model=config.name,
+                            messages=payload["messages"],
+                            extra_headers={"X-Agents-Call": payload["key"]},
+                            **extra,
+                        )
+                        metrics.GATEWAY_FIRST_TOKEN.labels(model=config.name).observe(
+                            time.monotonic() - started
+                        )
+                        outcome = raw.parse()
             except TimeoutError:
                 outcome = RetryableError(
                     f"model {config.name!r}: no answer within "
@@ -433,6 +439,40 @@ class Gateway:
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome, duration_ms
+
+    async def _streamed(
+        self,
+        call: Call,
+        config: ModelConfig,
+        client: openai.AsyncOpenAI,
+        extra: dict[str, Any],
+        started: float,
+    ) -> ChatCompletion:
+        """The reply, streamed: each piece of text is published as it arrives
+        (``llm.streaming``), the whole completion rebuilt from the chunks."""
+        payload = call.payload
+        chunks = await client.chat.completions.create(  # type: ignore[call-overload]
+            model=config.name,
+            messages=payload["messages"],
+            extra_headers={"X-Agents-Call": payload["key"]},
+            stream=True,
+            stream_options={"include_usage": True},
+            **extra,
+        )
+        accumulator = ChunkAccumulator()
+        index = 0
+        async for chunk in chunks:
+            if index == 0 and not accumulator.id:
+                metrics.GATEWAY_FIRST_TOKEN.labels(model=config.name).observe(
+                    time.monotonic() - started
+                )
+            text = accumulator.feed(chunk)
+            if text and settings.REDIS_URL:
+                message = delta_payload(key=payload["key"], step=call.step, index=index, delta=text)
+                index += 1
+                with contextlib.suppress(Exception):
+                    await self.slots.client().publish(delta_channel(call.task_id), message)
+        return ChatCompletion.model_validate(accumulator.completion())
 
     def _client(self, config: ModelConfig, api_key: str) -> openai.AsyncOpenAI:
         # One client (and connection pool) per server and key; the SDK's retries are off
@@ -628,7 +668,8 @@ class Slots:
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
-    def _client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis:
+        """The gateway's Redis client (asyncio)."""
         if self._redis is None:
             self._redis = aioredis.Redis.from_url(settings.REDIS_URL)
         return self._redis
@@ -658,7 +699,7 @@ class Slots:
                 future.cancel()
 
     async def _admit_forever(self) -> None:
-        script = self._client().register_script(_ACQUIRE)
+        script = self.client().register_script(_ACQUIRE)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SLOT_POLL):
@@ -699,7 +740,7 @@ class Slots:
         if not calls:
             return
         with contextlib.suppress(Exception):
-            pipe = self._client().pipeline(transaction=False)
+            pipe = self.client().pipeline(transaction=False)
             lapse = time.time() + _slot_ttl()
             for call in calls:
                 for key in call.slots:
@@ -711,7 +752,7 @@ class Slots:
             return
         with contextlib.suppress(Exception):
             for key in call.slots:
-                await self._client().zrem(key, call.payload["key"])
+                await self.client().zrem(key, call.payload["key"])
         call.slots = []
         self._kick.set()
 

@@ -28,10 +28,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -68,6 +70,7 @@ from llm.client import (
     error_from_note,
     gateway_enabled,
     model_config,
+    streamed_to,
 )
 from llm.context import (
     ChatMessage,
@@ -88,6 +91,7 @@ from llm.selectors import (
     reply_from_record,
 )
 from llm.services import messages_append, model_api_key, model_call_record
+from llm.streaming import delta_payload, delta_publish
 from tools.registry import Tool, find_tool
 
 
@@ -126,6 +130,8 @@ class RunSettings:
     budget: Budget
     on_budget: str
     context: ContextSettings
+    # Stream the reply's text live (llm.streaming), where the model allows it.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -432,20 +438,23 @@ class LLMStep:
                     "estimated_tokens": estimate_request_tokens(messages, tools),
                     "owner_id": self.ctx.owner_id,
                     "agent": self.agent.name,
+                    "stream": self._streams(config),
                 }
             )
         if record is None:
             transitions: list[Any] = []
+            streaming = streamed_to(self._delta_sink(key)) if self._streams(config) else None
             try:
-                reply = chat_complete(
-                    config=config,
-                    messages=[m.wire() for m in messages],
-                    tools=tools,
-                    api_key=self._api_key(config),
-                    headers={"X-Agents-Call": key},
-                    estimated_tokens=estimate_request_tokens(messages, tools),
-                    transitions=transitions,
-                )
+                with streaming or contextlib.nullcontext():
+                    reply = chat_complete(
+                        config=config,
+                        messages=[m.wire() for m in messages],
+                        tools=tools,
+                        api_key=self._api_key(config),
+                        headers={"X-Agents-Call": key},
+                        estimated_tokens=estimate_request_tokens(messages, tools),
+                        transitions=transitions,
+                    )
             finally:
                 for transition in transitions:
                     self.ctx.audit(EventType.BREAKER, transition.as_payload())
@@ -505,6 +514,20 @@ class LLMStep:
             },
         )
         return reply, record
+
+    def _streams(self, config: ModelConfig) -> bool:
+        """Whether this task's replies stream (its input asks; the model allows it)."""
+        return self.settings.stream and config.stream
+
+    def _delta_sink(self, key: str) -> Callable[[str], None]:
+        """Where a streamed reply's text goes: ``llm.streaming.delta_publish``."""
+        index = itertools.count()
+
+        def sink(text: str) -> None:
+            message = delta_payload(key=key, step=self.ctx.step, index=next(index), delta=text)
+            delta_publish(task_id=self.ctx.task_id, message=message)
+
+        return sink
 
     def _handed_back(self, key: str) -> Mapping[str, Any] | None:
         """What the model gateway said of the call ``key`` on this delivery, if anything."""

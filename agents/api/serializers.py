@@ -11,7 +11,7 @@ from rest_framework import serializers
 
 from agents.diagnosis import task_diagnosis, task_error_text
 from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
-from agents.selectors import task_usage
+from agents.selectors import task_usage, task_usage_none
 from agents_project.errors import InvalidInput
 from agents_project.validation import json_value_check
 from audit.models import AuditEvent, DeadLetter
@@ -101,6 +101,16 @@ class TaskCreateSerializer(RequestSerializer):
         required=False,
         allow_null=True,
         help_text="The task's deadline, in seconds from now (above 0, at most a year).",
+    )
+
+
+class TaskBatchCreateSerializer(RequestSerializer):
+    agent = StrictCharField(max_length=100, help_text="The name of a registered agent.")
+    inputs = serializers.ListField(
+        child=StorableJSONField(),
+        min_length=1,
+        max_length=1000,
+        help_text="One input per task (1 to 1000), each the agent's own shape.",
     )
 
 
@@ -204,6 +214,8 @@ class TaskSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(UsageSerializer)
     def get_usage(self, task: AgentTask) -> dict[str, Any]:
+        if self.context.get("created"):
+            return task_usage_none()  # tasks just created: no model call yet
         return task_usage(task_id=task.pk)
 
 

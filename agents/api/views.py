@@ -47,6 +47,7 @@ from agents.api.serializers import (
     SeekQuerySerializer,
     SignalOutSerializer,
     SignalSerializer,
+    TaskBatchCreateSerializer,
     TaskCreateSerializer,
     TaskDetailSerializer,
     TaskListItemSerializer,
@@ -68,7 +69,7 @@ from agents.selectors import (
     task_list,
     tasks_visible_to,
 )
-from agents.services import task_replay, task_start
+from agents.services import task_replay, task_start, tasks_start
 from audit.models import DeadLetter
 from audit.selectors import audit_events
 from audit.services import user_actor
@@ -148,6 +149,25 @@ class TaskViewSet(viewsets.GenericViewSet):
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers={"Location": reverse("task-detail", args=[task.pk])},
         )
+
+    @extend_schema(
+        summary="Start many tasks of one agent at once (all or none)",
+        request=TaskBatchCreateSerializer,
+        examples=[
+            OpenApiExample(
+                "Two llm sessions",
+                request_only=True,
+                value={"agent": "llm", "inputs": [{"prompt": "a"}, {"prompt": "b"}]},
+            )
+        ],
+        responses={201: TaskSerializer(many=True), **errors(503)},
+    )
+    @action(detail=False, methods=["post"], url_path="batch")
+    def batch(self, request: Request) -> Response:
+        data = _valid(TaskBatchCreateSerializer, request.data)
+        tasks = tasks_start(owner=request.user, **data)
+        body = TaskSerializer(tasks, many=True, context={"created": True}).data
+        return Response(body, status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="One task, with why it is where it is", responses=TaskDetailSerializer)
     def retrieve(self, request: Request, pk: str) -> Response:

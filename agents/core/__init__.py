@@ -18,6 +18,8 @@ The flow is one way; a module imports only those below it (import-linter checks 
                        cancel, time out
     versions           version-pinned runs: intake (newest served version, ramp, holds)
                        and worker announcements
+    handoffs           a step hands its wait (a model call) to another process and
+                       frees its pool process: the hand-off queue and its lease
     leases             the lease: claim (fenced compare-and-swap), heartbeat, deadline
                        alarm, hand-back on shutdown
     dispatch           publish a step inside the transaction that makes it runnable

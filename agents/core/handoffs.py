@@ -69,19 +69,18 @@ def step_hand_off(
     taken over: nothing is published). Raises ``agents_project.errors.Backpressure``
     when the broker refuses (nothing changed)."""
     with transaction.atomic():
-        held = (
-            AgentTask.objects.select_for_update()
-            .filter(pk=task_id, fence=fence, lease_owner=owner, current_step=step)
-            .exists()
+        # The update locks the row: the publish goes out before the commit (an outbox
+        # without the table, as ``agents.core.dispatch`` does).
+        held = AgentTask.objects.filter(
+            pk=task_id, fence=fence, lease_owner=owner, current_step=step
+        ).update(
+            lease_owner=queued_owner(),
+            lease_expires_at=clock.now() + timedelta(seconds=settings.AGENTS["HANDOFF_PATIENCE"]),
         )
         if not held:
             return False
         handoff_publish(
             body={"task_id": str(task_id), "step": step, "fence": fence, "payload": payload}
-        )
-        AgentTask.objects.filter(pk=task_id).update(
-            lease_owner=queued_owner(),
-            lease_expires_at=clock.now() + timedelta(seconds=settings.AGENTS["HANDOFF_PATIENCE"]),
         )
     return True
 
@@ -151,30 +150,28 @@ def handoff_return(
     step: int,
     fence: int,
     holder: str,
+    agent_name: str,
     handed_back: dict[str, Any],
     also: Any = None,
 ) -> bool:
     """Publish ``step`` again to the work queue with ``handed_back`` and release
     ``holder``'s lease, in one transaction, if the lease still holds; ``also()`` (the
-    consumer's own writes) runs first in the same transaction. False, with nothing
-    written, when the lease was lost. Raises ``Backpressure`` if the broker refuses
-    (nothing written: the consumer keeps the step and tries again)."""
+    consumer's own writes) runs first in the same transaction. A task no longer
+    runnable (cancelled) gets its lease released and nothing published. False, with
+    nothing written, when the lease was lost. Raises ``Backpressure`` if the broker
+    refuses (nothing written: the consumer keeps the step and tries again)."""
+    held = AgentTask.objects.filter(pk=task_id, fence=fence, lease_owner=holder, current_step=step)
+    agent: Agent | None = registered_agents().get(agent_name)
     with transaction.atomic():
-        task = (
-            AgentTask.objects.select_for_update()
-            .filter(pk=task_id, fence=fence, lease_owner=holder, current_step=step)
-            .only("pk", "agent_name", "status")
-            .first()
-        )
-        if task is None:
-            return False
-        if also is not None:
-            also()
-        agent: Agent | None = registered_agents().get(task.agent_name)
-        if task.status in RUNNABLE and agent is not None:
+        # The update locks the row; the publish goes out before the commit.
+        runnable = held.filter(status__in=RUNNABLE).update(lease_owner="", lease_expires_at=None)
+        if runnable and agent is not None:
+            if also is not None:
+                also()
             step_publish(task_id=task_id, step=step, agent=agent, handed_back=handed_back)
-        AgentTask.objects.filter(pk=task_id).update(lease_owner="", lease_expires_at=None)
-    return True
+    if runnable:
+        return True  # (an agent unknown here: the stuck-task sweep of a worker that has it)
+    return bool(held.update(lease_owner="", lease_expires_at=None))
 
 
 def handoff_release(*, task_id: UUID, fence: int, holder: str) -> None:

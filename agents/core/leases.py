@@ -293,6 +293,16 @@ def task_creation_lock(*, task_id: UUID) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [str(task_id)])
 
 
+def task_creation_locks(*, task_ids: list[UUID]) -> None:
+    """``task_creation_lock`` of many tasks, in one statement."""
+    if connection.vendor == "postgresql" and task_ids:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(x, 0)) FROM unnest(%s::text[]) x",
+                [[str(task_id) for task_id in task_ids]],
+            )
+
+
 def _verdict(task: AgentTask | None, step: int) -> Verdict | None:
     if task is None:
         return Verdict.UNKNOWN

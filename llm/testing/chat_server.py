@@ -18,6 +18,9 @@ the request's first user message contains; ``script`` is the default. Entries::
                                                                Retry-After header if given
     {"status": 400, "code": "context_length_exceeded"}         a refusal with that code
     {"delay": 2.5, ...}                                        answer that much later
+    {"chunk_delay": 0.1, ...}                                 when streamed ("stream": true in
+                                                               the request), this long between
+                                                               pieces of about two words
     {"hang": true}                                             never answer; note when the
                                                                client closes the connection
     {"malformed": true}                                        200 with broken JSON
@@ -88,6 +91,8 @@ class ChatServer:
     disconnected: list[str] = field(default_factory=list)
     in_flight: int = 0
     in_flight_max: int = 0
+    # Seconds between the pieces of a streamed answer (an entry's "chunk_delay" wins).
+    chunk_delay: float = 0.02
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -155,7 +160,7 @@ class ChatServer:
         body: dict[str, Any],
         authorization: str = "",
         closed: Callable[[], bool] = lambda: False,
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, dict[str, str], bytes | _Chunks]:
         with self._lock:
             self.in_flight += 1
             self.in_flight_max = max(self.in_flight_max, self.in_flight)
@@ -167,7 +172,7 @@ class ChatServer:
 
     def _answer(
         self, call: str, body: dict[str, Any], authorization: str, closed: Callable[[], bool]
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, dict[str, str], bytes | _Chunks]:
         record = Recorded(
             call=call, body=body, received_at=time.time(), authorization=authorization
         )
@@ -205,11 +210,11 @@ class ChatServer:
             return code, headers, payload
         if entry.get("malformed"):
             return 200, {"Content-Type": "application/json"}, b'{"id": "chatcmpl-broken", "choi'
-        return (
-            200,
-            {"Content-Type": "application/json"},
-            json.dumps(completion(body, entry, size, index=len(self.requests))).encode(),
-        )
+        whole = completion(body, entry, size, index=len(self.requests))
+        if body.get("stream"):
+            pause = float(entry.get("chunk_delay", self.chunk_delay))
+            return 200, {"Content-Type": "text/event-stream"}, _Chunks(whole, body, pause)
+        return 200, {"Content-Type": "application/json"}, json.dumps(whole).encode()
 
     def _next(self, task: str, body: dict[str, Any]) -> Entry:
         prompt = first_user_text(body)
@@ -282,6 +287,42 @@ def completion(body: dict[str, Any], entry: Entry, prompt_tokens: int, *, index:
     return data
 
 
+class _Chunks:
+    """A streamed answer (``"stream": true``): ``whole``'s text in pieces of about two
+    words, ``pause`` seconds apart, its tool calls in one chunk, then the finish reason,
+    the usage (when ``stream_options.include_usage``) and ``[DONE]``, as server-sent
+    events of ``chat.completion.chunk`` objects."""
+
+    def __init__(self, whole: dict[str, Any], body: dict[str, Any], pause: float) -> None:
+        self.whole, self.body, self.pause = whole, body, pause
+
+    def events(self) -> Iterator[bytes]:
+        head = {k: self.whole[k] for k in ("id", "created", "model")}
+        choice = self.whole["choices"][0]
+        message = choice["message"]
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        yield chunk({"role": "assistant", "content": ""})
+        words = re.findall(r"\S+\s*", message.get("content") or "")
+        for start in range(0, len(words), 2):
+            time.sleep(self.pause)
+            yield chunk({"content": "".join(words[start : start + 2])})
+        calls = [{**call, "index": i} for i, call in enumerate(message.get("tool_calls") or ())]
+        if calls:
+            yield chunk({"tool_calls": calls})
+        yield chunk({}, choice["finish_reason"])
+        options = self.body.get("stream_options") or {}
+        if options.get("include_usage") and "usage" in self.whole:
+            data = {**head, "object": "chat.completion.chunk", "choices": [],
+                    "usage": self.whole["usage"]}  # fmt: skip
+            yield f"data: {json.dumps(data)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
 def _error(status: int, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
     payload = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
     return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
@@ -328,7 +369,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(*_error(404, "not_found", f"no route {self.path}"))
 
-    def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+    def _send(self, status: int, headers: dict[str, str], payload: bytes | _Chunks) -> None:
+        if isinstance(payload, _Chunks):
+            # No length: the answer ends when the connection closes (HTTP/1.1).
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for event in payload.events():
+                self.wfile.write(event)
+                self.wfile.flush()
+            return
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)

@@ -54,13 +54,14 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
+from llm.testing.chat_server import ChatServer
 from tests.deploy import compose, podman, services
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 # The app's services that the test runs, in compose's start-up order after migrate.
-LONG_RUNNING = ("web", "worker", "flower")
+LONG_RUNNING = ("web", "worker", "llm-gateway", "flower")
 # compose services whose addresses this machine's servers replace.
 BACKING = ("postgres", "rabbitmq", "redis")
 STAND_IN_LABEL = "agents.stand-in-base"
@@ -262,9 +263,12 @@ def _replace_address(url: str, replacement: str, service: str) -> str:
     return replacement
 
 
-def container_environment(service: compose.Service, ns: services.Namespace) -> dict[str, str]:
+def container_environment(
+    service: compose.Service, ns: services.Namespace, model_url: str = ""
+) -> dict[str, str]:
     """compose's environment of the service, with the backing services' addresses
-    replaced and the run's namespace added; no other address may remain."""
+    replaced and the run's namespace added; no other address may remain. ``model_url``:
+    the scripted chat server on loopback, as the model server (model ``scripted``)."""
     env = dict(service.environment)
     replacements = {
         "DATABASE_URL": (ns.database_url, "postgres"),
@@ -284,6 +288,8 @@ def container_environment(service: compose.Service, ns: services.Namespace) -> d
         if "://" in value and urlsplit(value).hostname in BACKING:
             raise AssertionError(f"{service.name}: {variable} names a compose service: {value}")
     env.update(ns.queues)
+    if model_url and "AGENTS_LLM_BASE_URL" in env:
+        env |= {"AGENTS_LLM_BASE_URL": model_url, "AGENTS_LLM_MODEL": "scripted"}
     return env
 
 
@@ -455,7 +461,7 @@ def k8s_probes() -> list[tuple[str, str, dict[str, str]]]:
     return probes
 
 
-def api_task(run: Run, web_port: int) -> dict[str, Any]:
+def api_token(run: Run) -> str:
     username = f"image-{run.ns.name}"[:150]
     made = run.exec(
         "web", "python", "manage.py", "createsuperuser", "--noinput",
@@ -466,9 +472,13 @@ def api_task(run: Run, web_port: int) -> dict[str, Any]:
     assert token.returncode == 0, token.stdout + token.stderr
     key = re.search(r"Generated token (\w+) for user", token.stdout)
     assert key, token.stdout
+    return key[1]
+
+
+def api_task(web_port: int, token: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Start a task through the API and wait for it to end (120 s at most)."""
     base = f"http://127.0.0.1:{web_port}"
-    headers = {"Authorization": f"Token {key[1]}"}
-    body = {"agent": "scripted", "input": {"script": [{"think": "in the image"}, {"final": "ok"}]}}
+    headers = {"Authorization": f"Token {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
         created = client.post("/api/tasks/", json=body)
         assert created.status_code == 201, (created.status_code, created.headers, created.text)
@@ -484,7 +494,6 @@ def api_task(run: Run, web_port: int) -> dict[str, Any]:
                 raise AssertionError(f"task {task_id} not done in 120 s: {found}")
             time.sleep(0.5)
     assert found["status"] == "completed", found
-    assert found["result"] == "ok", found
     return found
 
 
@@ -550,6 +559,9 @@ def main() -> int:
     workdir.chmod(0o700)
     run: Run | None = None
     ns: services.Namespace | None = None
+    # The model: the scripted chat server on loopback (the containers share the host's
+    # network); compose's environment sends every model call through llm-gateway.
+    chat = ChatServer(script=[{"content": "through the gateway"}]).start()
     try:
         with timed("base image", timings):
             step(ensure_base(env, podman.CACHE))
@@ -576,15 +588,23 @@ def main() -> int:
         with timed("migrate", timings):
             run.once(apps["migrate"], container_environment(apps["migrate"], ns))
         for name in LONG_RUNNING:
-            run.start(apps[name], container_environment(apps[name], ns))
+            run.start(apps[name], container_environment(apps[name], ns, chat.url))
         with timed("healthchecks", timings):
             for name in LONG_RUNNING:
                 took = run.wait_healthy(apps[name])
                 step(f"{name}: compose's healthcheck passed ({took:.1f} s)")
         web_port = _ports(apps["web"])[0]
+        token = api_token(run)
         with timed("a task through the API", timings):
-            task = api_task(run, web_port)
+            script = [{"think": "in the image"}, {"final": "ok"}]
+            task = api_task(web_port, token, {"agent": "scripted", "input": {"script": script}})
+            assert task["result"] == "ok", task
             step(f"task {task['id']}: {task['status']}, result {task['result']!r}")
+        with timed("an llm task through the model gateway", timings):
+            task = api_task(web_port, token, {"agent": "llm", "input": {"prompt": "hello"}})
+            assert task["result"] == {"answer": "through the gateway"}, task
+            assert chat.count(task=task["id"]) == 1, chat.requests
+            step(f"llm task {task['id']}: {task['status']}, the model asked once, by the gateway")
         check_metrics(web_port, metrics_token(document, dotenv))
         step("/metrics: 401 without the token, 200 with the one Prometheus is given")
         for probe in check_probes():
@@ -594,6 +614,7 @@ def main() -> int:
         assert code == 0, f"the worker exited {code} on {apps['worker'].stop_signal}"
     finally:
         problems = clean_up(run, ns, workdir)
+        chat.stop()
         if problems:
             step("clean-up problems: " + "; ".join(problems))
     step(f"the image runs as compose runs it ({time.monotonic() - started:.0f} s in all)")

@@ -62,6 +62,7 @@ class Namespace:
             "AGENTS_QUEUE": f"{self.name}.agents.steps",
             "AGENTS_DEAD_LETTER_EXCHANGE": f"{self.name}.agents.dlx",
             "AGENTS_DEAD_LETTER_QUEUE": f"{self.name}.agents.dead",
+            "AGENTS_HANDOFF_QUEUE": f"{self.name}.agents.handoff",
             "AGENTS_REDIS_KEY_PREFIX": self.name,
         }
 
@@ -106,10 +107,10 @@ def drop(ns: Namespace) -> list[str]:
     try:
         with Connection(ns.broker_url, connect_timeout=10) as conn:
             channel = conn.default_channel
-            for queue in (names["AGENTS_QUEUE"], names["AGENTS_DEAD_LETTER_QUEUE"]):
-                channel.queue_delete(queue)
-            for exchange in (names["AGENTS_QUEUE"], names["AGENTS_DEAD_LETTER_EXCHANGE"]):
-                channel.exchange_delete(exchange)
+            for queue in ("AGENTS_QUEUE", "AGENTS_DEAD_LETTER_QUEUE", "AGENTS_HANDOFF_QUEUE"):
+                channel.queue_delete(names[queue])
+            for exchange in ("AGENTS_QUEUE", "AGENTS_DEAD_LETTER_EXCHANGE", "AGENTS_HANDOFF_QUEUE"):
+                channel.exchange_delete(names[exchange])
     except Exception as exc:  # any broker error: report it, clean the rest
         problems.append(f"queues {ns.name}.agents.*: {exc}")
     try:

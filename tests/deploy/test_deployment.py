@@ -146,7 +146,7 @@ def test_web_and_workers_run_as_the_app_role_and_migrate_as_the_owner():
     assert user_of(migrate["environment"]["DATABASE_URL"]) == "agents"
     assert user_of(migrate["environment"]["APP_DATABASE_URL"]) == "agents_app"
     assert "manage.py db_app_role" in " ".join(migrate["command"])
-    for name in ("web", "worker", "flower", "audit-anchor"):
+    for name in ("web", "worker", "flower", "llm-gateway", "audit-anchor"):
         env = services[name]["environment"]
         assert user_of(env["DATABASE_URL"]) == "agents_app", name
         assert env["AGENTS_AUDIT_KEY"].startswith("${AGENTS_AUDIT_KEY:?"), name
@@ -162,7 +162,7 @@ def test_web_and_workers_run_as_the_app_role_and_migrate_as_the_owner():
     assert "manage.py db_app_role" in " ".join(container["command"])
     owner = {e["name"]: e for e in container["env"]}["DATABASE_URL"]
     assert owner["valueFrom"]["secretKeyRef"]["name"] == "agents-owner"
-    for path in ("web.yaml", "worker.yaml", "audit-anchor.yaml"):
+    for path in ("web.yaml", "worker.yaml", "llm-gateway.yaml", "audit-anchor.yaml"):
         for doc in yaml.safe_load_all((ROOT / "docker" / "k8s" / path).read_text()):
             if doc.get("kind") != "Deployment":
                 continue

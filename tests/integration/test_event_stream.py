@@ -6,10 +6,6 @@ twice mid-stream and resumes, once with the ``Last-Event-ID`` header and once wi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,8 +16,7 @@ from rest_framework.authtoken.models import Token
 from agents.models import AgentTask, TaskStatus
 from agents.services import task_start
 from audit.models import AuditEvent
-from tests.helpers import log_dir, tail, wait_until, worker_env
-from tests.integration.servers import free_port
+from tests.helpers import tail, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,63 +34,6 @@ SCRIPT = [
     {"sleep": 0.3},
     {"final": "done"},
 ]
-
-
-class AsgiServer:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = url
-        self.process = process
-        self.log = log
-
-
-@pytest.fixture
-def asgi_server(transactional_db) -> Iterator[AsgiServer]:
-    """``uvicorn agents_project.asgi:application`` on this test's database."""
-    port = free_port()
-    log = log_dir() / f"uvicorn-{port}.log"
-    env = {
-        **os.environ,
-        **worker_env(AGENTS_EVENTS_POLL_INTERVAL="0.1"),
-        "DJANGO_SETTINGS_MODULE": "agents_project.settings",
-    }
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "agents_project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = AsgiServer(f"http://127.0.0.1:{port}", process, log)
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"uvicorn exited:\n{tail(log)}")
-        try:
-            return httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=60, interval=0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _read(

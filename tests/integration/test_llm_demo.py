@@ -29,3 +29,5 @@ def test_the_llm_demo_completes_against_its_scripted_model(tmp_path):
     assert "Ledger rows written by this task: 1" in out
     assert "Model calls: 3" in out
     assert "model_call" in out and "approval_decided" in out
+    # The replies stream (input "stream": true): printed piece by piece, then recorded.
+    assert "step 4: the model is writing: Refunded 64.77 to customer 42" in out
