@@ -255,7 +255,8 @@ AGENTS = {
     # Keys of the audit trail's hash chain and anchors (audit/integrity.py), comma-
     # separated: the first signs, every one verifies (rotation: NEW,OLD). Required in
     # production; elsewhere derived from DJANGO_SECRET_KEY when unset. Keep it out of the
-    # database's reach, and keep an old key listed as long as events it signed are kept.
+    # database's reach, and keep an old key listed as long as events it signed are kept
+    # ("derived": the key used while this was unset).
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
     # The anchor log (audit/anchor.py): where audit_anchor appends, and what
     # audit_verify checks, unless --to / --anchors say otherwise ("": none).

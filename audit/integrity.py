@@ -34,15 +34,19 @@ from django.conf import settings
 
 from audit.models import AuditChainStart, AuditEvent
 
+DERIVED = "derived"
+
 
 def audit_keys() -> tuple[bytes, ...]:
     """The chain's keys, the one that signs first (``AGENTS_AUDIT_KEY``, comma-separated);
-    when unset (never in production), one derived from ``DJANGO_SECRET_KEY``."""
+    when unset (never in production), one derived from ``DJANGO_SECRET_KEY``, which the
+    entry ``derived`` also names (``NEW,derived``: verify what was signed before)."""
+    derived = hashlib.sha256(f"agents-audit:{settings.SECRET_KEY}".encode()).digest()
     configured = [k.strip() for k in (settings.AGENTS.get("AUDIT_KEY") or "").split(",")]
-    keys = tuple(k.encode() for k in configured if k)
-    if keys:
-        return keys
-    return (hashlib.sha256(f"agents-audit:{settings.SECRET_KEY}".encode()).digest(),)
+    # "derived": the key used while AGENTS_AUDIT_KEY was unset (kept to verify the events
+    # it signed after a key is set: AGENTS_AUDIT_KEY=NEW,derived).
+    keys = tuple(derived if k == DERIVED else k.encode() for k in configured if k)
+    return keys or (derived,)
 
 
 def _key() -> bytes:

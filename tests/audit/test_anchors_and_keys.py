@@ -187,3 +187,14 @@ def test_a_removed_anchor_line_is_named_and_log_lines_are_skipped(user, tmp_path
     report = broken("--all", "--anchors", str(anchors))
     assert "anchor log: line 2: starts after event id" in report
     assert "(an anchor line was removed) [forged-anchor]" in report
+
+
+def test_a_deployment_that_had_no_key_keeps_verifying_with_derived(user, settings):
+    settings.AGENTS = {**settings.AGENTS, "AUDIT_KEY": ""}
+    before = completed(user)  # signed with the key derived from DJANGO_SECRET_KEY
+    settings.AGENTS = {**settings.AGENTS, "AUDIT_KEY": "a-new-audit-key-" + "k" * 32}
+    assert "(changed)" in broken(str(before.pk))
+    settings.AGENTS = {**settings.AGENTS, "AUDIT_KEY": "a-new-audit-key-" + "k" * 32 + ",derived"}
+    after = completed(user)
+    assert "0 break(s)" in verify("--all")
+    assert "intact" in verify(str(after.pk))
