@@ -21,13 +21,16 @@ needs nothing from the step engine (no NOTIFY in its transactions) and works on 
 database the project supports; the price is up to one poll interval of latency and one
 cheap indexed query per open stream per interval.
 
-Serving: under ASGI (``uvicorn agents_project.asgi:application``) the stream is an
-async generator and holds no thread between polls, only its database connection.
-Under WSGI it is a plain generator and holds a worker thread for as long as it is open.
-Either way a stream is closed by the server after ``AGENTS_EVENTS_MAX_SECONDS`` (the
-client reconnects and resumes), and a comment line is sent every
-``AGENTS_EVENTS_HEARTBEAT`` seconds of silence (15), so that proxies keep the connection
-open and a server notices a client that went away.
+Serving: under ASGI (``uvicorn agents_project.asgi:application``, the image's web
+command) the stream is an async generator and holds no thread between polls, only its
+database connection. A sync WSGI process never holds a stream: there the response is
+what the trail has now (in batches), then the stream closes and the client reconnects
+after ``retry`` with ``Last-Event-ID``, so a worker is held for one read, never for the
+task's life. Under ASGI a stream is closed by the server after ``AGENTS_EVENTS_MAX_SECONDS``
+in all (absolute) or ``AGENTS_EVENTS_IDLE_SECONDS`` without a new event (idle), and the
+client reconnects and resumes; a comment line is sent every ``AGENTS_EVENTS_HEARTBEAT``
+seconds of silence (15), so that proxies keep the connection open and a server notices
+a client that went away. How many may be open per user and in all: ``agents.api.streams``.
 """
 
 from __future__ import annotations
@@ -132,8 +135,9 @@ class _Stream:
         self.task_id = task_id
         self.last = after_seq
         self.interval = float(conf.get("EVENTS_POLL_INTERVAL", 0.5))
-        self.until = time.monotonic() + float(conf.get("EVENTS_MAX_SECONDS", 3600.0))
-        self.quiet_since = time.monotonic()
+        self.until = time.monotonic() + float(conf.get("EVENTS_MAX_SECONDS", 900.0))
+        self.idle = float(conf.get("EVENTS_IDLE_SECONDS", 300.0))
+        self.quiet_since = self.last_event_at = time.monotonic()
         self.heartbeat = float(conf.get("EVENTS_HEARTBEAT", HEARTBEAT_SECONDS))
 
     def read(self) -> EventsRead:
@@ -143,7 +147,7 @@ class _Stream:
         out = [_event_message(event) for event in read.events]
         if read.events:
             self.last = read.events[-1].seq
-            self.quiet_since = time.monotonic()
+            self.quiet_since = self.last_event_at = time.monotonic()
         if read.ended:
             out.append(_end_message(read))
         elif time.monotonic() - self.quiet_since >= self.heartbeat:
@@ -152,23 +156,25 @@ class _Stream:
         return out
 
     def wait(self, read: EventsRead) -> float | None:
-        """Seconds to sleep before the next poll; None when the stream is over."""
-        if read.ended or time.monotonic() >= self.until:
+        """Seconds to sleep before the next poll; None when the stream is over: the task
+        ended, or the absolute or the idle timeout passed (the client resumes)."""
+        now = time.monotonic()
+        if read.ended or now >= self.until or now - self.last_event_at >= self.idle:
             return None
         return 0.0 if len(read.events) == BATCH else self.interval
 
 
 def event_stream(*, task_id: UUID, after_seq: int) -> Iterator[bytes]:
-    """The stream for a WSGI server: holds the request's thread while open."""
+    """The stream for a WSGI server: the events there are now, then it closes (the
+    client reconnects after ``retry`` and resumes): it never waits for new ones, so it
+    holds the request's thread for one read, not for the task's life."""
     stream = _Stream(task_id, after_seq)
     yield f"retry: {RECONNECT_MS}\n\n".encode()
     while True:
         read = stream.read()
         yield from stream.messages(read)
-        pause = stream.wait(read)
-        if pause is None:
-            return
-        time.sleep(pause)
+        if stream.wait(read) is None or len(read.events) < BATCH:
+            return  # over, or nothing more to send without waiting
 
 
 class LiveSource(Protocol):
@@ -217,7 +223,7 @@ async def event_stream_async(*, task_id: UUID, after_seq: int) -> AsyncIterator[
                 await asyncio.sleep(pause)
                 continue
             async for message in live[0].messages(pause):
-                stream.quiet_since = time.monotonic()
+                stream.quiet_since = stream.last_event_at = time.monotonic()
                 yield message
     finally:
         for source in live:

@@ -37,6 +37,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_prometheus",
+    # Admin login lockout (AXES_* below).
+    "axes",
     "agents",
     "tools",
     "audit",
@@ -59,8 +61,23 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Answers a locked-out admin login with 429 (after everything that may authenticate).
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
+
+# Admin (session) logins go through django-axes first: AXES_FAILURE_LIMIT failed logins
+# of one username from one address lock that pair out for AXES_COOLOFF_TIME (hours), a
+# right password included; a success resets the count. Failures are kept in the database
+# (axes' AccessAttempt, visible in the admin); `manage.py axes_reset` lifts every lockout.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_TIME", default=0.25)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 
 ROOT_URLCONF = "agents_project.urls"
 WSGI_APPLICATION = "agents_project.wsgi.application"
@@ -246,17 +263,35 @@ AGENTS = {
     # Quotas of the kv.set tool per owner: bytes of one value, keys over all scopes.
     "KV_MAX_VALUE_BYTES": env.int("AGENTS_KV_MAX_VALUE_BYTES", default=64 * 1024),
     "KV_MAX_KEYS": env.int("AGENTS_KV_MAX_KEYS", default=1000),
-    # Key of the audit trail's hash chain (audit/integrity.py); default: derived from
-    # DJANGO_SECRET_KEY. Keep it out of the database's reach; changing it makes older
-    # events unverifiable.
+    # Keys of the audit trail's hash chain and anchors (audit/integrity.py), comma-
+    # separated: the first signs, every one verifies (rotation: NEW,OLD). Required in
+    # production; elsewhere derived from DJANGO_SECRET_KEY when unset. Keep it out of the
+    # database's reach, and keep an old key listed as long as events it signed are kept
+    # ("derived": the key used while this was unset).
     "AUDIT_KEY": env.str("AGENTS_AUDIT_KEY", default=""),
+    # The anchor log (audit/anchor.py): where audit_anchor appends, and what
+    # audit_verify checks, unless --to / --anchors say otherwise ("": none).
+    "AUDIT_ANCHOR_FILE": env.str("AGENTS_AUDIT_ANCHOR_FILE", default=""),
+    # Failed API token authentications counted per client address and per token prefix
+    # (agents/api/authentication.py): past LIMIT within WINDOW seconds, 429 with
+    # Retry-After (0: no limit). API tokens expire this many seconds after creation
+    # (0: never); POST /api/token/rotate/ or drf_create_token --reset makes a new one.
+    "AUTH_FAIL_LIMIT": env.int("AGENTS_AUTH_FAIL_LIMIT", default=20),
+    "AUTH_FAIL_WINDOW": env.int("AGENTS_AUTH_FAIL_WINDOW", default=60),
+    "API_TOKEN_MAX_AGE": env.int("AGENTS_API_TOKEN_MAX_AGE", default=90 * 24 * 3600),
     # Workers serve /healthz and /readyz on this port (0: off), see tools/health.py.
     "WORKER_HEALTH_PORT": env.int("AGENTS_WORKER_HEALTH_PORT", default=0),
     "WORKER_HEALTH_HOST": env.str("AGENTS_WORKER_HEALTH_HOST", default="0.0.0.0"),
     # GET /api/tasks/{id}/events/ (agents/events.py): seconds between polls of the audit
     # trail, and the longest a stream stays open before the client must reconnect.
     "EVENTS_POLL_INTERVAL": env.float("AGENTS_EVENTS_POLL_INTERVAL", default=0.5),
-    "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=3600.0),
+    # Under ASGI a stream closes after MAX_SECONDS in all, or IDLE_SECONDS without a new
+    # event (the client resumes with Last-Event-ID); at most MAX_STREAMS_PER_USER open
+    # per user and MAX_STREAMS in all (0: no limit), 429 beyond (agents/api/streams.py).
+    "EVENTS_MAX_SECONDS": env.float("AGENTS_EVENTS_MAX_SECONDS", default=900.0),
+    "EVENTS_IDLE_SECONDS": env.float("AGENTS_EVENTS_IDLE_SECONDS", default=300.0),
+    "EVENTS_MAX_STREAMS": env.int("AGENTS_EVENTS_MAX_STREAMS", default=50),
+    "EVENTS_MAX_STREAMS_PER_USER": env.int("AGENTS_EVENTS_MAX_STREAMS_PER_USER", default=4),
     "EVENTS_HEARTBEAT": env.float("AGENTS_EVENTS_HEARTBEAT", default=15.0),
     # Version-pinned runs (agents/core/versions.py): seconds a worker's announcement of
     # the agent versions it serves stays live, and the share of new tasks (percent) per
@@ -393,7 +428,9 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 REST_FRAMEWORK = {
     # Token first: an unauthenticated request gets 401 with "WWW-Authenticate: Token".
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # Failed token authentications counted per address and token prefix (429 past
+        # AGENTS_AUTH_FAIL_LIMIT), tokens expiring after AGENTS_API_TOKEN_MAX_AGE.
+        "agents.api.authentication.ThrottledTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -480,6 +517,12 @@ if AGENTS["ENVIRONMENT"] == "production":
             "with it, and the development key is derived from DJANGO_SECRET_KEY. Generate "
             "one with python -c 'from cryptography.fernet import Fernet; "
             "print(Fernet.generate_key().decode())'"
+        )
+    if len(AGENTS["AUDIT_KEY"].split(",")[0].strip()) < 32:
+        _missing.append(
+            "AGENTS_AUDIT_KEY must be set in production to a random value of 32 or more "
+            "characters (the audit trail's hash chain is keyed with it; with NEW,OLD while "
+            "rotating): python -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
     if not METRICS_TOKEN:
         _missing.append(

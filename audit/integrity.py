@@ -2,16 +2,22 @@
 
 Each event stores ``prev_hash`` (the ``hash`` of the event before it in its task, ""
 for the first) and ``hash`` = HMAC-SHA256(key, prev_hash + canonical content), where
-the content is the task id, seq, type, step, actor, time and payload. The key is
-``AGENTS_AUDIT_KEY`` (default: derived from ``DJANGO_SECRET_KEY``), which the database
-does not hold, so someone who can write the table but not read the app's settings
-cannot forge a consistent chain.
+the content is the task id, seq, type, step, actor, time and payload. The key is the
+first of ``AGENTS_AUDIT_KEY`` (comma-separated: ``NEW,OLD`` while rotating; required in
+production, elsewhere derived from ``DJANGO_SECRET_KEY`` when unset), which the
+database does not hold, so someone who can write the table but not read the app's
+settings cannot forge a consistent chain. Verification accepts a hash made with any
+of the configured keys: a rotated-out key stays listed as long as events it signed
+are kept.
 
-``audit_chain_verify`` finds an event that was changed (its hash no longer matches),
-removed (a gap in ``seq``, the next event's ``prev_hash`` points at nothing, or fewer
-events than the task counted in ``audit_seq``), or inserted (a ``seq`` beyond the
-task's count, or a ``prev_hash`` that is not its predecessor's). Events written before
-the chain existed (empty ``hash``) are reported as unverifiable, not as a break.
+``audit_chain_verify`` finds, and names by its ``kind`` (``Break.kind``), an event that
+was ``changed`` (its hash no longer matches), ``removed`` (a gap in ``seq``, the next
+event's ``prev_hash`` points at nothing, or fewer events than the task counted in
+``audit_seq``), ``inserted`` (a ``seq`` beyond the task's count, a second event with
+one number, or a ``prev_hash`` that is not its predecessor's), or whose hash was
+``unsealed`` (emptied: only events written before the chain existed, up to the id
+recorded in ``AuditChainStart`` by migration ``audit.0005``, may lack one). The
+anchors (``audit.anchor``) find a ``cut`` tail or a ``rewritten`` chain.
 """
 
 from __future__ import annotations
@@ -26,14 +32,25 @@ from typing import Any
 
 from django.conf import settings
 
-from audit.models import AuditEvent
+from audit.models import AuditChainStart, AuditEvent
+
+DERIVED = "derived"
+
+
+def audit_keys() -> tuple[bytes, ...]:
+    """The chain's keys, the one that signs first (``AGENTS_AUDIT_KEY``, comma-separated);
+    when unset (never in production), one derived from ``DJANGO_SECRET_KEY``, which the
+    entry ``derived`` also names (``NEW,derived``: verify what was signed before)."""
+    derived = hashlib.sha256(f"agents-audit:{settings.SECRET_KEY}".encode()).digest()
+    configured = [k.strip() for k in (settings.AGENTS.get("AUDIT_KEY") or "").split(",")]
+    # "derived": the key used while AGENTS_AUDIT_KEY was unset (kept to verify the events
+    # it signed after a key is set: AGENTS_AUDIT_KEY=NEW,derived).
+    keys = tuple(derived if k == DERIVED else k.encode() for k in configured if k)
+    return keys or (derived,)
 
 
 def _key() -> bytes:
-    configured = settings.AGENTS.get("AUDIT_KEY") or ""
-    if configured:
-        return configured.encode()
-    return hashlib.sha256(f"agents-audit:{settings.SECRET_KEY}".encode()).digest()
+    return audit_keys()[0]
 
 
 def _canonical_number(value: int | float) -> str:
@@ -68,8 +85,10 @@ def event_hash(
     actor: str,
     created_at: datetime,
     payload: Any,
+    key: bytes | None = None,
 ) -> str:
-    """The hex HMAC-SHA256 of one event's content chained to ``prev_hash``."""
+    """The hex HMAC-SHA256 of one event's content chained to ``prev_hash``, under ``key``
+    (default: the signing key, the first of ``AGENTS_AUDIT_KEY``)."""
     content = json.dumps(
         [
             prev_hash,
@@ -85,7 +104,7 @@ def event_hash(
         ensure_ascii=False,
         separators=(",", ":"),
     )
-    return hmac.new(_key(), content.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(key or _key(), content.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
@@ -105,48 +124,33 @@ def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
 
 @dataclass(frozen=True)
 class Break:
-    """One place where a task's trail is not what was written."""
+    """One place where a task's trail is not what was written. ``kind`` names the
+    tampering: ``changed``, ``removed``, ``inserted``, ``unsealed`` (a hash emptied),
+    ``cut`` (a tail removed below an anchored head), ``rewritten`` (an anchored head
+    no longer there as anchored), ``forged-anchor`` (an anchor line whose signature
+    does not verify)."""
 
     task_id: str
     seq: int | None
     problem: str
+    kind: str = "changed"
 
     def __str__(self) -> str:
+        if self.kind == "forged-anchor":
+            return f"{self.task_id}: line {self.seq}: {self.problem} [{self.kind}]"
         where = f"event #{self.seq}" if self.seq is not None else "trail"
-        return f"task {self.task_id}: {where}: {self.problem}"
+        return f"task {self.task_id}: {where}: {self.problem} [{self.kind}]"
 
 
-def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], int, int]:
-    """Check one task's events against their chain and the task's own event count
-    (``audit_seq``). Returns (breaks, events verified, events written before the chain).
-    Reads the events in seq order, a chunk at a time."""
-    breaks: list[Break] = []
-    tid = str(task_id)
-    expected_seq = 1
-    prev_hash = ""
-    verified = unchained = 0
-    events = AuditEvent.objects.filter(task_id=task_id).order_by("seq", "id")
-    for event in events.iterator(chunk_size=2000):
-        if event.seq < expected_seq:
-            breaks.append(Break(tid, event.seq, "a second event with this number (inserted)"))
-            continue
-        if event.seq > expected_seq:
-            missing = f"#{expected_seq}" + (
-                f" to #{event.seq - 1}" if event.seq - 1 > expected_seq else ""
-            )
-            breaks.append(Break(tid, event.seq, f"events {missing} are missing (removed)"))
-        if event.seq > audit_seq:
-            breaks.append(
-                Break(tid, event.seq, f"beyond the {audit_seq} events the task recorded (inserted)")
-            )
-        if not event.hash:
-            unchained += 1
-            prev_hash, expected_seq = "", event.seq + 1  # written before the chain existed
-            continue
-        if event.prev_hash != prev_hash:
-            breaks.append(
-                Break(tid, event.seq, "does not follow the event before it (removed or inserted)")
-            )
+def unchained_through() -> int:
+    """The largest event id that may lack a hash (written before the chain existed), as
+    migration ``audit.0005`` recorded it; 0 when none may."""
+    start = AuditChainStart.objects.order_by("pk").first()
+    return start.unchained_through_id if start is not None else 0
+
+
+def _hash_matches(event: AuditEvent, keys: tuple[bytes, ...]) -> bool:
+    for key in keys:
         computed = event_hash(
             prev_hash=event.prev_hash,
             task_id=event.task_id,
@@ -156,9 +160,80 @@ def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], in
             actor=event.actor,
             created_at=event.created_at,
             payload=event.payload,
+            key=key,
         )
-        if not hmac.compare_digest(computed, event.hash):
-            breaks.append(Break(tid, event.seq, "its content does not match its hash (changed)"))
+        if hmac.compare_digest(computed, event.hash):
+            return True
+    return False
+
+
+def audit_chain_verify(
+    *, task_id: Any, audit_seq: int, chain_start: int | None = None
+) -> tuple[list[Break], int, int]:
+    """Check one task's events against their chain and the task's own event count
+    (``audit_seq``). Returns (breaks, events verified, events written before the chain).
+    Reads the events in seq order, a chunk at a time. ``chain_start``: the result of
+    ``unchained_through()`` (read once by callers that verify many tasks)."""
+    if chain_start is None:
+        chain_start = unchained_through()
+    keys = audit_keys()
+    breaks: list[Break] = []
+    tid = str(task_id)
+    expected_seq = 1
+    prev_hash = ""
+    verified = unchained = 0
+    events = AuditEvent.objects.filter(task_id=task_id).order_by("seq", "id")
+    for event in events.iterator(chunk_size=2000):
+        if event.seq < expected_seq:
+            breaks.append(
+                Break(tid, event.seq, "a second event with this number (inserted)", "inserted")
+            )
+            continue
+        gap = event.seq > expected_seq
+        if gap:
+            missing = f"#{expected_seq}" + (
+                f" to #{event.seq - 1}" if event.seq - 1 > expected_seq else ""
+            )
+            breaks.append(
+                Break(tid, event.seq, f"events {missing} are missing (removed)", "removed")
+            )
+        if event.seq > audit_seq:
+            breaks.append(
+                Break(
+                    tid,
+                    event.seq,
+                    f"beyond the {audit_seq} events the task recorded (inserted)",
+                    "inserted",
+                )
+            )
+        if not event.hash:
+            if event.pk > chain_start:
+                breaks.append(
+                    Break(
+                        tid,
+                        event.seq,
+                        "its hash was removed, but it was written after the chain began "
+                        f"(event id {event.pk} > {chain_start})",
+                        "unsealed",
+                    )
+                )
+            else:
+                unchained += 1
+            prev_hash, expected_seq = "", event.seq + 1
+            continue
+        if event.prev_hash != prev_hash:
+            breaks.append(
+                Break(
+                    tid,
+                    event.seq,
+                    "does not follow the event before it (removed or inserted)",
+                    "removed" if gap else "inserted",
+                )
+            )
+        if not _hash_matches(event, keys):
+            breaks.append(
+                Break(tid, event.seq, "its content does not match its hash (changed)", "changed")
+            )
         else:
             verified += 1
         prev_hash, expected_seq = event.hash, event.seq + 1
@@ -169,6 +244,7 @@ def audit_chain_verify(*, task_id: Any, audit_seq: int) -> tuple[list[Break], in
                 None,
                 f"ends at #{expected_seq - 1} but the task recorded {audit_seq} events "
                 "(the last ones were removed)",
+                "removed",
             )
         )
     return breaks, verified, unchained

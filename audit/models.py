@@ -99,3 +99,17 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"dead letter of {self.task_id} at step {self.step} ({self.reason})"
+
+
+class AuditChainStart(models.Model):
+    """Where the hash chain begins, recorded once by migration ``audit.0005``: events
+    with an id up to ``unchained_through_id`` were written before the chain existed and
+    may lack a hash; any later event without one had it removed (``audit_verify``
+    reports it ``unsealed``). The app's database role may only read it (``db_app_role``).
+    """
+
+    unchained_through_id = models.BigIntegerField(default=0)
+    recorded_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"chain from event id {self.unchained_through_id + 1}"

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agents_project.redaction import redact
-from audit.integrity import Break, audit_chain_verify, event_seal
+from audit.integrity import Break, audit_chain_verify, event_seal, unchained_through
 from audit.models import AuditEvent, EventType
 
 
@@ -156,8 +156,11 @@ def audit_verify(*, tasks: Iterable[tuple[UUID, int]]) -> VerifyReport:
     """
     breaks: list[Break] = []
     count = verified = unverifiable = 0
+    chain_start = unchained_through()
     for task_id, audit_seq in tasks:
-        found, ok, unchained = audit_chain_verify(task_id=task_id, audit_seq=audit_seq)
+        found, ok, unchained = audit_chain_verify(
+            task_id=task_id, audit_seq=audit_seq, chain_start=chain_start
+        )
         breaks.extend(found)
         verified += ok
         unverifiable += unchained

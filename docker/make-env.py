@@ -5,10 +5,11 @@
 Every value is random and generated here: the Django secret key, the credentials key
 (a real Fernet key, as ``AGENTS_CREDENTIALS_KEY`` needs; ``check --deploy`` refuses
 anything else), the bearer token of ``/metrics`` (``AGENTS_METRICS_TOKEN``, which
-production requires and Prometheus sends), and the PostgreSQL, RabbitMQ, Flower and
-Grafana passwords. Keep the file out of version control, and keep the credentials key:
-credentials stored under it cannot be read without it (rotation: RUNBOOK.md, "An
-external service is down").
+production requires and Prometheus sends), the audit chain's key (``AGENTS_AUDIT_KEY``),
+and the PostgreSQL (owner and app role), RabbitMQ, Flower and Grafana passwords. Keep
+the file out of version control, and keep the credentials key and the audit key:
+credentials stored under the one cannot be read without it, and the audit trail
+verifies only with the other (rotation: RUNBOOK.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def env_lines() -> list[str]:
         f"DJANGO_SECRET_KEY={secrets.token_urlsafe(50)}",
         f"AGENTS_CREDENTIALS_KEY={Fernet.generate_key().decode()}",
         f"AGENTS_METRICS_TOKEN={secrets.token_urlsafe(32)}",
+        f"AGENTS_AUDIT_KEY={secrets.token_urlsafe(48)}",
         f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}",
+        f"POSTGRES_APP_PASSWORD={secrets.token_urlsafe(24)}",
         f"RABBITMQ_PASSWORD={secrets.token_urlsafe(24)}",
         f"FLOWER_PASSWORD={secrets.token_urlsafe(18)}",
         f"GRAFANA_PASSWORD={secrets.token_urlsafe(18)}",

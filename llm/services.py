@@ -93,8 +93,9 @@ def messages_append(
 def model_api_key(*, config: ModelConfig, task_id: UUID, owner_id: int) -> str:
     """The key of the model's requests for this task: the owner's credential when the
     model names one (never the deployment's key), sent only to a host it is bound to
-    (``credentials set --host``); else ``AGENTS_LLM_API_KEY``. ``PermanentError`` when
-    the owner has no such credential or it is bound to other hosts."""
+    (``credentials set --host``; ``--any-host``: any); else ``AGENTS_LLM_API_KEY``.
+    ``PermanentError`` when the owner has no such credential or it is bound to other
+    hosts, or to none."""
     name = config.api_key_credential
     if not name:
         return config.api_key
@@ -105,7 +106,12 @@ def model_api_key(*, config: ModelConfig, task_id: UUID, owner_id: int) -> str:
             "which this task's owner does not have"
         )
     host = (urlsplit(config.base_url).hostname or "").lower().rstrip(".")
-    if bound and not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
+    if not bound:  # stored before hosts were required (check --deploy lists these)
+        raise PermanentError(
+            f"model {config.name!r}: credential {name!r} is bound to no host: set it "
+            "again with 'credentials set --host HOST' (or --any-host)"
+        )
+    if not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
         raise PermanentError(
             f"model {config.name!r}: credential {name!r} may only be sent to "
             f"{', '.join(bound)}, not to {host}"

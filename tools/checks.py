@@ -6,7 +6,8 @@ from typing import Any
 
 from cryptography.fernet import Fernet
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, Tags, Warning, register
+from django.db import DatabaseError
 
 from tools.outbound import parse_allow_list
 
@@ -56,3 +57,32 @@ def credentials_keys_are_fernet_keys(app_configs: Any = None, **kwargs: Any) -> 
                 )
             )
     return errors
+
+
+@register(Tags.security, deploy=True)
+def credentials_are_bound(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    """Credentials stored before hosts were required, bound to no host: tools refuse to
+    send them anywhere until they are set again with ``--host`` (or ``--any-host``)."""
+    from tools.models import Credential
+
+    try:
+        unbound = list(
+            Credential.objects.filter(hosts=[])
+            .order_by("owner__username", "name")
+            .values_list("owner__username", "name", "task_id")[:50]
+        )
+    except DatabaseError:  # no database yet (checked before migrate)
+        return []
+    if not unbound:
+        return []
+    listed = ", ".join(
+        f"{owner}/{name}" + (f" (task {task})" if task else "") for owner, name, task in unbound
+    )
+    return [
+        Warning(
+            f"credentials bound to no host, which tools refuse to send: {listed}",
+            hint="Set each again: printf %s VALUE | python manage.py credentials set "
+            "--owner OWNER --name NAME --host HOST (or --any-host).",
+            id="tools.W002",
+        )
+    ]

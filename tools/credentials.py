@@ -80,13 +80,16 @@ def credential_set(
     value: Any,
     task_id: UUID | str | None = None,
     hosts: Any = (),
+    any_host: bool = False,
     actor: str,
 ) -> Credential:
     """Store (or replace) the credential ``name`` of ``owner``, or of one of its tasks.
 
     ``hosts`` binds it to the hosts it may be sent to (``api.example.com``, or
-    ``*.example.com`` for subdomains; empty: any host the outbound policy allows); a tool
-    asking for it on the way to another host is refused (``ToolContext.credential``).
+    ``*.example.com`` for subdomains); a tool asking for it on the way to another host is
+    refused (``ToolContext.credential``). One of ``hosts`` or ``any_host=True`` (the
+    rare exception: any host the outbound policy allows, stored as ``["*"]`` and
+    logged with the actor) is required: a credential is never unbound by default.
 
     ``InvalidInput`` names the bad field: a value that is not 8 to 8192 characters, that
     has a control character (a newline, a carriage return, a tab: such a value breaks
@@ -112,6 +115,16 @@ def credential_set(
     if value != value.strip():
         raise InvalidInput("must not start or end with blanks", field="value")
     bound = hosts_normalise(hosts)
+    if any_host and bound:
+        raise InvalidInput("give hosts or any_host, not both", field="hosts")
+    if any_host:
+        bound = (ANY_HOST,)
+    elif not bound:
+        raise InvalidInput(
+            "name the hosts this credential may be sent to (--host), or allow any host "
+            "explicitly (--any-host)",
+            field="hosts",
+        )
     task: Any = None
     if task_id is not None:
         # The task model through the credential's foreign key: tools import no app above.
@@ -136,11 +149,15 @@ def credential_set(
         credential=name,
         task_id=str(task.pk) if task else None,
         hosts=list(bound),
+        any_host=any_host,
         created=created,
         actor=actor,
     )
     return credential
 
+
+# The ``hosts`` of a credential set with ``any_host=True``: every host (fnmatch's "*").
+ANY_HOST = "*"
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 

@@ -49,7 +49,8 @@ class Credential(models.Model):
     name = models.CharField(max_length=100)
     ciphertext = models.TextField(editable=False)
     # The hosts this credential may be sent to (``api.example.com``, or ``*.example.com``
-    # for its subdomains); empty: any host the outbound policy allows.
+    # for its subdomains, ``*`` when set with ``--any-host``); empty (only on rows stored
+    # before hosts were required, reported by ``check --deploy``): sent to no host.
     hosts = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)

@@ -11,9 +11,12 @@ on every redirect hop:
   (``127.0.0.0/8``, ``::1``, so also ``localhost``, ``2130706433``, ``127.1``),
   private (RFC 1918, ``fc00::/7``), link-local (``169.254.0.0/16``, the metadata
   address ``169.254.169.254``, ``fe80::/10``), unspecified (``0.0.0.0``, ``::``),
-  shared, reserved and multicast addresses are refused. IPv6 forms that carry an IPv4
-  address (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4, Teredo) are
-  judged by that IPv4 address;
+  shared, reserved and multicast addresses are refused, and so are ranges
+  ``ipaddress`` calls global but are not (site-local ``fec0::/10``, local NAT64
+  ``64:ff9b:1::/48``, discard, documentation). IPv6 forms that carry an IPv4 address
+  (mapped ``::ffff:a.b.c.d``, translated ``::ffff:0:a.b.c.d``, compatible
+  ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``, Teredo) are judged by
+  every IPv4 address they carry;
 - unless the host name or the address is in ``AGENTS_OUTBOUND_ALLOW`` (comma-separated
   host names, ``*.example.com`` for subdomains, addresses or CIDRs), the hosts a
   deployment means to reach;
@@ -104,24 +107,55 @@ def parse_allow_list(entries: Iterable[str]) -> tuple[tuple[str, ...], tuple[IPN
     return tuple(hosts), tuple(networks)
 
 
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+# IPv6 ranges that are not globally routable although ``ipaddress`` (3.11) calls them
+# global, or whose embedded IPv4 address is what the connection reaches.
+_NOT_GLOBAL_V6 = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "fec0::/10",  # site-local (deprecated, RFC 3879), still routed inside some sites
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+        "100::/64",  # discard-only (RFC 6666)
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation (RFC 9637)
+        "5f00::/16",  # SRv6 SIDs (RFC 9602)
+        "2001::/23",  # IETF protocol assignments (Teredo is judged by what it carries)
+    )
+)
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped, ::ffff:a.b.c.d
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765)
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # IPv4-compatible (deprecated), :: and ::1 too
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, in any of its forms: mapped,
+    translated, compatible, NAT64 (well-known prefix), 6to4, Teredo (server and client).
+    Empty for a plain IPv6 address."""
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _MAPPED or address in _TRANSLATED or address in _COMPATIBLE:
+        return [low32]
     if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        return [low32]
     if address.sixtofour is not None:
-        return address.sixtofour
+        return [address.sixtofour]
     if address.teredo is not None:
-        return address.teredo[1]
-    return None
+        return list(address.teredo)
+    return []
 
 
 def is_public(address: IPAddress) -> bool:
-    """True for a globally routable unicast address (see the module's docstring)."""
+    """True for a globally routable unicast address (see the module's docstring): an
+    IPv6 address that carries an IPv4 one is judged by every IPv4 address it carries."""
     if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            return False
         embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            return is_public(embedded)
+        if embedded:
+            return all(is_public(v4) for v4 in embedded)
+        if address in _TEREDO:
+            return False
+        if any(address in network for network in _NOT_GLOBAL_V6):
+            return False
     return bool(address.is_global and not address.is_multicast)
 
 

@@ -71,19 +71,29 @@ class ToolContext:
     timeout: float
     # Decrypted credentials of this task's owner (or of this task alone), by name.
     credentials: Mapping[str, str] = field(default_factory=dict)
-    # The hosts each credential is bound to (absent or empty: any allowed host).
+    # The hosts each credential is bound to (``*``: any allowed host; empty: none).
     credential_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def credential(self, name: str, *, host: str, tool: str, field: str) -> str:
         """The credential ``name``, to be sent to ``host``. Raises ``ToolArgumentError``
         on ``field`` if the task has none by that name, or if the credential is bound
-        to other hosts (``credentials set --host``): it never leaves for another one."""
+        to other hosts (``credentials set --host``): it never leaves for another one. A
+        credential bound to no host (stored before hosts were required) goes nowhere;
+        one set with ``--any-host`` (hosts ``["*"]``) goes to any allowed host."""
         value = self.credentials.get(name)
         if value is None:
             raise ToolArgumentError(tool, field, f"this task has no credential {name!r}")
         bound = self.credential_hosts.get(name, ())
         host = host.lower().rstrip(".")
-        if bound and not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
+        if not bound:
+            # Stored before hosts were required (check --deploy lists these): never sent.
+            raise ToolArgumentError(
+                tool,
+                field,
+                f"credential {name!r} is bound to no host: set it again with "
+                "'credentials set --host HOST' (or --any-host)",
+            )
+        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in bound):
             raise ToolArgumentError(
                 tool,
                 field,

@@ -377,3 +377,13 @@ class ErrorSerializer(serializers.Serializer):
     error = serializers.CharField(help_text="A stable code: invalid, not_found, conflict...")
     detail = serializers.CharField(help_text="What is wrong, for a person.")
     field = serializers.CharField(required=False, help_text="The input at fault, as a path.")
+
+
+class TokenSerializer(serializers.Serializer):
+    """A new API token (``POST /api/token/rotate/``): shown once."""
+
+    token = serializers.CharField(help_text="Send it as `Authorization: Token <token>`.")
+    created = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(
+        allow_null=True, help_text="After this it is refused (AGENTS_API_TOKEN_MAX_AGE)."
+    )

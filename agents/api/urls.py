@@ -7,7 +7,13 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from agents.api.views import BreakerListView, DeadLetterViewSet, TaskViewSet, not_found
+from agents.api.views import (
+    BreakerListView,
+    DeadLetterViewSet,
+    TaskViewSet,
+    TokenRotateView,
+    not_found,
+)
 
 router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
@@ -16,6 +22,7 @@ router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
 urlpatterns = [
     *router.urls,
     path("breakers/", BreakerListView.as_view(), name="api-breakers"),
+    path("token/rotate/", TokenRotateView.as_view(), name="api-token-rotate"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     re_path(r"^(?P<path>.*)$", not_found, name="api-not-found"),

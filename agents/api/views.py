@@ -27,6 +27,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents import permissions
+from agents.api.authentication import api_token_expires_at, api_token_rotate
 from agents.api.errors import Unavailable
 from agents.api.events import EVENTS_DESCRIPTION, EventStreamRenderer, last_event_id
 from agents.api.pagination import NewestFirstPagination, seek_page
@@ -52,7 +53,9 @@ from agents.api.serializers import (
     TaskListItemSerializer,
     TaskQuerySerializer,
     TaskSerializer,
+    TokenSerializer,
 )
+from agents.api.streams import holding, holding_async, stream_slot_acquire
 from agents.core.dead_letters import dead_letter_requeue
 from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.diagnosis import with_dead_letter_error
@@ -211,7 +214,7 @@ class TaskViewSet(viewsets.GenericViewSet):
             204: OpenApiResponse(
                 description="The task has ended and there is nothing after Last-Event-ID."
             ),
-            **errors(400, 404),
+            **errors(400, 404, 429),
         },
     )
     @action(
@@ -225,10 +228,11 @@ class TaskViewSet(viewsets.GenericViewSet):
         after = last_event_id(request)
         if task_events_finished(task_id=task.pk, after_seq=after):
             return HttpResponse(status=status.HTTP_204_NO_CONTENT)
+        slot = stream_slot_acquire(request.user.pk)  # 429 past the limits
         if isinstance(request._request, ASGIRequest):
-            stream: Any = event_stream_async(task_id=task.pk, after_seq=after)
+            stream: Any = holding_async(slot, event_stream_async(task_id=task.pk, after_seq=after))
         else:
-            stream = event_stream(task_id=task.pk, after_seq=after)
+            stream = holding(slot, event_stream(task_id=task.pk, after_seq=after))
         response = StreamingHttpResponse(stream, content_type="text/event-stream; charset=utf-8")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
@@ -365,3 +369,21 @@ class BreakerListView(APIView):
         except RedisError as exc:
             raise Unavailable(f"circuit breaker state is unavailable: {exc}") from exc
         return Response(BreakerSerializer(breakers, many=True).data)
+
+
+class TokenRotateView(APIView):
+    """Replace the caller's API token: the old one is refused from now on."""
+
+    @extend_schema(
+        summary="Rotate your API token (the old one stops working)",
+        request=None,
+        responses={201: TokenSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        token = api_token_rotate(request.user)
+        body = {
+            "token": token.key,
+            "created": token.created,
+            "expires_at": api_token_expires_at(token),
+        }
+        return Response(TokenSerializer(body).data, status=status.HTTP_201_CREATED)

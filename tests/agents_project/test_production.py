@@ -21,6 +21,7 @@ PRODUCTION = {
     "DJANGO_SECRET_KEY": "k3-" + "q9Zr7".join(str(i) for i in range(20)),
     "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
     "AGENTS_METRICS_TOKEN": "a-scrape-token",
+    "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
     "ALLOWED_HOSTS": "agents.example.com",
     "DJANGO_SETTINGS_MODULE": "agents_project.settings",
 }
@@ -47,6 +48,7 @@ def test_check_deploy_is_clean_with_the_documented_production_variables():
         ("DJANGO_SECRET_KEY", "DJANGO_SECRET_KEY must be set in production"),
         ("AGENTS_CREDENTIALS_KEY", "AGENTS_CREDENTIALS_KEY must be set in production"),
         ("AGENTS_METRICS_TOKEN", "AGENTS_METRICS_TOKEN must be set in production"),
+        ("AGENTS_AUDIT_KEY", "AGENTS_AUDIT_KEY must be set in production"),
     ],
 )
 def test_production_refuses_to_start_without_each_secret(missing, message):

@@ -278,6 +278,12 @@ def container_environment(
     for variable, (url, host) in replacements.items():
         if variable in env:
             env[variable] = _replace_address(env[variable], url, host)
+    # The app's role (docker/compose.yaml: agents_app), made by migrate's db_app_role.
+    for variable in ("DATABASE_URL", "APP_DATABASE_URL"):
+        if urlsplit(service.environment.get(variable, "")).username == "agents_app":
+            env[variable] = _replace_address(
+                service.environment[variable], ns.app_database_url, "postgres"
+            )
     for variable, value in env.items():
         if "://" in value and urlsplit(value).hostname in BACKING:
             raise AssertionError(f"{service.name}: {variable} names a compose service: {value}")

@@ -45,6 +45,17 @@ class Namespace:
         return urlsplit(self.database_url).path.lstrip("/")
 
     @property
+    def app_role(self) -> str:
+        """The role web and workers run as (``manage.py db_app_role`` makes it)."""
+        return f"app_{self.name}"
+
+    @property
+    def app_database_url(self) -> str:
+        parts = urlsplit(self.database_url)
+        netloc = f"{self.app_role}:pw-{self.name}@{parts.hostname}:{parts.port or 5432}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
     def queues(self) -> dict[str, str]:
         """The ``AGENTS_*`` variables that give a deployment its own queues and keys."""
         return {
@@ -89,6 +100,7 @@ def drop(ns: Namespace) -> list[str]:
     try:
         with _admin(ns) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{ns.database}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE IF EXISTS "{ns.app_role}"')
     except psycopg.Error as exc:
         problems.append(f"database {ns.database}: {exc}")
     names = ns.queues

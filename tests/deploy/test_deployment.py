@@ -130,3 +130,49 @@ def test_the_web_probes_send_a_host_that_allowed_hosts_holds():
     assert "localhost" in row
     (row,) = [line for line in readme.splitlines() if line.startswith("| `AGENTS_METRICS_TOKEN`")]
     assert "optional" not in row
+
+
+def test_web_and_workers_run_as_the_app_role_and_migrate_as_the_owner():
+    """Issue 23: the app's own credentials cannot disable the audit trail's trigger."""
+
+    def user_of(url: str) -> str:  # compose's text, before ${...} is substituted
+        found = re.match(r"postgres://(\w+):", url)
+        assert found, url
+        return found.group(1)
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    migrate = services["migrate"]
+    assert user_of(migrate["environment"]["DATABASE_URL"]) == "agents"
+    assert user_of(migrate["environment"]["APP_DATABASE_URL"]) == "agents_app"
+    assert "manage.py db_app_role" in " ".join(migrate["command"])
+    for name in ("web", "worker", "flower", "llm-gateway", "audit-anchor"):
+        env = services[name]["environment"]
+        assert user_of(env["DATABASE_URL"]) == "agents_app", name
+        assert env["AGENTS_AUDIT_KEY"].startswith("${AGENTS_AUDIT_KEY:?"), name
+    # The anchor log is on a volume no other service mounts.
+    anchors = [
+        name
+        for name, spec in services.items()
+        if any(str(v).startswith("audit-anchors:") for v in spec.get("volumes", []))
+    ]
+    assert anchors == ["audit-anchor"]
+    job = next(yaml.safe_load_all((ROOT / "docker" / "k8s" / "migrate-job.yaml").read_text()))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert "manage.py db_app_role" in " ".join(container["command"])
+    owner = {e["name"]: e for e in container["env"]}["DATABASE_URL"]
+    assert owner["valueFrom"]["secretKeyRef"]["name"] == "agents-owner"
+    for path in ("web.yaml", "worker.yaml", "llm-gateway.yaml", "audit-anchor.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "docker" / "k8s" / path).read_text()):
+            if doc.get("kind") != "Deployment":
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                assert "DATABASE_URL" not in {e["name"] for e in c.get("env", [])}, path
+                assert "agents-owner" not in str(c), path
+
+
+def test_the_image_serves_the_web_with_an_asgi_server():
+    """Issue 23: an open event stream must not hold a sync worker."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    cmd = next(line for line in dockerfile.splitlines() if line.startswith("CMD"))
+    assert '"uvicorn", "agents_project.asgi:application"' in cmd

@@ -32,6 +32,7 @@ PRODUCTION = {
     "DJANGO_SECRET_KEY": "https-" + "Lm4q".join(str(i) for i in range(20)),
     "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
     "AGENTS_METRICS_TOKEN": "a-scrape-token-for-the-https-test",
+    "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
     "ALLOWED_HOSTS": "agents.example.com,localhost",
     "DJANGO_SETTINGS_MODULE": "agents_project.settings",
 }

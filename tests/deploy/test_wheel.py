@@ -131,6 +131,7 @@ def production_env(venv: Path, ns: services.Namespace, var: Path) -> dict[str, s
         "DJANGO_SECRET_KEY": "wheel-" + "Zq8x".join(str(i) for i in range(20)),
         "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
         "AGENTS_METRICS_TOKEN": "a-scrape-token-for-the-wheel-test",
+        "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
         "ALLOWED_HOSTS": "agents.example.com",
         "AGENTS_VAR_DIR": str(var),
         "DATABASE_URL": ns.database_url,

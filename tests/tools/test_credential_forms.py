@@ -51,7 +51,7 @@ def log_output() -> Iterator[io.StringIO]:
 
 def _legacy_credential(user) -> None:
     Credential.objects.create(
-        owner=user, name="api_key", ciphertext=credential_encrypt(SECRET), hosts=[]
+        owner=user, name="api_key", ciphertext=credential_encrypt(SECRET), hosts=["*"]
     )
 
 
@@ -167,7 +167,7 @@ def test_a_two_line_bearer_refused_by_httpx_does_not_leak_through_its_error(
 )
 def test_values_with_control_characters_or_surrounding_blanks_are_refused(user, value):
     with pytest.raises(InvalidInput) as refused:
-        credential_set(owner=user, name="api_key", value=value, actor="test")
+        credential_set(owner=user, name="api_key", value=value, any_host=True, actor="test")
     assert refused.value.field == "value"
     assert value.strip() not in refused.value.message
     err = io.StringIO()

@@ -19,6 +19,7 @@ def deploy_check(key: str) -> subprocess.CompletedProcess[str]:
         "AGENTS_ENVIRONMENT": "production",
         "AGENTS_CREDENTIALS_KEY": key,
         "AGENTS_METRICS_TOKEN": "a-scrape-token-for-this-test",
+        "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
         "DJANGO_SECRET_KEY": Fernet.generate_key().decode() * 2,
     }
     return subprocess.run(

@@ -41,17 +41,24 @@ def start(user, *script) -> AgentTask:
 @pytest.mark.django_db
 def test_a_credential_is_encrypted_at_rest_and_seen_only_by_its_owners_tasks(user, other_user):
     alice_key, bob_key, task_key = (f"sk-{token_hex(16)}" for _ in range(3))
-    credential_set(owner=user, name="api_key", value=alice_key, actor="test")
-    credential_set(owner=other_user, name="api_key", value=bob_key, actor="test")
+    credential_set(owner=user, name="api_key", value=alice_key, any_host=True, actor="test")
+    credential_set(owner=other_user, name="api_key", value=bob_key, any_host=True, actor="test")
     with connection.cursor() as cursor:
         cursor.execute("SELECT * FROM tools_credential")
         stored = repr(cursor.fetchall())
     assert alice_key not in stored and bob_key not in stored
 
     first, second = start(user, {"final": 1}), start(user, {"final": 2})
-    credential_set(owner=user, name="api_key", value=task_key, task_id=first.pk, actor="test")
     credential_set(
-        owner=user, name="only_first", value="x-first-secret", task_id=first.pk, actor="test"
+        owner=user, name="api_key", value=task_key, task_id=first.pk, any_host=True, actor="test"
+    )
+    credential_set(
+        owner=user,
+        name="only_first",
+        value="x-first-secret",
+        task_id=first.pk,
+        any_host=True,
+        actor="test",
     )
     assert credentials_for_task(task_id=first.pk, owner_id=user.pk) == {
         "api_key": task_key,  # the task's own wins over its owner's
@@ -75,7 +82,9 @@ def test_bad_credentials_are_refused_naming_the_field(user, other_user):
         assert bad_value.value.field == "value"
     bobs = start(other_user, {"final": 1})
     with pytest.raises(NotFound):
-        credential_set(owner=user, name="k", value="long-enough", task_id=bobs.pk, actor="test")
+        credential_set(
+            owner=user, name="k", value="long-enough", task_id=bobs.pk, any_host=True, actor="test"
+        )
     with pytest.raises(NotFound):
         credential_delete(owner=user, name="k", actor="test")
     assert not Credential.objects.exists()
@@ -85,7 +94,7 @@ def test_bad_credentials_are_refused_naming_the_field(user, other_user):
 def test_keys_rotate_and_a_lost_key_is_reported_without_the_value(user, settings):
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     settings.AGENTS = {**settings.AGENTS, "CREDENTIALS_KEYS": [old]}
-    credential_set(owner=user, name="api_key", value="the-value-123", actor="test")
+    credential_set(owner=user, name="api_key", value="the-value-123", any_host=True, actor="test")
     task = start(user, {"final": 1})
     settings.AGENTS = {**settings.AGENTS, "CREDENTIALS_KEYS": [new, old]}
     assert rotate(actor="test") == 1
@@ -120,6 +129,7 @@ def test_production_refuses_to_start_without_a_credentials_key():
             "AGENTS_CREDENTIALS_KEY": Fernet.generate_key().decode(),
             "DJANGO_SECRET_KEY": "x7" * 30 + "abcdef",
             "AGENTS_METRICS_TOKEN": "scrape-token",
+            "AGENTS_AUDIT_KEY": "an-audit-key-for-tests-0123456789abcdef",
             "DJANGO_SETTINGS_MODULE": "agents_project.settings",
         },
         capture_output=True,
@@ -138,6 +148,8 @@ def test_the_credentials_command_reads_the_value_from_stdin_and_never_prints_it(
         "alice",
         "--name",
         "api_key",
+        "--host",
+        "api.example.com",
         stdin=io.StringIO(secret + "\n"),
     )
     task = start(user, {"final": 1})
@@ -170,7 +182,7 @@ def test_a_credential_never_reaches_checkpoints_audit_dead_letters_the_api_or_lo
     user, flaky, log_output, fast_retries, loopback_allowed
 ):
     secret = f"sk-{token_hex(16)}"
-    credential_set(owner=user, name="api_key", value=secret, actor="test")
+    credential_set(owner=user, name="api_key", value=secret, any_host=True, actor="test")
     peeking = start(
         user,
         {"tool": "session.peek"},
@@ -231,7 +243,9 @@ def test_a_credential_never_reaches_checkpoints_audit_dead_letters_the_api_or_lo
 @pytest.mark.django_db
 def test_the_admin_lists_credentials_without_their_values(admin_client, user):
     secret = f"sk-{token_hex(16)}"
-    credential = credential_set(owner=user, name="api_key", value=secret, actor="test")
+    credential = credential_set(
+        owner=user, name="api_key", value=secret, any_host=True, actor="test"
+    )
     listing = admin_client.get("/admin/tools/credential/")
     detail = admin_client.get(f"/admin/tools/credential/{credential.pk}/change/")
     for response in (listing, detail):

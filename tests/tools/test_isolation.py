@@ -58,7 +58,9 @@ def test_two_owners_interleaved_on_shared_workers_never_see_each_other(
     owners = {"alice": user, "bob": other_user}
     secrets = {name: f"{name}-sk-{token_hex(16)}" for name in owners}
     for name, owner in owners.items():
-        credential_set(owner=owner, name="api_key", value=secrets[name], actor="test")
+        credential_set(
+            owner=owner, name="api_key", value=secrets[name], any_host=True, actor="test"
+        )
     for _ in range(2):
         workers.start(concurrency=3, AGENTS_MODULES="tests.tools.session_tools", **loopback_allowed)
 
@@ -71,7 +73,12 @@ def test_two_owners_interleaved_on_shared_workers_never_see_each_other(
     # One of alice's tasks also has a credential of its own, which no other task sees.
     special = tasks[0][2]
     credential_set(
-        owner=user, name="task_only", value=f"t-{token_hex(8)}", task_id=special.pk, actor="test"
+        owner=user,
+        name="task_only",
+        value=f"t-{token_hex(8)}",
+        task_id=special.pk,
+        any_host=True,
+        actor="test",
     )
     for _, _, task in tasks:
         task_signal(task_id=task.pk, user=None, name="go")

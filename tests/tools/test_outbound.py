@@ -37,6 +37,12 @@ LOOPBACK_FORMS = [
     "[::ffff:127.0.0.1]",
     "[::ffff:7f00:1]",
     "[::]",
+    "[::127.0.0.1]",  # IPv4-compatible
+    "[::7f00:1]",
+    "[::ffff:0:7f00:1]",  # IPv4-translated
+    "[::ffff:0:127.0.0.1]",
+    "[64:ff9b::7f00:1]",  # NAT64
+    "[2002:7f00:1::1]",  # 6to4
 ]
 
 NON_PUBLIC = [
@@ -56,6 +62,13 @@ NON_PUBLIC = [
     "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
     "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
     "[ff02::1]",
+    "[fec0::1]",  # site-local (deprecated), which ipaddress calls global
+    "[::10.0.0.1]",  # IPv4-compatible
+    "[::ffff:0:a9fe:a9fe]",  # IPv4-translated 169.254.169.254
+    "[64:ff9b:1::a9fe:a9fe]",  # local-use NAT64
+    "[2001:0:4136:e378:8000:63bf:f5ff:fffe]",  # Teredo whose client is 10.0.0.1
+    "[2001:db8::1]",  # documentation
+    "[100::1]",  # discard-only
 ]
 
 
@@ -78,7 +91,15 @@ def test_private_link_local_metadata_and_reserved_addresses_are_refused(host):
 
 
 @pytest.mark.parametrize(
-    "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+    ],
 )
 def test_public_addresses_are_allowed(address):
     assert is_public(ipaddress.ip_address(address))
@@ -191,7 +212,8 @@ def _get_with(user, url: str, name: str = "api_key"):
         (["*.example.com"], False),
         (["localhost"], False),  # the request goes to 127.0.0.1, not to localhost
         (["127.0.0.1"], None),  # an address is not a host name: refused at set
-        ([], True),
+        ([], None),  # no hosts: refused at set (--any-host is the explicit exception)
+        (["*"], None),  # nor is "any host" a host name
     ],
 )
 def test_a_credential_bound_to_hosts_is_sent_nowhere_else(
@@ -216,6 +238,68 @@ def test_a_credential_bound_to_hosts_is_sent_nowhere_else(
     assert flaky.requests == []
 
 
+def test_a_credential_with_any_host_is_sent_to_any_allowed_host(user, flaky, loopback_allowed):
+    secret = "sk-anyhost-0123456789"
+    credential_set(owner=user, name="api_key", value=secret, any_host=True, actor="test")
+    _get_with(user, flaky.url("/me"))
+    assert flaky.requests[0].authorization == f"Bearer {secret}"
+
+
+def test_an_unbound_credential_is_sent_nowhere_and_check_deploy_reports_it(
+    user, flaky, loopback_allowed
+):
+    """A credential stored before hosts were required (hosts ``[]``) goes to no host."""
+    from django.core import checks
+
+    from tools.models import Credential
+
+    secret = "SECRETVALUE-0123456789"
+    credential_set(owner=user, name="api_key", value=secret, any_host=True, actor="test")
+    Credential.objects.filter(name="api_key").update(hosts=[])
+    with pytest.raises(ToolArgumentError, match="bound to no host") as refused:
+        _get_with(user, flaky.url("/me"))
+    assert secret not in str(refused.value)
+    assert flaky.requests == []
+    found = [
+        message
+        for message in checks.run_checks(include_deployment_checks=True)
+        if message.id == "tools.W002"
+    ]
+    assert len(found) == 1 and f"{user.username}/api_key" in found[0].msg
+    Credential.objects.filter(name="api_key").update(hosts=["api.example.com"])
+    assert not [
+        m for m in checks.run_checks(include_deployment_checks=True) if m.id == "tools.W002"
+    ]
+
+
+def test_the_command_requires_hosts_or_any_host(user):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    from tools.models import Credential
+
+    def set_(*extra):
+        call_command(
+            "credentials",
+            "set",
+            "--owner",
+            user.username,
+            "--name",
+            "k",
+            *extra,
+            stdin=io.StringIO("sk-0123456789\n"),
+        )
+
+    with pytest.raises(CommandError, match="hosts: .*--host.*--any-host"):
+        set_()
+    assert not Credential.objects.exists()
+    with pytest.raises(CommandError, match="hosts: .*not both"):
+        set_("--any-host", "--host", "api.example.com")
+    set_("--any-host")
+    assert Credential.objects.get().hosts == ["*"]
+
+
 def test_a_credential_bound_to_its_host_is_sent_there(user, flaky, settings):
     settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["localhost"]}
     secret = "sk-bound-0123456789"
@@ -226,7 +310,7 @@ def test_a_credential_bound_to_its_host_is_sent_there(user, flaky, settings):
 
 def test_authorization_is_dropped_on_a_redirect_to_another_host(user, flaky, loopback_allowed):
     settings_hosts = ["localhost"]
-    credential_set(owner=user, name="api_key", value="sk-0123456789", actor="test")
+    credential_set(owner=user, name="api_key", value="sk-0123456789", any_host=True, actor="test")
     from django.conf import settings
 
     settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["127.0.0.1", *settings_hosts]}

@@ -6,7 +6,8 @@ stay in shell history and process listings)::
     printf %s "$API_KEY" | python manage.py credentials set --owner alice --name api_key \
         --host api.example.com
 
-``--host`` (repeatable) binds the credential to the hosts it may be sent to.
+``--host`` (repeatable) binds the credential to the hosts it may be sent to; one of it
+or ``--any-host`` (the rare exception, logged) is required.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class Command(BaseCommand):
             default=[],
             help="a host it may be sent to (repeat for more; *.example.com: subdomains)",
         )
+        set_.add_argument(
+            "--any-host",
+            action="store_true",
+            help="the rare exception: send it to any host the outbound policy allows",
+        )
         listing = actions.add_parser("list", help="list credentials (names, never values)")
         listing.add_argument("--owner", default=None, help="only this user's")
         actions.add_parser("rotate", help="re-encrypt every credential under the first key")
@@ -62,6 +68,7 @@ class Command(BaseCommand):
                     value=value,
                     task_id=options["task"],
                     hosts=options["hosts"],
+                    any_host=options["any_host"],
                     actor=actor,
                 )
                 self.stdout.write(f"credential {options['name']} stored")
@@ -77,7 +84,8 @@ class Command(BaseCommand):
                 owner = _user(options["owner"]) if options["owner"] else None
                 for credential in credential_list(owner=owner):
                     scope = f"task {credential.task_id}" if credential.task_id else "all tasks"
-                    hosts = ",".join(credential.hosts) or "any host"
+                    hosts = ",".join(credential.hosts) or "UNBOUND (sent nowhere)"
+                    hosts = "any host" if hosts == "*" else hosts
                     self.stdout.write(
                         f"{credential.owner.get_username():<20} {credential.name:<30} "
                         f"{scope:<42} {hosts:<30} "
