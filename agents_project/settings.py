@@ -78,6 +78,8 @@ AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_TIME", default=0.25)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+# No start-up banner: a process's log says what it does, not which library it loaded.
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "agents_project.urls"
 WSGI_APPLICATION = "agents_project.wsgi.application"

@@ -28,7 +28,9 @@ import time
 
 from django.conf import settings
 
-POINTS = ("before_commit", "after_commit", "after_publish", "handoff_returned")
+# Where a worker's step can die; and the model gateway's own point.
+WORKER_POINTS = ("before_commit", "after_commit", "after_publish")
+POINTS = (*WORKER_POINTS, "handoff_returned")
 
 
 def parse(spec: str) -> tuple[str, int | None]:

@@ -21,6 +21,8 @@ the request's first user message contains; ``script`` is the default. Entries::
     {"chunk_delay": 0.1, ...}                                 when streamed ("stream": true in
                                                                the request), this long between
                                                                pieces of about two words
+    {"until_in_flight": 6, ...}                                answer once 6 requests are in
+                                                               flight at once (30 s at most)
     {"hang": true}                                             never answer; note when the
                                                                client closes the connection
     {"malformed": true}                                        200 with broken JSON
@@ -194,6 +196,12 @@ class ChatServer:
             entry = self._next(record.task or "anonymous", body)
         if entry.get("delay"):
             time.sleep(float(entry["delay"]))
+        if entry.get("until_in_flight"):
+            # Hold the answer until that many requests are in flight at once (30 s at
+            # most): a test of concurrency that counts, never times.
+            until = time.monotonic() + 30
+            while self.in_flight < int(entry["until_in_flight"]) and time.monotonic() < until:
+                time.sleep(0.02)
         if entry.get("hang"):
             while not closed():
                 time.sleep(0.05)

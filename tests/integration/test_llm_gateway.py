@@ -30,11 +30,12 @@ def gateway_env(chat, **extra: str) -> dict[str, str]:
 
 
 def test_sessions_wait_on_the_model_in_the_gateway_not_in_pool_processes(workers, user, chat):
-    # One pool process, six sessions whose model answers slowly: the model still sees
-    # all six requests at once, because no pool process waits for an answer.
-    chat.script = [{"tool_calls": [CALC], "delay": 1.5}, {"content": "five", "delay": 1.5}]
-    workers.start(concurrency=1, **gateway_env(chat))
-    workers.start_gateway(**gateway_env(chat))
+    # One pool process, six sessions whose model answers only once it holds six
+    # requests at once: it gets there, because no pool process waits for an answer.
+    chat.script = [{"tool_calls": [CALC], "until_in_flight": 6}, {"content": "five"}]
+    env = gateway_env(chat, AGENTS_LLM_TIMEOUT="60")  # the first request waits for the sixth
+    workers.start(concurrency=1, **env)
+    workers.start_gateway(**env)
     tasks = [start(user, tools=["calc"]) for _ in range(6)]
     for task in tasks:
         done = wait_until(lambda t=task: ended(t), timeout=120)

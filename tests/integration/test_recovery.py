@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agents.core.faults import POINTS
+from agents.core.faults import WORKER_POINTS
 from agents.models import Checkpoint
 from tests.helpers import private_queues, wait_until, worker_env
 from tests.integration import scenario
@@ -32,7 +32,7 @@ def progress(ids) -> int:
     return Checkpoint.objects.filter(task_id__in=ids, step__gt=0).count()
 
 
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", WORKER_POINTS)
 def test_a_worker_killed_at_a_point_of_a_step_loses_nothing(workers, point, tmp_path):
     fired = tmp_path / "fired"
     workers.start(
