@@ -110,8 +110,13 @@ def event_hash(
 def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
     """Set ``event.prev_hash`` and ``event.hash`` (before it is inserted)."""
     event.prev_hash = prev_hash
-    event.hash = event_hash(
-        prev_hash=prev_hash,
+    event.hash = _hash_of(event, key=None)
+
+
+def _hash_of(event: AuditEvent, *, key: bytes | None) -> str:
+    """``event_hash`` of the event's own fields (after its ``prev_hash``)."""
+    return event_hash(
+        prev_hash=event.prev_hash,
         task_id=event.task_id,
         seq=event.seq,
         type=event.type,
@@ -119,6 +124,7 @@ def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
         actor=event.actor,
         created_at=event.created_at,
         payload=event.payload,
+        key=key,
     )
 
 
@@ -150,21 +156,7 @@ def unchained_through() -> int:
 
 
 def _hash_matches(event: AuditEvent, keys: tuple[bytes, ...]) -> bool:
-    for key in keys:
-        computed = event_hash(
-            prev_hash=event.prev_hash,
-            task_id=event.task_id,
-            seq=event.seq,
-            type=event.type,
-            step=event.step,
-            actor=event.actor,
-            created_at=event.created_at,
-            payload=event.payload,
-            key=key,
-        )
-        if hmac.compare_digest(computed, event.hash):
-            return True
-    return False
+    return any(hmac.compare_digest(_hash_of(event, key=key), event.hash) for key in keys)
 
 
 def audit_chain_verify(

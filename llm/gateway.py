@@ -109,6 +109,8 @@ class Call:
     work: asyncio.Task[None] | None = None
     # Why the work was cancelled: "lost" (the lease is gone) or "shutdown".
     stop: str = ""
+    # When the step published it (``time.time()``), for the queue-wait metric.
+    published_at: float | None = None
     claimed: bool = False
     recorded: bool = False
     slots: list[str] = field(default_factory=list)
@@ -205,6 +207,7 @@ class Gateway:
                 fence=int(body["fence"]),
                 payload=dict(body["payload"]),
                 message=message,
+                published_at=body.get("published_at"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             logger.error("malformed hand-off dropped", error=repr(exc))
@@ -224,9 +227,8 @@ class Gateway:
                 await call.message.ack()
                 return
             call.claimed = True
-            published = call.message.timestamp
-            if published is not None:
-                metrics.GATEWAY_QUEUE_TIME.observe(max(time.time() - published.timestamp(), 0))
+            if call.published_at is not None:
+                metrics.GATEWAY_QUEUE_TIME.observe(max(time.time() - call.published_at, 0))
             handed_back, also = await self._answer(call)
             while not await self._return(call, handed_back, also):
                 await asyncio.sleep(1.0)  # the broker refused: keep the step, try again
@@ -461,8 +463,10 @@ class Gateway:
         )
         accumulator = ChunkAccumulator()
         index = 0
+        first = True
         async for chunk in chunks:
-            if index == 0 and not accumulator.id:
+            if first:
+                first = False
                 metrics.GATEWAY_FIRST_TOKEN.labels(model=config.name).observe(
                     time.monotonic() - started
                 )

@@ -4,7 +4,7 @@ A step that would wait long on the network (a model call) raises
 ``agents.definition.HandOff`` with what to do. ``step_hand_off`` (the engine's) then, in
 one transaction on the task's locked row, fenced by the step's token:
 
-1. publishes ``{"task_id", "step", "fence", "payload"}`` to the hand-off queue
+1. publishes ``{"task_id", "step", "fence", "payload", "published_at"}`` to the hand-off queue
    (``AGENTS_HANDOFF_QUEUE``, confirmed by the broker);
 2. passes the lease to the queue: its owner becomes ``handoff/<queue>`` and it expires
    after ``AGENTS_HANDOFF_PATIENCE`` seconds; ``in_flight`` stays 1, since the hand-off
@@ -33,6 +33,7 @@ only if its lease still holds when it returns it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -80,7 +81,13 @@ def step_hand_off(
         if not held:
             return False
         handoff_publish(
-            body={"task_id": str(task_id), "step": step, "fence": fence, "payload": payload}
+            body={
+                "task_id": str(task_id),
+                "step": step,
+                "fence": fence,
+                "payload": payload,
+                "published_at": time.time(),
+            }
         )
     return True
 

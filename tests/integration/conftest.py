@@ -6,18 +6,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
 from agents_project.worker_process import kill_worker_group, start_gateway, start_worker
-from tests.helpers import log_dir, tail, wait_until, worker_env
-from tests.integration.servers import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import log_dir, tail, worker_env
+from tests.integration.uvicorn import AsgiServer, uvicorn_running
 
 
 class Workers:
@@ -89,61 +84,11 @@ def workers(request, transactional_db) -> Iterator[Workers]:
         print(pool.report())
 
 
-class AsgiServer:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = url
-        self.process = process
-        self.log = log
-
-
 @pytest.fixture
 def asgi_server(transactional_db) -> Iterator[AsgiServer]:
     """``uvicorn agents_project.asgi:application`` on this test's database."""
-    port = free_port()
-    log = log_dir() / f"uvicorn-{port}.log"
-    env = {
-        **os.environ,
-        **worker_env(AGENTS_EVENTS_POLL_INTERVAL="0.1"),
-        "DJANGO_SETTINGS_MODULE": "agents_project.settings",
-    }
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "agents_project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = AsgiServer(f"http://127.0.0.1:{port}", process, log)
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"uvicorn exited:\n{tail(log)}")
-        try:
-            return httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=60, interval=0.2)
+    with uvicorn_running(AGENTS_EVENTS_POLL_INTERVAL="0.1") as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.hookimpl(hookwrapper=True)

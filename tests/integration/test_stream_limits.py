@@ -10,9 +10,6 @@ a stream is never held: it sends what there is and closes.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +22,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.api.factories import waiting_for_approval
-from tests.helpers import log_dir, tail, wait_until, worker_env
-from tests.integration.servers import free_port
+from tests.helpers import wait_until
+from tests.integration.uvicorn import uvicorn_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -44,50 +41,12 @@ def _clear_stream_slots() -> None:
 def uvicorn_server(**env_extra: str) -> Iterator[str]:
     """The image's web command (uvicorn, two processes) on this test's database."""
     _clear_stream_slots()
-    port = free_port()
-    log = log_dir() / f"uvicorn-limits-{port}.log"
-    env = {
-        **os.environ,
-        **worker_env(AGENTS_EVENTS_POLL_INTERVAL="0.2", **env_extra),
-        "DJANGO_SETTINGS_MODULE": "agents_project.settings",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "agents_project.asgi:application",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        "--lifespan",
-        "off",
-        "--no-access-log",
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"uvicorn exited:\n{tail(log)}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(up, timeout=60, interval=0.2)
-        yield url
+        with uvicorn_running(
+            "--workers", "2", "--lifespan", "off", AGENTS_EVENTS_POLL_INTERVAL="0.2", **env_extra
+        ) as server:
+            yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         _clear_stream_slots()
 
 
