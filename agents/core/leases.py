@@ -223,7 +223,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                     OR t.current_step = %(step)s - 1)
          RETURNING t.current_step, t.fence, t.owner_id, t.agent_name, t.status, t.attempt,
                    t.worker_losses, t.deadline, t.in_flight, t.agent_version,
-                   agents_step_before(t.id, %(step)s)
+                   agents_step_before(t.id, %(step)s), t.trace_context
             """,
             params,
         )
@@ -249,6 +249,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         in_flight=in_flight,
         fence=fence,
         lease_owner=owner,
+        trace_context=row[11],
     )
     checkpoint = None
     if saved is not None:
