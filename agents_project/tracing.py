@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -268,6 +269,18 @@ def add_trace_id(
     return event_dict
 
 
+_NAMED_GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)|<(?:\w+:)?(\w+)>")
+
+
+def _route_template(route: str) -> str:
+    """A URL pattern as the HTTP conventions' low-cardinality ``http.route``:
+    ``api/tasks/(?P<pk>[^/]+)/approve/$`` -> ``/api/tasks/{pk}/approve/``."""
+    if not route:
+        return ""
+    named = _NAMED_GROUP.sub(lambda m: "{" + (m.group(1) or m.group(2)) + "}", route)
+    return "/" + named.removeprefix("^").removesuffix("$")
+
+
 def request_middleware(get_response: Any) -> Any:
     """Django middleware: one ``SERVER`` span per HTTP request, named
     ``{method} {route}`` with the HTTP conventions' attributes, continuing a caller's
@@ -295,10 +308,10 @@ def request_middleware(get_response: Any) -> Any:
             response = get_response(request)
             assert current is not None
             match = getattr(request, "resolver_match", None)
-            route = getattr(match, "route", "") if match is not None else ""
+            route = _route_template(getattr(match, "route", "") if match is not None else "")
             if route:
-                current.update_name(f"{method} /{route}")
-                current.set_attribute("http.route", f"/{route}")
+                current.update_name(f"{method} {route}")
+                current.set_attribute("http.route", route)
             current.set_attribute("http.response.status_code", response.status_code)
             if response.status_code >= 500:
                 from opentelemetry.trace import Status, StatusCode
