@@ -276,6 +276,8 @@ def task_replay(
             replayed_from_step=checkpoint.step,
             in_flight=0 if queued else 1,
             queued_for_admission=queued,
+            # The replay is a new trace's task (the request's, when traced).
+            trace_context=tracing.current_traceparent(),
         )
         task_creation_lock(task_id=task.pk)
         Checkpoint.objects.create(
