@@ -195,11 +195,5 @@ def test_a_task_is_one_trace_from_the_api_request_to_its_last_step(
         if f"task_id='{task_id}'" in line
     ]
     assert lines or gateway
-    assert all(f"trace_id='{trace_id}'" in line for line in lines), (
-        lines,
-        trace_id,
-        [
-            (s.name, s.trace_id, s.span_id, s.parent_id, s.attributes.get("agents.step"))
-            for s in spans
-        ],
-    )
+    untraced = [line for line in lines if f"trace_id='{trace_id}'" not in line]
+    assert untraced == [], trace_id
