@@ -8,17 +8,14 @@ in-memory exporter. The OTLP export between real processes is
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from uuid import UUID
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from agents.core.engine import step_execute
 from agents.core.scheduler import tick
 from agents.core.suspensions import task_approve
 from agents.models import AgentTask, TaskStatus
@@ -26,40 +23,15 @@ from agents.services import task_start
 from agents_project import tracing
 from agents_project.logs import _SHARED
 from tests.helpers import WORK_QUEUE, broker, run_until_idle
-from tools.credentials import credential_set
+from tests.tracing_helpers import run_traced, spans_in_memory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SECRET = "sk-live-0123456789abcdef"
-
 
 @pytest.fixture
-def spans(monkeypatch) -> Iterator[InMemorySpanExporter]:
-    """Tracing on in this process, its spans kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.tracing_setup(exporter=exporter)
-    try:
+def spans() -> Iterator[InMemorySpanExporter]:
+    with spans_in_memory() as exporter:
         yield exporter
-    finally:
-        tracing.tracing_off()
-
-
-def run_traced() -> int:
-    """Run every step message on the queue here, as a worker would; how many ran."""
-    ran = 0
-    with broker() as conn:
-        queue = WORK_QUEUE(conn.default_channel)
-        while (message := queue.get(no_ack=False)) is not None:
-            task_id, step = message.payload[0]
-            step_execute(
-                task_id=UUID(task_id),
-                step=step,
-                message={"args": [task_id, step]},
-                traceparent=message.headers.get("traceparent", ""),
-            )
-            message.ack()
-            ran += 1
-    return ran
 
 
 def _counted(init, created):
@@ -208,41 +180,3 @@ def test_a_log_line_about_a_task_gets_the_trace_id(spans):
         unrelated = add(None, "info", {"event": "y"})
     assert line["trace_id"] == format(current.get_span_context().trace_id, "032x")
     assert "trace_id" not in unrelated
-
-
-def test_model_calls_are_chat_spans_and_content_is_masked_when_captured(
-    user, chat, spans, monkeypatch
-):
-    monkeypatch.setattr(tracing, "_capture_content", True)
-    credential_set(owner=user, name="crm", value=SECRET, hosts=["localhost"], actor="test")
-    chat.script = [
-        {"tool_calls": [{"name": "calc", "arguments": {"expression": "1 + 1"}}]},
-        {"content": f"the key is {SECRET}"},
-    ]
-    task = task_start(
-        owner=user,
-        agent="llm",
-        input={"prompt": "add", "tools": ["calc"]},
-    )[0]
-    run_traced()
-    task.refresh_from_db()
-    assert task.status == TaskStatus.COMPLETED, task.error
-    chats = [s for s in spans.get_finished_spans() if s.name == "chat scripted"]
-    assert len(chats) == 2
-    for span in chats:
-        attributes = span.attributes
-        assert span.kind == trace.SpanKind.CLIENT
-        assert attributes["gen_ai.operation.name"] == "chat"
-        assert attributes["gen_ai.provider.name"] == "openai"
-        assert attributes["gen_ai.request.model"] == "scripted"
-        assert attributes["gen_ai.response.model"]
-        assert attributes["gen_ai.usage.input_tokens"] > 0
-        assert attributes["gen_ai.usage.output_tokens"] > 0
-        assert attributes["agents.model_call.reused"] is False
-    assert chats[0].attributes["gen_ai.response.finish_reasons"] == ("tool_calls",)
-    assert chats[1].attributes["gen_ai.response.finish_reasons"] == ("stop",)
-    output = json.loads(chats[1].attributes["gen_ai.output.messages"])
-    assert output[0]["parts"] == [{"type": "text", "content": "the key is [redacted]"}]
-    sent = json.loads(chats[1].attributes["gen_ai.input.messages"])
-    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
-    assert SECRET not in json.dumps([dict(s.attributes) for s in spans.get_finished_spans()])
