@@ -40,6 +40,7 @@ from agents.search import task_search
 from agents.selectors import dead_letters_visible_to, task_checkpoints, task_open_suspension
 from agents.services import task_replay
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
+from agents_project.tracing import trace_url
 from audit.admin import ReadOnlyAdmin, by_task_id
 from audit.admin import task_link as task_link_html
 from audit.models import DeadLetter, EventType
@@ -211,6 +212,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         "input_json",
         "replayed_from_link",
         "replayed_from_step",
+        "trace_link",
     )
     fieldsets = (
         (
@@ -221,6 +223,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
                     ("agent_name", "agent_version"),
                     ("owner", "idempotency_key"),
                     ("current_step", "attempt", "worker_losses"),
+                    "trace_link",
                 )
             },
         ),
@@ -291,6 +294,18 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     @admin.display(description="input")
     def input_json(self, task: AgentTask) -> str:
         return pretty_json(task.input)
+
+    @admin.display(description="trace")
+    def trace_link(self, task: AgentTask) -> str:
+        """The task's trace id, linked to the operator's trace viewer when
+        ``AGENTS_TRACE_URL_TEMPLATE`` is set."""
+        trace_id = task.trace_id
+        if not trace_id:
+            return "-"
+        url = trace_url(trace_id)
+        if not url:
+            return trace_id
+        return format_html('<a href="{}" rel="noopener" target="_blank">{}</a>', url, trace_id)
 
     @admin.display(description="replayed from")
     def replayed_from_link(self, task: AgentTask) -> str:

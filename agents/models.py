@@ -13,6 +13,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from agents_project.tracing import trace_id_of
+
 
 class TaskStatus(models.TextChoices):
     PENDING = "pending"
@@ -88,6 +90,11 @@ class AgentTask(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
     status_changed_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The W3C ``traceparent`` of the span that created the task (``agents_project.tracing``):
+    # a step whose message carries no context of this trace (fired by the scheduler, after
+    # a restart, or resumed by another request) joins the task's trace through it. Empty
+    # when tracing was off at creation.
+    trace_context = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at"]
@@ -140,6 +147,11 @@ class AgentTask(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent_name} {self.id} ({self.status})"
+
+    @property
+    def trace_id(self) -> str:
+        """The task's trace id (32 hex digits), "" when it was created untraced."""
+        return trace_id_of(self.trace_context)
 
 
 class Checkpoint(models.Model):

@@ -23,6 +23,7 @@ from agents.definition import Agent, get_agent
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
+from agents_project import tracing
 from agents_project.errors import InvalidInput, NotFound
 from agents_project.validation import json_value_check
 from audit.models import AuditEvent, EventType
@@ -77,33 +78,43 @@ def task_start(
         existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing, False
-    try:
-        # The version intake pins the task to (``agents.core.versions``): the newest one
-        # live workers serve, or the AGENTS_VERSION_RAMP split. When it is not this
-        # process's code, the task's own worker computes the initial state at step 1.
-        version = version_for_new_task(agent=definition)
-        local = version == definition.version
-        with transaction.atomic():
-            queued = admission_needed(owner_id=owner.pk, agent=definition)
-            task = _new_task(owner, definition, version, input, deadline, queued=queued)
-            task.idempotency_key = idempotency_key
-            task.save(force_insert=True)
-            task_creation_lock(task_id=task.pk)
-            _first_checkpoint(task, definition, local=local).save(force_insert=True)
-            audit = _created(task, definition, actor=actor or user_actor(owner))
-            audit.flush()
-            task.save(update_fields=("audit_seq",))
-            if not queued:
-                step_publish(task_id=task.pk, step=1, agent=definition)
-            name = definition.name
-            transaction.on_commit(lambda: metrics.task_created(agent=name))
-    except IntegrityError:
-        # Two requests with one idempotency key raced; the other one created it.
-        existing = AgentTask.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
-        if existing is None:
-            raise
-        return existing, False
-    return task, True
+    # The task's trace starts here (under the API request's span, if any): every step
+    # joins it through ``trace_context`` (``agents_project.tracing``).
+    with tracing.span(f"task_start {definition.name}", attributes=_task_attributes(definition)):
+        try:
+            # The version intake pins the task to (``agents.core.versions``): the newest one
+            # live workers serve, or the AGENTS_VERSION_RAMP split. When it is not this
+            # process's code, the task's own worker computes the initial state at step 1.
+            version = version_for_new_task(agent=definition)
+            local = version == definition.version
+            with transaction.atomic():
+                queued = admission_needed(owner_id=owner.pk, agent=definition)
+                task = _new_task(owner, definition, version, input, deadline, queued=queued)
+                task.idempotency_key = idempotency_key
+                task.save(force_insert=True)
+                tracing.attributes_set({"agents.task.id": str(task.pk)})
+                task_creation_lock(task_id=task.pk)
+                _first_checkpoint(task, definition, local=local).save(force_insert=True)
+                audit = _created(task, definition, actor=actor or user_actor(owner))
+                audit.flush()
+                task.save(update_fields=("audit_seq",))
+                if not queued:
+                    step_publish(task_id=task.pk, step=1, agent=definition)
+                name = definition.name
+                transaction.on_commit(lambda: metrics.task_created(agent=name))
+        except IntegrityError:
+            # Two requests with one idempotency key raced; the other one created it.
+            existing = AgentTask.objects.filter(
+                owner=owner, idempotency_key=idempotency_key
+            ).first()
+            if existing is None:
+                raise
+            return existing, False
+        return task, True
+
+
+def _task_attributes(definition: Agent) -> dict[str, str]:
+    return {"gen_ai.agent.name": definition.name, "agents.agent.version": definition.version}
 
 
 def _new_task(
@@ -126,6 +137,7 @@ def _new_task(
         deadline=deadline,
         in_flight=0 if queued else 1,
         queued_for_admission=queued,
+        trace_context=tracing.current_traceparent(),
     )
 
 
@@ -264,6 +276,8 @@ def task_replay(
             replayed_from_step=checkpoint.step,
             in_flight=0 if queued else 1,
             queued_for_admission=queued,
+            # The replay is a new trace's task (the request's, when traced).
+            trace_context=tracing.current_traceparent(),
         )
         task_creation_lock(task_id=task.pk)
         Checkpoint.objects.create(

@@ -50,6 +50,7 @@ def run_step(self: Task, task_id: str, step: int, handed_back: dict[str, Any] | 
         node=request.hostname or "local",
         published_at=request.get("agents_published_at"),
         handed_back=handed_back,
+        traceparent=request.get("traceparent") or "",
     )
     if result == StepResult.DEAD_LETTERED:
         raise Reject(f"task {task_id} dead-lettered at step {step}", requeue=False)

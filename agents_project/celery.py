@@ -12,9 +12,10 @@ import contextlib
 import os
 
 import structlog
-from celery import Celery
+from celery import Celery, signals
 
 from agents_project import broker  # noqa: F401  (registers the embedded transport)
+from agents_project.tracing import tracing_flush, tracing_setup
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agents_project.settings")
 
@@ -51,6 +52,16 @@ def _broker_sockets_closed_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_broker_sockets_closed_in_child)
+
+# Traces, when the OTEL_* variables ask for them (every process imports this module; the
+# SDK's batch processor starts again in each forked pool process by itself).
+tracing_setup()
+
+
+@signals.worker_process_shutdown.connect
+def _spans_flushed(**_: object) -> None:
+    # A pool process may end without running atexit handlers: export its spans first.
+    tracing_flush()
 
 
 # The worker's own bootsteps (``agents.worker``), named by dotted path as Celery names its

@@ -2,7 +2,8 @@
 
 Code logs through ``structlog.get_logger(__name__)``; the step engine binds ``task_id``
 and ``step`` to the context for the length of a step, so every line it causes says
-which task it is about, including lines from Celery and Django. While a task's tools
+which task it is about, including lines from Celery and Django, and with tracing on its
+trace id (``agents_project.tracing.add_trace_id``). While a task's tools
 run, its credentials are masked in every line (``mask_secrets``).
 """
 
@@ -16,9 +17,12 @@ import structlog
 from structlog.typing import Processor
 
 from agents_project.redaction import active_secrets, contains_secret, redact
+from agents_project.tracing import add_trace_id
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
+    # The trace id on every line about a task, when tracing is on.
+    add_trace_id,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -75,7 +79,15 @@ def formatter() -> logging.Formatter:
             mask_secrets,
             BoundedRenderer(
                 structlog.processors.KeyValueRenderer(
-                    key_order=["timestamp", "level", "logger", "event", "task_id", "step"],
+                    key_order=[
+                        "timestamp",
+                        "level",
+                        "logger",
+                        "event",
+                        "task_id",
+                        "step",
+                        "trace_id",
+                    ],
                     drop_missing=True,
                 )
             ),

@@ -51,6 +51,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # HTTP metrics (django_http_*): the first and the last middleware, to time them all.
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    # One span per request when tracing is on (agents_project/tracing.py); else removed.
+    "agents_project.tracing.request_middleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the API docs' static files from the web process itself
     # (after collectstatic), so a deployment needs no separate file server.
@@ -190,6 +192,10 @@ AGENTS = {
     # Where a step hands its wait to another process (agents/core/handoffs.py; the model
     # gateway, manage.py llm_gateway, consumes it).
     "HANDOFF_QUEUE": env.str("AGENTS_HANDOFF_QUEUE", default=""),
+    # The operator's trace viewer's page of a trace, with ``{trace_id}`` (the admin's task
+    # page links to it), e.g. http://jaeger:16686/trace/{trace_id}. Tracing itself is
+    # configured by the OTEL_* variables (agents_project/tracing.py).
+    "TRACE_URL_TEMPLATE": env.str("AGENTS_TRACE_URL_TEMPLATE", default=""),
     # Seconds a handed-off step waits in that queue before the stuck-task sweep may
     # take it back (the gateway is down or far behind).
     "HANDOFF_PATIENCE": env.float("AGENTS_HANDOFF_PATIENCE", default=300.0),

@@ -69,8 +69,9 @@ from agents.core.handoffs import (
 )
 from agents.core.leases import lease_owner_name
 from agents.errors import PermanentError, RetryableError, RetryLater
+from agents_project import tracing
 from agents_project.errors import Backpressure, CircuitOpen
-from llm import metrics
+from llm import metrics, telemetry
 from llm.client import (
     MalformedResponse,
     ModelConfig,
@@ -114,6 +115,8 @@ class Call:
     claimed: bool = False
     recorded: bool = False
     slots: list[str] = field(default_factory=list)
+    # The handing-off step's trace context (``agents_project.tracing``); "" untraced.
+    traceparent: str = ""
 
     @property
     def ident(self) -> tuple[UUID, int, int]:
@@ -208,6 +211,7 @@ class Gateway:
                 payload=dict(body["payload"]),
                 message=message,
                 published_at=body.get("published_at"),
+                traceparent=str(body.get("traceparent") or ""),
             )
         except (ValueError, KeyError, TypeError) as exc:
             logger.error("malformed hand-off dropped", error=repr(exc))
@@ -229,8 +233,11 @@ class Gateway:
             call.claimed = True
             if call.published_at is not None:
                 metrics.GATEWAY_QUEUE_TIME.observe(max(time.time() - call.published_at, 0))
-            handed_back, also = await self._answer(call)
-            while not await self._return(call, handed_back, also):
+            with self._chat_span(call):
+                handed_back, also = await self._answer(call)
+                # The step's next delivery continues this span.
+                traceparent = tracing.current_traceparent()
+            while not await self._return(call, handed_back, also, traceparent):
                 await asyncio.sleep(1.0)  # the broker refused: keep the step, try again
             fault_point("handoff_returned", step=call.step)
             await call.message.ack()
@@ -279,8 +286,27 @@ class Gateway:
                 await call.message.ack()
         logger.info("model call stopped", task_id=str(call.task_id), why=call.stop or "cancel")
 
+    def _chat_span(self, call: Call) -> contextlib.AbstractContextManager[Any]:
+        """The model call's span, under the handing-off step's, unless the reply is
+        recorded already (the step reuses it and says so on its own span)."""
+        if not tracing.ENABLED or call.recorded:
+            return contextlib.nullcontext()
+        model = str(call.payload.get("model") or "")
+        return telemetry.chat_span(
+            model=model,
+            base_url=str(
+                settings.LLM["MODELS"].get(model, {}).get("base_url") or settings.LLM["BASE_URL"]
+            ),
+            key=str(call.payload.get("key") or ""),
+            parent=call.traceparent or None,
+        )
+
     async def _return(
-        self, call: Call, handed_back: dict[str, Any], also: Callable[[], Any] | None
+        self,
+        call: Call,
+        handed_back: dict[str, Any],
+        also: Callable[[], Any] | None,
+        traceparent: str = "",
     ) -> bool:
         try:
             await self.db(
@@ -292,6 +318,7 @@ class Gateway:
                 agent_name=str(call.payload.get("agent") or "llm"),
                 handed_back=handed_back,
                 also=also,
+                traceparent=traceparent,
             )
         except Backpressure:
             return False
@@ -308,12 +335,16 @@ class Gateway:
         try:
             config = model_config(payload["model"])
             api_key = await self._api_key(call, config)
+            secrets = await self._content_secrets(call, api_key)
+            telemetry.chat_request_record(payload["messages"], secrets=secrets)
             await self._admit(call, config)
             completion, duration_ms = await self._request(call, config, api_key, transitions)
             reply = reply_from_completion(
                 completion, duration_ms, int(payload.get("estimated_tokens") or 0)
             )
+            telemetry.chat_reply_record(reply, model=config.name, secrets=secrets)
         except (PermanentError, RetryableError, RetryLater) as exc:
+            tracing.error_record(exc)
             note = {"key": key, "error": error_as_note(exc)}
             return _with_breaker(note, transitions), None
         if config.tpm:
@@ -352,6 +383,17 @@ class Gateway:
             config=config,
             task_id=call.task_id,
             owner_id=int(call.payload["owner_id"]),
+        )
+
+    async def _content_secrets(self, call: Call, api_key: str) -> tuple[str, ...]:
+        """What the span's captured content must not show (read only when captured)."""
+        if not tracing.capture_content():
+            return ()
+        return await self.db(
+            telemetry.content_secrets,
+            task_id=call.task_id,
+            owner_id=int(call.payload["owner_id"]),
+            api_key=api_key,
         )
 
     async def _admit(self, call: Call, config: ModelConfig) -> None:

@@ -51,8 +51,9 @@ from agents.definition import (
     ToolCall,
 )
 from agents.errors import PermanentError, ToolArgumentError
+from agents_project import tracing
 from audit.models import EventType
-from llm import metrics
+from llm import metrics, telemetry
 from llm.budget import (
     ERROR_CODE,
     Budget,
@@ -444,17 +445,25 @@ class LLMStep:
         if record is None:
             transitions: list[Any] = []
             streaming = streamed_to(self._delta_sink(key)) if self._streams(config) else None
+            wire = [m.wire() for m in messages]
+            api_key = self._api_key(config)
             try:
-                with streaming or contextlib.nullcontext():
+                with (
+                    streaming or contextlib.nullcontext(),
+                    telemetry.chat_span(model=config.name, base_url=config.base_url, key=key),
+                ):
+                    secrets = self._content_secrets(api_key)
+                    telemetry.chat_request_record(wire, secrets=secrets)
                     reply = chat_complete(
                         config=config,
-                        messages=[m.wire() for m in messages],
+                        messages=wire,
                         tools=tools,
-                        api_key=self._api_key(config),
+                        api_key=api_key,
                         headers={"X-Agents-Call": key},
                         estimated_tokens=estimate_request_tokens(messages, tools),
                         transitions=transitions,
                     )
+                    telemetry.chat_reply_record(reply, model=config.name, secrets=secrets)
             finally:
                 for transition in transitions:
                     self.ctx.audit(EventType.BREAKER, transition.as_payload())
@@ -477,6 +486,13 @@ class LLMStep:
                     duration_ms=reply.duration_ms,
                     cost=record.cost,
                 )
+        elif reused:
+            telemetry.chat_reused(
+                model=config.name,
+                key=key,
+                response_model=record.model,
+                finish_reason=record.finish_reason,
+            )
         reply = reply_from_record(record)
         if purpose == ModelCall.Purpose.REPLY and not record.usage_estimated:
             # How the provider counts against the estimate, and how long its replies
@@ -514,6 +530,14 @@ class LLMStep:
             },
         )
         return reply, record
+
+    def _content_secrets(self, api_key: str) -> tuple[str, ...]:
+        """What a span's captured content must not show (read only when captured)."""
+        if not tracing.capture_content():
+            return ()
+        return telemetry.content_secrets(
+            task_id=self.ctx.task_id, owner_id=self.ctx.owner_id, api_key=api_key
+        )
 
     def _streams(self, config: ModelConfig) -> bool:
         """Whether this task's replies stream (its input asks; the model allows it)."""

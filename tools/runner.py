@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 from uuid import UUID
 
+from agents_project import tracing
 from agents_project.errors import PermanentError, RetryableError, RetryLater, StepError
 from agents_project.redaction import contains_secret, redact, secrets_scope
 from audit.models import EventType
@@ -69,7 +70,19 @@ def _call_or_result(
     run: ToolRun, index: int, call: ToolCall, secrets: tuple[str, ...]
 ) -> ToolResult:
     try:
-        return _call(run, index, call, secrets)
+        if not tracing.ENABLED:
+            return _call(run, index, call, secrets)
+        # A span per call (GenAI conventions), its error (already masked) recorded on it.
+        with tracing.span(
+            f"execute_tool {call.name}",
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": call.name,
+                "gen_ai.tool.type": "function",
+                "gen_ai.tool.call.id": f"{run.task_id}:{run.step}:{index}",
+            },
+        ):
+            return _call(run, index, call, secrets)
     except PermanentError as exc:
         if not run.errors_as_results:
             raise

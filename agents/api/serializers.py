@@ -183,6 +183,11 @@ class TaskSerializer(serializers.ModelSerializer):
     usage = serializers.SerializerMethodField(
         help_text="Model calls of the task and their tokens and cost."
     )
+    trace_id = serializers.CharField(
+        read_only=True,
+        help_text="The task's OpenTelemetry trace id (32 hex digits); empty when it was "
+        "created with tracing off.",
+    )
 
     class Meta:
         model = AgentTask
@@ -206,6 +211,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "status_changed_at",
             "finished_at",
             "usage",
+            "trace_id",
         )
         read_only_fields: tuple[str, ...] = fields
 

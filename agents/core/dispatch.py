@@ -42,6 +42,7 @@ from kombu.exceptions import KombuError
 from agents.definition import Agent, registered_agents
 from agents.models import AgentTask
 from agents.timeouts import learned_limit
+from agents_project import tracing
 from agents_project.celery import app
 from agents_project.errors import Backpressure
 from agents_project.topology import handoff_queue
@@ -94,10 +95,13 @@ def step_publish(
     agent: Agent,
     limits: tuple[float, float] | None = None,
     handed_back: dict[str, Any] | None = None,
+    traceparent: str = "",
 ) -> None:
     """Publish the message that runs ``step`` of the task; ``Backpressure`` if refused.
     ``limits``: ``step_time_limits(agent)``, when the caller already has them;
-    ``handed_back``: what a hand-off's process says of the step (``StepContext``).
+    ``handed_back``: what a hand-off's process says of the step (``StepContext``);
+    ``traceparent``: the trace context the message carries (default: the current span's,
+    when tracing is on; ``agents_project.tracing``).
 
     Safe to call twice for the same step: the engine drops the second delivery.
     """
@@ -128,6 +132,10 @@ def step_publish(
     # When it was published: the worker observes the time in queue
     # (agents_step_queue_seconds) when the step starts.
     message.headers["agents_published_at"] = time.time()
+    if tracing.ENABLED:
+        traceparent = traceparent or tracing.current_traceparent()
+        if traceparent:
+            message.headers["traceparent"] = traceparent
     try:
         _send(
             app.amqp.queues[settings.AGENTS["QUEUE"]],

@@ -84,6 +84,7 @@ from agents.definition import (
 )
 from agents.errors import PermanentError, RetryLater
 from agents.models import AgentTask, Checkpoint, TaskStatus
+from agents_project import tracing
 from agents_project.errors import Backpressure
 from agents_project.validation import json_path_check
 from audit.models import EventType
@@ -92,6 +93,7 @@ from tools.runner import ToolRun, tools_run
 logger = structlog.get_logger(__name__)
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
+_NO_SPAN = contextlib.nullcontext()
 
 
 def step_execute(
@@ -102,6 +104,7 @@ def step_execute(
     node: str = "local",
     published_at: float | None = None,
     handed_back: Mapping[str, Any] | None = None,
+    traceparent: str = "",
 ) -> StepResult:
     """Run ``step`` of the task once, as its only live copy. Safe to call any number of
     times, concurrently, for the same step: at most one call runs the agent's code at a
@@ -110,7 +113,8 @@ def step_execute(
     ``node`` is the Celery node name of the calling worker (for ``leases_hand_back``);
     ``published_at`` the time (``time.time()``) its message was published, for the
     time-in-queue metric; ``handed_back`` what a hand-off's process said of this step
-    (``agents.core.handoffs``), for the step's ``StepContext``.
+    (``agents.core.handoffs``), for the step's ``StepContext``; ``traceparent`` the
+    trace context its message carried (``agents_project.tracing.step_parent``).
     Retries are scheduled in the database (``agents.core.retries``), not by raising. A
     ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
     dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
@@ -122,7 +126,13 @@ def step_execute(
         while True:
             try:
                 return _execute(
-                    task_id, step, dict(message or {}), owner, published_at, handed_back
+                    task_id,
+                    step,
+                    dict(message or {}),
+                    owner,
+                    published_at,
+                    handed_back,
+                    traceparent,
                 )
             except DATABASE_ERRORS as exc:
                 # The database is restarting or unreachable. Nothing can progress without
@@ -158,6 +168,7 @@ def _execute(
     owner: str,
     published_at: float | None,
     handed_back: Mapping[str, Any] | None,
+    traceparent: str,
 ) -> StepResult:
     claim = lease_claim(task_id=task_id, step=step, owner=owner)
     if claim.verdict in _DROPPED:
@@ -186,6 +197,49 @@ def _execute(
             actor=worker_actor(),
         )
         return StepResult.REFUSED
+    with _step_span(task, agent, step, traceparent):
+        result = _held(claim, agent, step, message, published_at, owner, handed_back)
+        if tracing.ENABLED:
+            tracing.attributes_set({"agents.step.result": result.value})
+        return result
+
+
+def _step_span(
+    task: AgentTask, agent: Agent, step: int, traceparent: str
+) -> contextlib.AbstractContextManager[Any]:
+    """The step's span, ``invoke_agent {agent}`` (GenAI conventions), in the task's trace
+    (``tracing.step_parent``); a shared null context when tracing is off."""
+    if not tracing.ENABLED:
+        return _NO_SPAN
+    parent, links = tracing.step_parent(stored=task.trace_context, received=traceparent)
+    return tracing.span(
+        f"invoke_agent {agent.name}",
+        kind="consumer",
+        parent=parent or None,
+        links=links,
+        attributes={
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": agent.name,
+            "agents.agent.version": task.agent_version,
+            "agents.task.id": str(task.pk),
+            "agents.step": step,
+            "agents.attempt": task.attempt + 1,
+        },
+    )
+
+
+def _held(
+    claim: Claim,
+    agent: Agent,
+    step: int,
+    message: dict[str, Any],
+    published_at: float | None,
+    owner: str,
+    handed_back: Mapping[str, Any] | None,
+) -> StepResult:
+    task, fence = claim.task, claim.fence
+    assert task is not None
+    task_id = task.pk
     with lease_held(task_id=task_id, fence=fence, owner=owner):
         try:
             return _run(claim, agent, step, message, published_at, owner, handed_back)
@@ -198,6 +252,7 @@ def _execute(
             # Anything raised outside the agent's own code (loading, migrating,
             # checking, committing) is a failed attempt like any other.
             logger.warning("step failed outside the agent's code", error=repr(exc))
+            tracing.error_record(exc)
             metrics.step_failed(agent=agent.name, events=[])
             return retry_or_dead_letter(
                 task_id=task_id,
@@ -289,6 +344,8 @@ def _run(
         handed_back=handed_back,
         events=events,
     )
+    if tracing.ENABLED and ctx.resumed is not None:
+        tracing.event("agents.task.resumed", _resumed_attributes(ctx.resumed))
     per_delivery, commit_every = checkpoint_policy(agent)
     # The audit chain's head as the claim read it, then as each commit left it.
     chain = ChainHead(audit_head)
@@ -400,6 +457,8 @@ def _step_once(
             raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")
         if outcome.reasoning:
             events.append((EventType.REASONING, {"text": outcome.reasoning}))
+        if tracing.ENABLED and isinstance(outcome, Suspend):
+            tracing.event("agents.task.suspended", _suspended_attributes(outcome))
         results = tools_run(tool_run, outcome.calls) if isinstance(outcome, CallTools) else []
         _check_storable(outcome, ctx.state, results, events)
     new_state = ctx.state if outcome.state is None else outcome.state
@@ -417,6 +476,7 @@ def _step_failed(
     message: dict[str, Any],
 ) -> StepResult:
     """Classify a failed step by its error's type (``agents.errors``)."""
+    tracing.error_record(exc)
     if isinstance(exc, RetryLater):
         return schedule_retry(
             task_id=task_id,
@@ -443,6 +503,28 @@ def _step_failed(
         message=message,
         actor=worker_actor(),
     )
+
+
+def _suspended_attributes(outcome: Suspend) -> dict[str, Any]:
+    """The span event of a suspension: what the task waits for (the approval's question
+    is left out: it may quote the conversation)."""
+    kind = "approval" if outcome.approval else "event" if outcome.event else "timer"
+    attributes: dict[str, Any] = {"agents.wait.kind": kind}
+    if outcome.event:
+        attributes["agents.wait.event"] = outcome.event
+    if outcome.until is not None:
+        attributes["agents.wait.until"] = outcome.until.isoformat()
+    return attributes
+
+
+def _resumed_attributes(resumed: Resumption) -> dict[str, Any]:
+    """The span event of a resumption: how the wait ended, and who decided."""
+    attributes: dict[str, Any] = {"agents.wait.kind": resumed.kind}
+    if resumed.approved is not None:
+        attributes["agents.approval.approved"] = resumed.approved
+    if resumed.decided_by:
+        attributes["agents.approval.decided_by"] = resumed.decided_by
+    return attributes
 
 
 def _check_storable(

@@ -4,7 +4,8 @@ A step that would wait long on the network (a model call) raises
 ``agents.definition.HandOff`` with what to do. ``step_hand_off`` (the engine's) then, in
 one transaction on the task's locked row, fenced by the step's token:
 
-1. publishes ``{"task_id", "step", "fence", "payload", "published_at"}`` to the hand-off queue
+1. publishes ``{"task_id", "step", "fence", "payload", "published_at", "traceparent"}``
+   (the step's trace context, "" when tracing is off) to the hand-off queue
    (``AGENTS_HANDOFF_QUEUE``, confirmed by the broker);
 2. passes the lease to the queue: its owner becomes ``handoff/<queue>`` and it expires
    after ``AGENTS_HANDOFF_PATIENCE`` seconds; ``in_flight`` stays 1, since the hand-off
@@ -51,6 +52,7 @@ from agents.core.leases import lease_holder_gone, lease_ttl
 from agents.core.state_machine import RUNNABLE
 from agents.definition import Agent, registered_agents
 from agents.models import AgentTask
+from agents_project import tracing
 
 logger = structlog.get_logger(__name__)
 
@@ -87,6 +89,7 @@ def step_hand_off(
                 "fence": fence,
                 "payload": payload,
                 "published_at": time.time(),
+                "traceparent": tracing.current_traceparent(),
             }
         )
     return True
@@ -160,13 +163,15 @@ def handoff_return(
     agent_name: str,
     handed_back: dict[str, Any],
     also: Any = None,
+    traceparent: str = "",
 ) -> bool:
     """Publish ``step`` again to the work queue with ``handed_back`` and release
     ``holder``'s lease, in one transaction, if the lease still holds; ``also()`` (the
     consumer's own writes) runs first in the same transaction. A task no longer
     runnable (cancelled) gets its lease released and nothing published. False, with
     nothing written, when the lease was lost. Raises ``Backpressure`` if the broker
-    refuses (nothing written: the consumer keeps the step and tries again)."""
+    refuses (nothing written: the consumer keeps the step and tries again).
+    ``traceparent``: the consumer's span, which the step's next span continues."""
     held = AgentTask.objects.filter(pk=task_id, fence=fence, lease_owner=holder, current_step=step)
     agent: Agent | None = registered_agents().get(agent_name)
     with transaction.atomic():
@@ -179,7 +184,13 @@ def handoff_return(
         if runnable and agent is not None:
             if also is not None:
                 also()
-            step_publish(task_id=task_id, step=step, agent=agent, handed_back=handed_back)
+            step_publish(
+                task_id=task_id,
+                step=step,
+                agent=agent,
+                handed_back=handed_back,
+                traceparent=traceparent,
+            )
     if runnable:
         return True  # (an agent unknown here: the stuck-task sweep of a worker that has it)
     return bool(held.update(lease_owner="", lease_expires_at=None))

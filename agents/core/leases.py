@@ -58,6 +58,7 @@ from django.db.models.functions import Greatest
 from agents.core import clock
 from agents.core.state_machine import RUNNABLE
 from agents.models import AgentTask, Checkpoint
+from agents_project import tracing
 
 logger = structlog.get_logger(__name__)
 
@@ -223,7 +224,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
                     OR t.current_step = %(step)s - 1)
          RETURNING t.current_step, t.fence, t.owner_id, t.agent_name, t.status, t.attempt,
                    t.worker_losses, t.deadline, t.in_flight, t.agent_version,
-                   agents_step_before(t.id, %(step)s)
+                   agents_step_before(t.id, %(step)s), t.trace_context
             """,
             params,
         )
@@ -249,6 +250,7 @@ def _claim_free_lease(task_id: UUID, step: int, owner: str) -> Claim | None:
         in_flight=in_flight,
         fence=fence,
         lease_owner=owner,
+        trace_context=row[11],
     )
     checkpoint = None
     if saved is not None:
@@ -473,6 +475,8 @@ class _Heartbeat:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: tuple[UUID, int, str] | None = None
+        # The held step's trace, for this thread's log lines about it ("" untraced).
+        self._trace: dict[str, str] = {}
         self._to_release: set[tuple[UUID, str]] = set()
         self._wake = threading.Event()
         self._pid = 0
@@ -493,6 +497,7 @@ class _Heartbeat:
     def hold(self, task_id: UUID, fence: int, owner: str) -> None:
         with self._lock:
             self._held = (task_id, fence, owner)
+            self._trace = {"trace_id": tracing.current_trace_id()} if tracing.ENABLED else {}
             self.lost = False
         self._start()
 
@@ -516,7 +521,7 @@ class _Heartbeat:
             self._wake.wait(_RELEASE_INTERVAL if releasing else lease_ttl() / 6)
             self._wake.clear()
             with self._lock:
-                held = self._held
+                held, trace = self._held, self._trace
                 to_release = set(self._to_release)
             if to_release:
                 self._release(to_release)
@@ -531,7 +536,9 @@ class _Heartbeat:
                     pk=held[0], fence=held[1], lease_owner=held[2]
                 ).update(lease_expires_at=clock.now() + timedelta(seconds=lease_ttl()))
             except Exception as exc:  # the database may be away; try again next beat
-                logger.warning("lease renewal failed", task_id=str(held[0]), error=repr(exc))
+                logger.warning(
+                    "lease renewal failed", task_id=str(held[0]), error=repr(exc), **trace
+                )
                 with contextlib.suppress(Exception):
                     connection.close()
                 continue
@@ -543,6 +550,7 @@ class _Heartbeat:
                 logger.info(
                     "lease renewal found the lease gone (its step committed, or it was taken over)",
                     task_id=str(held[0]),
+                    **trace,
                 )
 
     def _release(self, leases: set[tuple[UUID, str]]) -> None:

@@ -1,6 +1,7 @@
 """``requirements.lock`` pins every dependency of pyproject.toml (and its ``deploy``
-extra) at a version the project accepts. ``python -m tests.deploy.lockcheck`` exits 1
-naming what is missing or out of range (then run bin/lock)."""
+and ``otel`` extras) at a version the project accepts. ``python -m
+tests.deploy.lockcheck`` exits 1 naming what is missing or out of range (then run
+bin/lock)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def pinned(lock: Path = ROOT / "requirements.lock") -> dict[str, str]:
 
 def problems(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["deploy"]]
+    extras = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *extras["deploy"], *extras["otel"]]
     versions = pinned()
     found = []
     for spec in wanted:
