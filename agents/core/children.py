@@ -42,11 +42,12 @@ import structlog
 from django.db import transaction
 from django.db.models import Count, Q
 
+from agents.core import clock
 from agents.core.admission import admission_needed, limits_apply
 from agents.core.dispatch import current_step_publish
 from agents.core.intake import task_row, tasks_insert
 from agents.core.state_machine import FINAL, TRANSITION_FIELDS, final_hook_register, transition
-from agents.core.suspensions import suspension_resolve, task_cancel_locked
+from agents.core.suspensions import suspension_resolve, task_cancel_locked, task_time_out
 from agents.core.versions import version_for_new_task
 from agents.definition import ChildSpec, StartChildren, get_agent
 from agents.errors import PermanentError
@@ -175,6 +176,11 @@ def child_ended(task: AgentTask, audit: AuditBatch) -> None:
         or suspension.step != parent.current_step - 1
     ):
         return  # the parent does not wait on this child (any more)
+    if parent.deadline is not None and parent.deadline <= clock.now():
+        # The child shares its parent's deadline: the parent times out (not "a child
+        # failed"), whichever of the two the scheduler reached first.
+        task_time_out(task_id=parent.pk, actor=audit.actor)
+        return
     parent_audit = AuditBatch(parent, actor=audit.actor)
     parent_audit.add(
         EventType.CHILD_ENDED,
