@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -104,3 +107,14 @@ def test_a_bad_spawn_is_refused_naming_the_field_and_leaves_nothing(user, spawn,
         task_start(owner=user, agent="scripted", input={"script": [spawn]})
     assert refused.value.field == field
     assert not AgentTask.objects.exists()
+
+
+def test_the_readme_example_runs_as_written(user):
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("## Sub-agents and fan-out", 1)[1]
+    example = json.loads(section.split("```json", 1)[1].split("```", 1)[0])
+    task, _ = task_start(owner=user, agent=example["agent"], input=example["input"])
+    run_until_idle()
+    task.refresh_from_db()
+    assert task.status == TaskStatus.COMPLETED
+    assert task.result == [42, "the weather is fine"]
