@@ -194,14 +194,18 @@ class StartChildren:
     its index), so a step that runs again never starts a child twice. A child that ends
     without completing (failed, cancelled, timed out) fails the join as soon as the
     join can no longer hold (for ``all``, at the first one): the task ends ``failed``
-    with that child's error. When the join holds, children still live are cancelled;
-    so are they when this task ends in any way. A child's deadline is its parent's.
+    with that child's error; with ``on_child_failure="report"`` it counts as ended
+    instead (the join waits for ``join`` children to end, however) and the next step
+    reads each one's status and error in ``ctx.resumed.payload``. When the join holds,
+    children still live are cancelled; so are they when this task ends in any way. A
+    child's deadline is its parent's.
     """
 
     children: Sequence[ChildSpec]
     join: Join = "all"
     state: State = None
     reasoning: str | None = None
+    on_child_failure: Literal["fail", "report"] = "fail"
 
     def __post_init__(self) -> None:
         if not self.children:

@@ -230,6 +230,9 @@ class Suspension(models.Model):
     # their number, "any" is 1), of how many started.
     join_count = models.PositiveIntegerField(null=True, blank=True)
     children_count = models.PositiveIntegerField(null=True, blank=True)
+    # "fail": a child that ends without completing fails the join once it cannot hold;
+    # "report": it counts as ended, its status and error in the payload.
+    on_child_failure = models.CharField(max_length=10, blank=True, default="")
 
     class Meta:
         ordering = ["task", "step"]

@@ -77,6 +77,8 @@ def children_check(outcome: StartChildren) -> None:
     ``PermanentError`` naming ``children[i]...`` (the step fails, nothing is written)."""
     if not 1 <= len(outcome.children) <= MAX_CHILDREN:
         raise PermanentError(f"children: must be 1 to {MAX_CHILDREN} children")
+    if outcome.on_child_failure not in ("fail", "report"):
+        raise PermanentError('on_child_failure: must be "fail" or "report"')
     join = outcome.join
     if join not in ("all", "any") and (
         isinstance(join, bool)
@@ -139,6 +141,7 @@ def children_spawn(
         reason=str(outcome.join),
         join_count=outcome.join_count,
         children_count=len(tasks),
+        on_child_failure=outcome.on_child_failure,
     )
     parent.spawned += len(tasks)
     audit.add(
@@ -203,6 +206,8 @@ def child_ended(task: AgentTask, audit: AuditBatch) -> None:
     completed = counts["completed"] + (task.status == TaskStatus.COMPLETED)
     unsuccessful = counts["unsuccessful"] + (task.status != TaskStatus.COMPLETED)
     join_count, count = suspension.join_count or 0, suspension.children_count or 0
+    if suspension.on_child_failure == "report":
+        completed, unsuccessful = completed + unsuccessful, 0
     if completed >= join_count:
         suspension.payload = _outcomes(parent, suspension.step, task)
         suspension_resolve(suspension, Suspension.Resolution.JOINED)
