@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from agents.core.children import child_id
+from agents.core.children import child_id, orphans_cancel
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
 from agents.models import AgentTask, Checkpoint, TaskStatus
@@ -118,3 +118,30 @@ def test_the_readme_example_runs_as_written(user):
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED
     assert task.result == [42, "the weather is fine"]
+
+
+def test_children_belong_to_the_parents_owner_and_wait_for_its_admission(settings, user):
+    settings.AGENTS = {**settings.AGENTS, "OWNER_MAX_RUNNING": 1}
+    task = _fan_out(user, 3)
+    assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    children = AgentTask.objects.filter(parent=task)
+    assert {c.owner_id for c in children} == {user.pk}
+    # The parent was running at its spawn (it counts), so all wait for admission; once it
+    # is suspended it counts no more, and the scheduler admits them one at a time.
+    assert set(children.values_list("queued_for_admission", flat=True)) == {True}
+    run_until_idle()
+    task.refresh_from_db()
+    assert task.status == TaskStatus.COMPLETED
+    assert task.result == [0, 1, 2]
+
+
+def test_the_scheduler_cancels_children_that_outlived_their_parent(user):
+    child = {"agent": "scripted", "input": {"script": [{"wait_event": "never"}]}}
+    task, _ = task_start(owner=user, agent="scripted", input={"script": [{"spawn": [child]}]})
+    run_until_idle()
+    # As if the parent's process died between its ending's commit and the cascade.
+    AgentTask.objects.filter(pk=task.pk).update(status=TaskStatus.CANCELLED)
+    assert AgentTask.objects.get(parent=task).status == TaskStatus.SUSPENDED
+    assert orphans_cancel(actor="scheduler:test") == 1
+    assert AgentTask.objects.get(parent=task).status == TaskStatus.CANCELLED
+    assert orphans_cancel(actor="scheduler:test") == 0
