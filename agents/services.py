@@ -21,7 +21,7 @@ from agents.core.intake import created_audit, first_checkpoint, task_row, tasks_
 from agents.core.leases import task_creation_lock
 from agents.core.versions import version_for_new_task
 from agents.definition import get_agent
-from agents.models import AgentTask, Checkpoint
+from agents.models import AgentTask, Checkpoint, Suspension
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
 from agents_project.errors import InvalidInput, NotFound
@@ -213,6 +213,7 @@ def task_replay(
             observations=checkpoint.observations,
             schema_version=checkpoint.schema_version,
         )
+        _joined_children_reuse(original, task, step=checkpoint.step)
         audit = AuditBatch(task, actor=user_actor(user))
         audit.add(
             EventType.REPLAYED_FROM,
@@ -224,6 +225,22 @@ def task_replay(
         if not queued:
             step_publish(task_id=task.pk, step=task.current_step, agent=definition)
     return task
+
+
+def _joined_children_reuse(original: AgentTask, replay: AgentTask, *, step: int) -> None:
+    """A replay from the checkpoint of a step that started children whose join held
+    reuses them: its next step sees the same children's outcomes (the wait's record is
+    copied), and none is started again."""
+    joined = Suspension.objects.filter(
+        task=original,
+        step=step,
+        kind=Suspension.Kind.CHILDREN,
+        resolution=Suspension.Resolution.JOINED,
+    ).first()
+    if joined is not None:
+        joined.pk = None
+        joined.task = replay
+        joined.save(force_insert=True)
 
 
 def service_user(username: str) -> User:

@@ -13,7 +13,7 @@ from agents.core.children import child_id, orphans_cancel
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
 from agents.models import AgentTask, Checkpoint, TaskStatus
-from agents.services import task_start
+from agents.services import task_replay, task_start
 from agents_project.errors import InvalidInput
 from audit.models import AuditEvent
 from tests.helpers import run_until_idle
@@ -145,3 +145,15 @@ def test_the_scheduler_cancels_children_that_outlived_their_parent(user):
     assert orphans_cancel(actor="scheduler:test") == 1
     assert AgentTask.objects.get(parent=task).status == TaskStatus.CANCELLED
     assert orphans_cancel(actor="scheduler:test") == 0
+
+
+def test_a_replay_after_the_join_reuses_the_finished_children(user):
+    task = _fan_out(user, 2)
+    run_until_idle()
+    replay = task_replay(task_id=task.pk, user=user, from_step=2)
+    run_until_idle()
+    replay.refresh_from_db()
+    assert replay.status == TaskStatus.COMPLETED
+    assert replay.result == [0, 1]
+    assert not AgentTask.objects.filter(parent=replay).exists()
+    assert AgentTask.objects.filter(parent=task).count() == 2
