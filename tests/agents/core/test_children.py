@@ -16,6 +16,7 @@ from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.services import task_replay, task_start
 from agents_project.errors import InvalidInput
 from audit.models import AuditEvent
+from audit.timeline import describe, render
 from tests.helpers import run_until_idle
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -61,6 +62,12 @@ def test_children_results_reach_the_parent_in_spawn_order(user):
     )
     assert ids == [child_id(parent_id=task.pk, step=2, index=i) for i in range(5)]
     assert AuditEvent.objects.filter(task=task, type="child_ended").count() == 5
+    trail = render(AuditEvent.objects.filter(task=task).order_by("seq"))
+    assert "started 5 children (scripted), join all" in trail
+    assert "waits for children: join all" in trail
+    assert f"child 4 {ids[4]} (scripted) completed" in trail
+    created = AuditEvent.objects.get(task_id=ids[4], type="created")
+    assert describe(created).endswith(f"accepted, child 4 of {task.pk}")
 
 
 def test_a_join_of_n_yields_the_completed_results(user):
