@@ -21,7 +21,8 @@ from django.db.models import Exists, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
@@ -37,7 +38,12 @@ from agents.diagnosis import (
 )
 from agents.models import AgentTask
 from agents.search import task_search
-from agents.selectors import dead_letters_visible_to, task_checkpoints, task_open_suspension
+from agents.selectors import (
+    dead_letters_visible_to,
+    task_checkpoints,
+    task_children,
+    task_open_suspension,
+)
 from agents.services import task_replay
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
 from agents_project.tracing import trace_url
@@ -48,6 +54,8 @@ from audit.selectors import audit_events
 from audit.services import user_actor
 from audit.timeline import describe
 
+# Children listed on a task's admin page (the API lists them all).
+CHILDREN_SHOWN = 50
 # The task page shows this many audit events and checkpoints at a time.
 TIMELINE_PAGE = 200
 STEP_BARS = 200
@@ -213,6 +221,8 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         "replayed_from_link",
         "replayed_from_step",
         "trace_link",
+        "parent_link",
+        "children_links",
     )
     fieldsets = (
         (
@@ -240,6 +250,7 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         ("Outcome", {"fields": ("error_text", "result_json")}),
         ("Input", {"fields": ("input_json",), "classes": ("collapse",)}),
         ("Replay", {"fields": (("replayed_from_link", "replayed_from_step"),)}),
+        ("Parent and children", {"fields": ("parent_link", "children_links")}),
     )
 
     # --- columns and fields -------------------------------------------------------------
@@ -313,6 +324,40 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             return "-"
         url = reverse("admin:agents_agenttask_change", args=[task.replayed_from_id])
         return format_html('<a href="{}">{}</a>', url, task.replayed_from_id)
+
+    @admin.display(description="parent")
+    def parent_link(self, task: AgentTask) -> str:
+        if task.parent_id is None:
+            return "-"
+        url = reverse("admin:agents_agenttask_change", args=[task.parent_id])
+        return format_html(
+            '<a href="{}">{}</a> (step {}, child {})',
+            url,
+            task.parent_id,
+            task.spawn_step,
+            task.spawn_index,
+        )
+
+    @admin.display(description="children")
+    def children_links(self, task: AgentTask) -> str:
+        """The children its steps started, in order (at most ``CHILDREN_SHOWN``)."""
+        if not task.spawned:
+            return "-"
+        rows = task_children(task=task).values_list("pk", "agent_name", "status", "spawn_step")
+        links = format_html_join(
+            mark_safe("<br>"),  # noqa: S308 (a constant)
+            '<a href="{}">{}</a> {} {} (step {})',
+            (
+                (reverse("admin:agents_agenttask_change", args=[pk]), pk, agent, status, step)
+                for pk, agent, status, step in rows[:CHILDREN_SHOWN]
+            ),
+        )
+        more = task.spawned - CHILDREN_SHOWN
+        if more > 0:
+            return format_html(
+                "{}<br>and {} more (GET /api/tasks/{}/children/)", links, more, task.pk
+            )
+        return links
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[AgentTask], search_term: str

@@ -14,3 +14,5 @@ class AgentsConfig(AppConfig):
         for module in settings.AGENTS["MODULES"]:
             import_module(module)
         import_module("agents.checks")
+        # Registers the check of a parent's join on every task's ending.
+        import_module("agents.core.children")

@@ -8,6 +8,8 @@ and what the last step caused) and the agent returns what happened, one of:
 - :class:`Continue` -- go on with a new state;
 - :class:`CallTools` -- run these tools now; their results reach the next step;
 - :class:`Suspend` -- wait for a person's approval, a named event, or a time;
+- :class:`StartChildren` -- start child tasks and wait, holding no worker, until all,
+  any or N of them complete (``agents.core.children``);
 - :class:`Finish` -- the task is complete, with this result;
 - :class:`Fail` -- the task has failed, with this error.
 
@@ -62,8 +64,12 @@ class Resumption:
     """How the wait of a suspended task ended, seen by the step after it.
 
     ``kind`` is ``approval`` (``approved`` says the decision), ``event`` (``payload``
-    is the signal's), ``timer``, or ``timeout`` (the wait's own timeout passed and its
-    policy was ``continue``; ``payload`` is the default given with the wait).
+    is the signal's), ``timer``, ``timeout`` (the wait's own timeout passed and its
+    policy was ``continue``; ``payload`` is the default given with the wait), or
+    ``children`` (the join of a ``StartChildren`` held: ``payload`` is the children in
+    the order they were started, each ``{"task", "agent", "status", "result",
+    "error", "ended"}``, ``ended`` the order in which they ended, from 1, or None for
+    a child still live; ``results`` what the join yields, see ``StartChildren``).
     """
 
     kind: str
@@ -71,6 +77,12 @@ class Resumption:
     payload: Any = None
     comment: str = ""
     decided_by: str = ""
+
+    @property
+    def results(self) -> list[Any]:
+        """For ``children``: the results of the children that completed, in the order
+        they were started."""
+        return [c["result"] for c in self.payload or () if c["status"] == "completed"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,55 @@ class Suspend:
 
 
 @dataclass(frozen=True)
+class ChildSpec:
+    """A child task to start: an agent's name and its input (checked as ``task_start``
+    checks one)."""
+
+    agent: str
+    input: Any
+
+
+Join = Literal["all", "any"] | int
+
+
+@dataclass(frozen=True)
+class StartChildren:
+    """Start ``children`` (1 to 1000) as tasks of the same owner, and suspend, holding
+    no worker, until ``join`` of them have completed: ``"all"``, ``"any"`` (one) or a
+    number N. The next step sees ``ctx.resumed`` of kind ``children``.
+
+    Started in the step's commit, each with an id derived from (this task, this step,
+    its index), so a step that runs again never starts a child twice. A child that ends
+    without completing (failed, cancelled, timed out) fails the join as soon as the
+    join can no longer hold (for ``all``, at the first one): the task ends ``failed``
+    with that child's error; with ``on_child_failure="report"`` it counts as ended
+    instead (the join waits for ``join`` children to end, however) and the next step
+    reads each one's status and error in ``ctx.resumed.payload``. When the join holds,
+    children still live are cancelled; so are they when this task ends in any way. A
+    child's deadline is its parent's.
+    """
+
+    children: Sequence[ChildSpec]
+    join: Join = "all"
+    state: State = None
+    reasoning: str | None = None
+    on_child_failure: Literal["fail", "report"] = "fail"
+
+    def __post_init__(self) -> None:
+        if not self.children:
+            raise ValueError("StartChildren needs at least one child")
+
+    @property
+    def join_count(self) -> int:
+        """How many children must complete."""
+        if self.join == "all":
+            return len(self.children)
+        if self.join == "any":
+            return 1
+        return int(self.join)
+
+
+@dataclass(frozen=True)
 class Finish:
     result: Any
     state: State = None
@@ -174,7 +235,7 @@ class Fail:
     reasoning: str | None = None
 
 
-Outcome = Continue | CallTools | Suspend | Finish | Fail
+Outcome = Continue | CallTools | Suspend | StartChildren | Finish | Fail
 
 
 class Agent:

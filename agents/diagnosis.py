@@ -21,11 +21,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 from redis import RedisError
 
-from agents.models import AgentTask, Suspension, TaskStatus
+from agents.models import ACTIVE_STATUSES, AgentTask, Suspension, TaskStatus
 from agents.selectors import task_open_suspension
 from audit.models import AuditEvent, DeadLetter, EventType
 from tools import breakers
@@ -168,6 +168,8 @@ def waiting_on_short(task: AgentTask) -> str:
         if kind == Suspension.Kind.TIMER:
             wake = getattr(task, "wait_wake_at", None)
             return f"timer until {_clock(wake)}" if wake else "timer"
+        if kind == Suspension.Kind.CHILDREN:
+            return f"children (join {getattr(task, 'wait_reason', '') or '?'})"
         return "a wait"
     if status == TaskStatus.PENDING and task.queued_for_admission:
         return "admission (owner at its limit)"
@@ -288,6 +290,8 @@ def _waiting_on(
             detail = f"approval: {wait.reason}" if wait.reason else "approval"
         elif wait.kind == Suspension.Kind.EVENT:
             detail = f"event {wait.event_name!r}"
+        elif wait.kind == Suspension.Kind.CHILDREN:
+            detail = _children_detail(task, wait)
         else:
             detail = "a timer"
         return {
@@ -350,6 +354,19 @@ def _waiting_on(
     return None
 
 
+def _children_detail(task: AgentTask, wait: Suspension) -> str:
+    """``"children: 2 of 5 completed, 3 live; join all"``, of the step that waits."""
+    children = AgentTask.objects.filter(parent=task, spawn_step=wait.step)
+    counts = children.aggregate(
+        completed=Count("pk", filter=Q(status=TaskStatus.COMPLETED)),
+        live=Count("pk", filter=Q(status__in=ACTIVE_STATUSES)),
+    )
+    return (
+        f"children: {counts['completed']} of {wait.children_count} completed, "
+        f"{counts['live']} live; join {wait.reason}"
+    )
+
+
 def _summary(
     task: AgentTask, waiting: dict[str, Any] | None, last_error: dict[str, Any] | None
 ) -> str:
@@ -387,6 +404,8 @@ def _summary(
         return f"Waiting for a timer until {_clock(waiting['until'])}."
     if kind == "admission":
         return f"Waiting for admission: {waiting['detail']}."
+    if kind == "children":
+        return f"Waiting for its {waiting['detail']}."
     return f"Waiting for a worker: {waiting['detail']}."
 
 

@@ -85,6 +85,17 @@ class AgentTask(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
     )
     replayed_from_step = models.PositiveIntegerField(null=True, blank=True)
+    # Child tasks (``agents.core.children``): the task whose step started this one, that
+    # step's number and this child's place among the children it started. A child's id
+    # is derived from these three, and they are unique together, so a step that runs
+    # again can never start a child twice.
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    spawn_step = models.PositiveIntegerField(null=True, blank=True)
+    spawn_index = models.PositiveIntegerField(null=True, blank=True)
+    # How many children this task has started (0: none; its ending looks for none).
+    spawned = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     # Last progress of any kind; the stuck-task sweep looks at it.
     updated_at = models.DateTimeField(default=timezone.now)
@@ -103,6 +114,11 @@ class AgentTask(models.Model):
                 fields=["owner", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False),
                 name="agent_task_idempotency_key_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["parent", "spawn_step", "spawn_index"],
+                condition=Q(parent__isnull=False),
+                name="agent_task_child_once",
             ),
         ]
         # No index holds a column that every step changes (updated_at, current_step,
@@ -137,6 +153,15 @@ class AgentTask(models.Model):
                 fields=["retry_at"],
                 condition=Q(retry_at__isnull=False),
                 name="agent_task_retry_at",
+            ),
+            # Live children, for the scheduler's ``orphans_cancel``.
+            models.Index(
+                fields=["parent"],
+                condition=Q(
+                    parent__isnull=False,
+                    status__in=("pending", "running", "suspended", "dead_lettered"),
+                ),
+                name="agent_task_live_children",
             ),
             models.Index(
                 fields=["deadline"],
@@ -182,6 +207,7 @@ class Suspension(models.Model):
         APPROVAL = "approval"
         EVENT = "event"
         TIMER = "timer"
+        CHILDREN = "children"
 
     class Resolution(models.TextChoices):
         APPROVED = "approved"
@@ -190,6 +216,8 @@ class Suspension(models.Model):
         WOKEN = "woken"
         TIMED_OUT = "timed_out"
         CANCELLED = "cancelled"
+        JOINED = "joined"
+        CHILD_FAILED = "child_failed"
 
     task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="suspensions")
     step = models.PositiveIntegerField()
@@ -210,6 +238,13 @@ class Suspension(models.Model):
     )
     comment = models.TextField(blank=True, default="")
     payload = models.JSONField(null=True, blank=True)
+    # A wait on children (kind ``children``): how many of them must complete ("all" is
+    # their number, "any" is 1), of how many started.
+    join_count = models.PositiveIntegerField(null=True, blank=True)
+    children_count = models.PositiveIntegerField(null=True, blank=True)
+    # "fail": a child that ends without completing fails the join once it cannot hold;
+    # "report": it counts as ended, its status and error in the payload.
+    on_child_failure = models.CharField(max_length=10, blank=True, default="")
 
     class Meta:
         ordering = ["task", "step"]

@@ -17,9 +17,16 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
                                             (without ``times``: always; with
                                             ``"permanent": true``: a permanent error)
 ``{"final": ANSWER}``                       finish with ANSWER as the result
+``{"spawn": [{"agent": A, "input": {...}},  start child tasks and wait, holding no
+...], "join": "all" | "any" | N}``          worker, until all, any or N complete
+                                            (``join`` defaults to ``all``)
 ==========================================  =============================================
 
-A script that runs out without ``final`` finishes with the last tool result.
+A script that runs out without ``final`` finishes with the last tool result, or with
+what the last ``spawn`` yielded: the list of the completed children's results in the
+order they were started (for ``"any"``, the first to complete's result alone). A child
+that fails fails the script's task once the join can no longer hold
+(``agents.definition.StartChildren``).
 """
 
 from __future__ import annotations
@@ -34,19 +41,24 @@ from agents.core.clock import now as db_now
 from agents.definition import (
     Agent,
     CallTools,
+    ChildSpec,
     Continue,
     Finish,
     Outcome,
+    Resumption,
+    StartChildren,
     StepContext,
     Suspend,
     ToolCall,
+    get_agent,
     register,
 )
 from agents.errors import PermanentError, RetryableError
 from agents_project.errors import InvalidInput
+from agents_project.validation import json_value_check
 from tools.registry import find_tool
 
-_KINDS = ("think", "tool", "approval", "wait_event", "wait", "sleep", "fail", "final")
+_KINDS = ("think", "tool", "approval", "wait_event", "wait", "sleep", "fail", "final", "spawn")
 _OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "think": {},
     "tool": {"args": dict},
@@ -56,6 +68,7 @@ _OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "sleep": {},
     "fail": {"times": int, "permanent": bool},
     "final": {},
+    "spawn": {"join": (str, int)},
 }
 _VALUE_TYPES: dict[str, type | tuple[type, ...]] = {
     "think": str,
@@ -66,6 +79,7 @@ _VALUE_TYPES: dict[str, type | tuple[type, ...]] = {
     "sleep": (int, float),
     "fail": str,
     "final": object,
+    "spawn": list,
 }
 # The range of every number a script gives, in seconds unless said otherwise: a wait or
 # a wait's timeout at most a year (a durable timer), a sleep at most a day (it holds a
@@ -80,6 +94,8 @@ _OPTION_BOUNDS: dict[str, Callable[[], tuple[float, float]]] = {
     "timeout": lambda: (0.0, _YEAR),
     "times": lambda: (0.0, 100.0),
 }
+# Children one ``spawn`` starts (``agents.core.children.MAX_CHILDREN``).
+MAX_SPAWN = 1000
 _CHOICES = {"on_timeout": ("fail", "reject", "continue"), "on_reject": ("fail", "continue")}
 
 
@@ -105,6 +121,8 @@ class Scripted(Agent):
         script = ctx.input["script"]
         pc = ctx.state["pc"]
         last = ctx.tool_results[-1].value if ctx.tool_results else ctx.state["last"]
+        if ctx.resumed is not None and ctx.resumed.kind == "children":
+            last = _joined(ctx.resumed, script[pc - 1].get("join", "all"))
         if pc >= len(script):
             return Finish(result=last, state={"pc": pc, "last": last})
         entry = script[pc]
@@ -136,6 +154,12 @@ class Scripted(Agent):
         if kind == "sleep":
             time.sleep(value)
             return Continue(state=state)
+        if kind == "spawn":
+            return StartChildren(
+                [ChildSpec(child["agent"], child.get("input", {})) for child in value],
+                join=entry.get("join", "all"),
+                state=state,
+            )
         if kind == "fail":
             times = entry.get("times")
             if times is None or ctx.attempt <= times:
@@ -171,6 +195,46 @@ def _validate_entry(entry: Any, path: str) -> None:
             raise InvalidInput(f"must be one of {', '.join(_CHOICES[key])}", field=f"{path}.{key}")
     if kind == "tool" and find_tool(entry["tool"]) is None:
         raise InvalidInput(f"unknown tool {entry['tool']!r}", field=f"{path}.tool")
+    if kind == "spawn":
+        _validate_spawn(entry, path)
+
+
+def _validate_spawn(entry: dict[str, Any], path: str) -> None:
+    children = entry["spawn"]
+    if not 1 <= len(children) <= MAX_SPAWN:
+        raise InvalidInput(f"must be a list of 1 to {MAX_SPAWN} children", field=f"{path}.spawn")
+    join = entry.get("join", "all")
+    if join not in ("all", "any") and (
+        not isinstance(join, int) or isinstance(join, bool) or not 1 <= join <= len(children)
+    ):
+        raise InvalidInput(
+            f'must be "all", "any" or a number from 1 to {len(children)}', field=f"{path}.join"
+        )
+    for index, child in enumerate(children):
+        field = f"{path}.spawn[{index}]"
+        if not isinstance(child, dict) or not isinstance(child.get("agent"), str):
+            raise InvalidInput("must be an object with an agent", field=field)
+        extra = sorted(set(child) - {"agent", "input"})
+        if extra:
+            raise InvalidInput("is not an option of a child", field=f"{field}.{extra[0]}")
+        try:
+            definition = get_agent(child["agent"])
+            json_value_check(child.get("input", {}), field="input")
+            definition.validate_input(child.get("input", {}))
+        except InvalidInput as exc:
+            suffix = (exc.field or "").removeprefix("input")
+            name = "agent" if exc.field == "agent" else f"input{suffix}"
+            raise InvalidInput(exc.message, field=f"{field}.{name}") from None
+
+
+def _joined(resumed: Resumption, join: Any) -> Any:
+    """What a ``spawn`` step yields once its join held (see the module's docstring)."""
+    if join == "any":
+        first = min(
+            (c for c in resumed.payload if c["status"] == "completed"), key=lambda c: c["ended"]
+        )
+        return first["result"]
+    return resumed.results
 
 
 def _bounded(value: float, bounds: tuple[float, float], field: str) -> None:

@@ -48,6 +48,17 @@ def task_list(
     return tasks
 
 
+def task_children(*, task: AgentTask) -> QuerySet[AgentTask]:
+    """The child tasks ``task``'s steps started, in the order they were started (by
+    step, then by place). Children have their parent's owner: whoever may see the
+    parent may see them."""
+    return (
+        AgentTask.objects.select_related("owner")
+        .filter(parent=task)
+        .order_by("spawn_step", "spawn_index")
+    )
+
+
 def task_checkpoints(*, task: AgentTask, after_step: int | None = None) -> QuerySet[Checkpoint]:
     """The task's checkpoints in step order, from the one after ``after_step`` if given."""
     checkpoints = Checkpoint.objects.filter(task=task).order_by("step")

@@ -16,17 +16,18 @@ from django.db import IntegrityError, transaction
 from agents import metrics, permissions
 from agents.core import clock
 from agents.core.admission import admission_needed
-from agents.core.dispatch import step_publish, step_time_limits
-from agents.core.leases import task_creation_lock, task_creation_locks
+from agents.core.dispatch import step_publish
+from agents.core.intake import created_audit, first_checkpoint, task_row, tasks_insert
+from agents.core.leases import task_creation_lock
 from agents.core.versions import version_for_new_task
 from agents.definition import Agent, get_agent
-from agents.models import AgentTask, Checkpoint
+from agents.models import AgentTask, Checkpoint, Suspension
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
 from agents_project import tracing
 from agents_project.errors import InvalidInput, NotFound
 from agents_project.validation import json_value_check
-from audit.models import AuditEvent, EventType
+from audit.models import EventType
 from audit.services import AuditBatch, user_actor
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -89,13 +90,13 @@ def task_start(
             local = version == definition.version
             with transaction.atomic():
                 queued = admission_needed(owner_id=owner.pk, agent=definition)
-                task = _new_task(owner, definition, version, input, deadline, queued=queued)
+                task = task_row(owner, definition, version, input, deadline, queued=queued)
                 task.idempotency_key = idempotency_key
                 task.save(force_insert=True)
                 tracing.attributes_set({"agents.task.id": str(task.pk)})
                 task_creation_lock(task_id=task.pk)
-                _first_checkpoint(task, definition, local=local).save(force_insert=True)
-                audit = _created(task, definition, actor=actor or user_actor(owner))
+                first_checkpoint(task, definition, local=local).save(force_insert=True)
+                audit = created_audit(task, definition, actor=actor or user_actor(owner))
                 audit.flush()
                 task.save(update_fields=("audit_seq",))
                 if not queued:
@@ -115,58 +116,6 @@ def task_start(
 
 def _task_attributes(definition: Agent) -> dict[str, str]:
     return {"gen_ai.agent.name": definition.name, "agents.agent.version": definition.version}
-
-
-def _new_task(
-    owner: User,
-    definition: Agent,
-    version: str,
-    input: Any,
-    deadline: Any,
-    *,
-    queued: bool = False,
-) -> AgentTask:
-    """A new task's row, unsaved: its first step's message counted in ``in_flight``,
-    unless it waits for admission."""
-    return AgentTask(
-        owner=owner,
-        agent_name=definition.name,
-        agent_version=version,
-        input=input,
-        state_version=definition.state_version,
-        deadline=deadline,
-        in_flight=0 if queued else 1,
-        queued_for_admission=queued,
-        trace_context=tracing.current_traceparent(),
-    )
-
-
-def _first_checkpoint(task: AgentTask, definition: Agent, *, local: bool) -> Checkpoint:
-    """Checkpoint 0, unsaved: the initial state, or none yet when the task's version is
-    not this process's (its worker computes it, ``agents.core.versions``)."""
-    return Checkpoint(
-        task=task,
-        step=0,
-        state=definition.initial_state(task.input) if local else {},
-        schema_version=definition.state_version if local else 0,
-    )
-
-
-def _created(task: AgentTask, definition: Agent, *, actor: str) -> AuditBatch:
-    """The new task's audit batch holding its ``created`` event (the first of its chain)."""
-    audit = AuditBatch(task, actor=actor, head=(0, ""))
-    audit.add(
-        EventType.CREATED,
-        {
-            "agent": definition.name,
-            "version": task.agent_version,
-            "input": task.input,
-            "deadline": task.deadline.isoformat() if task.deadline else None,
-            "idempotency_key": task.idempotency_key,
-        },
-        step=0,
-    )
-    return audit
 
 
 # Inputs ``tasks_start`` accepts at once.
@@ -207,23 +156,13 @@ def tasks_start(
     learned = learned_limit(definition)
     deadline = _deadline(learned.task_timeout if learned is not None else None)
     version = version_for_new_task(agent=definition)
-    local = version == definition.version
-    limits = step_time_limits(definition)
     with transaction.atomic():
-        tasks = AgentTask.objects.bulk_create(
-            _new_task(owner, definition, version, input, deadline) for input in inputs
+        tasks = [task_row(owner, definition, version, input, deadline) for input in inputs]
+        tasks_insert(
+            tasks=tasks,
+            definitions=[definition] * len(tasks),
+            actor=actor or user_actor(owner),
         )
-        task_creation_locks(task_ids=[task.pk for task in tasks])
-        Checkpoint.objects.bulk_create(
-            _first_checkpoint(task, definition, local=local) for task in tasks
-        )
-        events = []
-        for task in tasks:
-            events += _created(task, definition, actor=actor or user_actor(owner)).seal()
-        AuditEvent.objects.bulk_create(events)
-        AgentTask.objects.filter(pk__in=[task.pk for task in tasks]).update(audit_seq=1)
-        for task in tasks:
-            step_publish(task_id=task.pk, step=1, agent=definition, limits=limits)
         name, count = definition.name, len(tasks)
 
         def counted() -> None:
@@ -287,6 +226,7 @@ def task_replay(
             observations=checkpoint.observations,
             schema_version=checkpoint.schema_version,
         )
+        _joined_children_reuse(original, task, step=checkpoint.step)
         audit = AuditBatch(task, actor=user_actor(user))
         audit.add(
             EventType.REPLAYED_FROM,
@@ -298,6 +238,22 @@ def task_replay(
         if not queued:
             step_publish(task_id=task.pk, step=task.current_step, agent=definition)
     return task
+
+
+def _joined_children_reuse(original: AgentTask, replay: AgentTask, *, step: int) -> None:
+    """A replay from the checkpoint of a step that started children whose join held
+    reuses them: its next step sees the same children's outcomes (the wait's record is
+    copied), and none is started again."""
+    joined = Suspension.objects.filter(
+        task=original,
+        step=step,
+        kind=Suspension.Kind.CHILDREN,
+        resolution=Suspension.Resolution.JOINED,
+    ).first()
+    if joined is not None:
+        joined.pk = None
+        joined.task = replay
+        joined.save(force_insert=True)
 
 
 def service_user(username: str) -> User:

@@ -36,6 +36,8 @@ class EventType(models.TextChoices):
     REPUBLISHED = "republished"
     BREAKER = "breaker"
     MODEL_CALL = "model_call"
+    CHILDREN_STARTED = "children_started"
+    CHILD_ENDED = "child_ended"
 
 
 class AuditEvent(models.Model):

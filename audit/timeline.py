@@ -16,7 +16,15 @@ def describe(event: AuditEvent) -> str:
     p: dict[str, Any] = event.payload
     t = event.type
     if t == EventType.CREATED:
-        return f"{p.get('agent')} {p.get('version')} accepted"
+        child = f", child {p['spawn_index']} of {p['parent']}" if p.get("parent") else ""
+        return f"{p.get('agent')} {p.get('version')} accepted{child}"
+    if t == EventType.CHILDREN_STARTED:
+        children = p.get("children") or []
+        agents = sorted({str(c.get("agent")) for c in children})
+        return f"started {len(children)} children ({', '.join(agents)}), join {p.get('join')}"
+    if t == EventType.CHILD_ENDED:
+        error = f": {_short(str(p['error']))}" if p.get("error") else ""
+        return f"child {p.get('index')} {p.get('task')} ({p.get('agent')}) {p.get('status')}{error}"
     if t == EventType.TRANSITION:
         label = " (resumed)" if p.get("resumed") else ""
         reason = f"  [{p['reason']}]" if p.get("reason") else ""
@@ -42,7 +50,8 @@ def describe(event: AuditEvent) -> str:
             f"{reused}, {p.get('finish_reason')}: {said}"
         )
     if t == EventType.SUSPENDED:
-        what = p.get("reason") or p.get("event") or p.get("wake_at")
+        join = f"join {p['join']}" if "join" in p else None
+        what = p.get("reason") or p.get("event") or p.get("wake_at") or join
         return f"waits for {p.get('kind')}: {_short(str(what))}"
     if t == EventType.APPROVAL_DECIDED:
         verdict = "approved" if p.get("approved") else "rejected"

@@ -42,8 +42,8 @@ from agents_project.errors import InvalidInput
 from llm.budget import Budget, usage_empty
 from llm.client import model_config
 from llm.context import POLICIES, ChatMessage, ContextSettings
+from llm.delegation import tool_find
 from llm.step import LLMStep, Reply, RunSettings
-from tools.registry import find_tool
 
 __all__ = ["LLM", "LLMAgent", "Reply", "RunSettings", "llm_input_check"]
 
@@ -177,7 +177,8 @@ class LLM(LLMAgent):
     """The built-in ``llm`` agent: everything comes from its input::
 
         {"prompt": "text", "system": "text?", "model": "name?",
-         "tools": ["calc", "ledger.append"], "approve_tools": ["ledger.append"],
+         "tools": ["calc", "ledger.append", "agent:NAME"],
+         "approve_tools": ["ledger.append"],
          "max_steps": 20, "budget": {"tokens": 20000, "cost": 0.5, "model_calls": 10},
          "on_budget": "fail | approval",
          "context": {"policy": "full | rolling | summarize | select",
@@ -232,7 +233,7 @@ def llm_input_check(input: Any) -> None:
     for key in ("tools", "approve_tools"):
         names = _check(input, key, list) or []
         for index, name in enumerate(names):
-            if not isinstance(name, str) or find_tool(name) is None:
+            if not isinstance(name, str) or tool_find(name) is None:
                 raise InvalidInput(f"unknown tool {name!r}", field=f"input.{key}[{index}]")
     for index, name in enumerate(input.get("approve_tools") or ()):
         if name not in (input.get("tools") or ()):

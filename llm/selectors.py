@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Any
@@ -21,7 +21,12 @@ TAIL_PAGE = 100
 def task_usage(*, task_id: UUID) -> dict[str, Any]:
     """``{model_calls, prompt_tokens, completion_tokens, total_tokens, cost}`` of every
     model call the task made (a reused response counts once: it is one row)."""
-    totals = ModelCall.objects.filter(task_id=task_id).aggregate(
+    return tasks_usage(task_ids=[task_id])
+
+
+def tasks_usage(*, task_ids: Sequence[UUID]) -> dict[str, Any]:
+    """``task_usage`` summed over the tasks ``task_ids``."""
+    totals = ModelCall.objects.filter(task_id__in=task_ids).aggregate(
         model_calls=Count("pk"),
         prompt_tokens=Sum("prompt_tokens"),
         completion_tokens=Sum("completion_tokens"),

@@ -41,17 +41,22 @@ from typing import Any, Protocol
 
 from agents.definition import (
     CallTools,
+    ChildSpec,
     Continue,
     Fail,
     Finish,
     HandOff,
     Outcome,
+    StartChildren,
     StepContext,
     Suspend,
     ToolCall,
+    get_agent,
 )
 from agents.errors import PermanentError, ToolArgumentError
 from agents_project import tracing
+from agents_project.errors import InvalidInput
+from agents_project.validation import json_value_check
 from audit.models import EventType
 from llm import metrics, telemetry
 from llm.budget import (
@@ -83,6 +88,7 @@ from llm.context import (
     summary_request,
     well_formed,
 )
+from llm.delegation import agent_of, descendants_usage, is_agent_tool, tool_find
 from llm.models import ModelCall
 from llm.selectors import (
     conversation,
@@ -93,7 +99,7 @@ from llm.selectors import (
 )
 from llm.services import messages_append, model_api_key, model_call_record
 from llm.streaming import delta_payload, delta_publish
-from tools.registry import Tool, find_tool
+from tools.registry import Tool
 
 
 class StepHooks(Protocol):
@@ -237,6 +243,9 @@ class LLMStep:
     def _resolve_wait(self) -> Outcome | None:
         awaiting = self.state.get("awaiting")
         resumed = self.ctx.resumed
+        if awaiting == "children" and resumed is not None and resumed.kind == "children":
+            self._absorb_children(resumed.payload or [])
+            return None
         if awaiting is None or resumed is None or resumed.kind not in ("approval", "timeout"):
             return None
         self.state["awaiting"] = None
@@ -266,6 +275,28 @@ class LLMStep:
         else:
             self.state["owner_grant_day"] = _today()
         return None
+
+    def _absorb_children(self, children: list[dict[str, Any]]) -> None:
+        """The delegated calls' results from their children (in the order they were
+        started), and the children's model spend added to this task's usage."""
+        self.state["awaiting"] = None
+        delegated = [c for c in self.state["pending"] or () if c["status"] == "delegated"]
+        for call, child in zip(delegated, children, strict=False):
+            call["status"] = "done"
+            if child["status"] == "completed":
+                value = child["result"]
+                call["result"] = value if isinstance(value, str) else json.dumps(value)
+            else:
+                call["result"] = (
+                    f"error: the {call['name']} task {child['task']} ended {child['status']}"
+                    + (f": {child['error']}" if child["error"] else "")
+                )
+        spent = descendants_usage(task_ids=[child["task"] for child in children])
+        usage = self.state["usage"]
+        self.state["usage"] = {
+            **{key: usage[key] + spent[key] for key in usage if key != "cost"},
+            "cost": str(Decimal(usage["cost"]) + Decimal(str(spent["cost"]))),
+        }
 
     def _absorb_tool_results(self) -> None:
         pending = self.state.get("pending") or []
@@ -299,11 +330,24 @@ class LLMStep:
                 on_reject="continue",
                 reasoning=f"tool {waiting['name']} needs a person's approval",
             )
-        runnable = [c for c in pending if c["status"] == "run"]
+        runnable = [c for c in pending if c["status"] == "run" and not is_agent_tool(c["name"])]
         if runnable:
             for call in runnable:
                 call["status"] = "running"
             return CallTools([ToolCall(c["name"], c["args"]) for c in runnable], state=self.state)
+        delegated = [c for c in pending if c["status"] == "run"]
+        if delegated:
+            # Agent tools (``llm.delegation``): child tasks, joined once all have ended.
+            for call in delegated:
+                call["status"] = "delegated"
+            self.state["awaiting"] = "children"
+            return StartChildren(
+                [ChildSpec(agent_of(c["name"]), c["args"]["input"]) for c in delegated],
+                join="all",
+                on_child_failure="report",
+                state=self.state,
+                reasoning=f"delegated to {', '.join(c['name'] for c in delegated)}",
+            )
         for call in pending:
             self._add(
                 ChatMessage(
@@ -356,7 +400,7 @@ class LLMStep:
         name = allowed.get(wire) or (wire if wire in self.settings.tools else None)
         entry: dict[str, Any] = {"id": call.get("id") or f"call_{self.ctx.step}_{index}"}
         entry.update(name=name or wire, args={}, status="done")
-        tool = find_tool(name) if name else None
+        tool = tool_find(name) if name else None
         if tool is None:
             entry["result"] = f"error: no tool {wire!r}; the tools are {sorted(allowed)}"
             return entry
@@ -369,11 +413,19 @@ class LLMStep:
         except ToolArgumentError as exc:
             entry["result"] = f"error: {exc}"
             return entry
+        if is_agent_tool(tool.name):
+            try:
+                child = get_agent(agent_of(tool.name))
+                json_value_check(entry["args"]["input"], field="input")
+                child.validate_input(entry["args"]["input"])
+            except InvalidInput as exc:
+                entry["result"] = f"error: {exc.field}: {exc.message}"
+                return entry
         entry["status"] = "approve" if name in self.settings.approve_tools else "run"
         return entry
 
     def _reply(self, config: ModelConfig) -> tuple[ChatReply, ModelCall] | Outcome:
-        tools = [tool_schema(t) for n in self.settings.tools if (t := find_tool(n))]
+        tools = [tool_schema(t) for n in self.settings.tools if (t := tool_find(n))]
         base = f"{self.ctx.task_id}:{self.ctx.step}"
         limits = self.limits
         for attempt in (1, 2):

@@ -177,6 +177,12 @@ class TaskSerializer(serializers.ModelSerializer):
     replayed_from = serializers.UUIDField(
         source="replayed_from_id", read_only=True, allow_null=True
     )
+    parent = serializers.UUIDField(
+        source="parent_id",
+        read_only=True,
+        allow_null=True,
+        help_text="The task whose step started this one (a child task); null otherwise.",
+    )
     error = serializers.SerializerMethodField(
         help_text="Why the task failed or was dead-lettered; empty otherwise."
     )
@@ -206,6 +212,9 @@ class TaskSerializer(serializers.ModelSerializer):
             "deadline",
             "replayed_from",
             "replayed_from_step",
+            "parent",
+            "spawn_step",
+            "spawn_index",
             "created_at",
             "updated_at",
             "status_changed_at",
@@ -231,6 +240,7 @@ class WaitingOnSerializer(serializers.Serializer):
             "approval",
             "event",
             "timer",
+            "children",
             "breaker",
             "retry",
             "admission",

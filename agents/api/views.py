@@ -65,6 +65,7 @@ from agents.selectors import (
     dead_letter_get,
     dead_letters_visible_to,
     task_checkpoints,
+    task_children,
     task_get,
     task_list,
     tasks_visible_to,
@@ -237,6 +238,16 @@ class TaskViewSet(viewsets.GenericViewSet):
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         return response
+
+    @extend_schema(
+        summary="The child tasks this task started, in the order it started them",
+        responses=TaskListItemSerializer(many=True),
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def children(self, request: Request, pk: str) -> Response:
+        task = task_get(task_id=pk, user=request.user)
+        children = with_dead_letter_error(task_children(task=task))
+        return Response(TaskListItemSerializer(children, many=True).data)
 
     @extend_schema(
         summary="The task's checkpoints (its state after each step), in step order",

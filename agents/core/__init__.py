@@ -13,12 +13,15 @@ The flow is one way; a module imports only those below it (import-linter checks 
                        the next step before it commits (the hot path's one statement,
                        or the general path through the state machine)
     dead_letters       DLQ inbox -> DeadLetter rows; requeue
+    children           child tasks: started in a step's commit, the parent suspended
+                       on a join that each child's ending checks; cancel cascade
     admission          fair sharing: per-owner limits, round-robin admission
     retries            retry later, fail, refuse, dead-letter (all fenced)
     suspensions        suspend and resume: approvals, signals, timers, wait timeouts,
                        cancel, time out
     versions           version-pinned runs: intake (newest served version, ramp, holds)
                        and worker announcements
+    intake             a new task's rows (task, checkpoint 0, ``created``), many at once
     handoffs           a step hands its wait (a model call) to another process and
                        frees its pool process: the hand-off queue and its lease
     leases             the lease: claim (fenced compare-and-swap), heartbeat, deadline
@@ -26,7 +29,8 @@ The flow is one way; a module imports only those below it (import-linter checks 
     dispatch           publish a step inside the transaction that makes it runnable
                        (no task or engine import); or, for an in-process runner,
                        collect it (evals)
-    state_machine      the one table of statuses, the only writer of ``status``
+    state_machine      the one table of statuses, the only writer of ``status`` (and the
+                       hook every ending runs: the join of a child's parent)
     clock              the database's clock, for every comparison
     faults, results    crash points for the fault tests; the engine's answer
 

@@ -34,7 +34,7 @@ from django.db import connection, transaction
 from psycopg.pq import TransactionStatus
 
 from agents import metrics
-from agents.core import clock, dispatch, suspensions
+from agents.core import children, clock, dispatch, suspensions
 from agents.core.faults import fault_point
 from agents.core.leases import DeadlineReached, lease_release_values
 from agents.core.results import StepResult
@@ -47,6 +47,7 @@ from agents.definition import (
     Fail,
     Finish,
     Outcome,
+    StartChildren,
     Suspend,
     ToolResult,
 )
@@ -90,6 +91,7 @@ _OUTCOME_NAMES = {
     Continue: "continue",
     CallTools: "call_tools",
     Suspend: "suspend",
+    StartChildren: "start_children",
     Finish: "finish",
     Fail: "fail",
 }
@@ -153,7 +155,7 @@ def _observations(record: StepRecord) -> dict[str, Any]:
     observations: dict[str, Any] = {}
     if record.results:
         observations["tool_results"] = [asdict(r) for r in record.results]
-    if isinstance(record.outcome, Suspend):
+    if isinstance(record.outcome, Suspend | StartChildren):
         observations["suspended"] = True
     return observations
 
@@ -496,6 +498,9 @@ def _outcome_apply(
         task.error = safe_text(outcome.error)
         transition(task, TaskStatus.FAILED, audit=audit, reason=task.error)
         return False, ["error", *TRANSITION_FIELDS]
+    if isinstance(outcome, StartChildren):
+        children.children_spawn(parent=task, step=step, outcome=outcome, audit=audit)
+        return False, ["spawned", *TRANSITION_FIELDS]
     assert isinstance(outcome, Suspend)
     publish = suspensions.suspension_open(task=task, step=step, outcome=outcome, audit=audit)
     return publish, list(TRANSITION_FIELDS)

@@ -46,7 +46,7 @@ from django.db.models import TextField
 from django.db.models.functions import Cast
 
 from agents import metrics
-from agents.core import clock, suspensions
+from agents.core import children, clock, suspensions
 from agents.core.commit import ChainHead, StepRecord, steps_commit, worker_actor
 from agents.core.dispatch import step_time_limits
 from agents.core.handoffs import step_hand_off
@@ -77,6 +77,7 @@ from agents.definition import (
     HandOff,
     Outcome,
     Resumption,
+    StartChildren,
     StepContext,
     Suspend,
     ToolResult,
@@ -453,8 +454,10 @@ def _step_once(
     )
     with deadline_alarm(deadline):
         outcome = agent.step(ctx)
-        if not isinstance(outcome, Continue | CallTools | Suspend | Finish | Fail):
+        if not isinstance(outcome, Continue | CallTools | Suspend | StartChildren | Finish | Fail):
             raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")
+        if isinstance(outcome, StartChildren):
+            children.children_check(outcome)
         if outcome.reasoning:
             events.append((EventType.REASONING, {"text": outcome.reasoning}))
         if tracing.ENABLED and isinstance(outcome, Suspend):
@@ -549,6 +552,9 @@ def _check_storable(
         json_path_check(outcome.error, path="error")
     if isinstance(outcome, Suspend):
         json_path_check(outcome.default, path="default")
+    if isinstance(outcome, StartChildren):
+        for index, spec in enumerate(outcome.children):
+            json_path_check(spec.input, path=f"children[{index}].input")
     for index, (event_type, payload) in enumerate(events):
         json_path_check(payload, path=f"events[{index}]({event_type})")
 

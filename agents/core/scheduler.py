@@ -50,6 +50,7 @@ from django.db.models import F, Q, QuerySet
 
 from agents.core import clock, suspensions
 from agents.core.admission import admissions_grant
+from agents.core.children import orphans_cancel
 from agents.core.dead_letters import dead_letter_queue_reconcile
 from agents.core.dispatch import current_step_publish
 from agents.core.state_machine import RUNNABLE
@@ -304,6 +305,7 @@ def tick(*, actor: str) -> dict[str, int]:
         "republished": stuck_tasks_republish(actor=actor),
         "taken_over": vanished_tasks_republish(actor=actor),
         "admitted": admissions_grant(),
+        "orphans_cancelled": orphans_cancel(actor=actor),
     }
 
 

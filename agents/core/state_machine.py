@@ -23,6 +23,7 @@ that transaction commits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from django.db import transaction
@@ -52,6 +53,20 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
 FINAL: Final = frozenset(status for status, nexts in TRANSITIONS.items() if not nexts)
 # Where a step may be executing or queued to execute.
 RUNNABLE: Final = frozenset({S.PENDING, S.RUNNING})
+
+
+# Called by ``transition`` after a task enters a final status, in its transaction (the
+# task's row locked, its new status set but not saved): ``hook(task, audit)``. Child
+# tasks (``agents.core.children``, a layer above) register the check of a parent's join
+# here, so that it runs on every path that ends a task, in the same transaction.
+FinalHook = Callable[[AgentTask, AuditBatch], None]
+_final_hooks: list[FinalHook] = []
+
+
+def final_hook_register(hook: FinalHook) -> None:
+    """Run ``hook`` on every transition into a final status (see ``_final_hooks``)."""
+    if hook not in _final_hooks:
+        _final_hooks.append(hook)
 
 
 def can_transition(current: str, to: str) -> bool:
@@ -87,6 +102,9 @@ def transition(task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: st
     if to in metrics.FINISHED:
         agent, status = task.agent_name, str(to)
         transaction.on_commit(lambda: metrics.task_finished(agent=agent, status=status))
+    if to in FINAL:
+        for hook in _final_hooks:
+            hook(task, audit)
 
 
 # The fields a transition changes, for ``save(update_fields=...)``.

@@ -129,6 +129,7 @@ _RESUMED_BY: dict[str, str] = {
     R.SIGNALLED: "event",
     R.WOKEN: "timer",
     R.TIMED_OUT: "timeout",
+    R.JOINED: "children",
 }
 _APPROVED: dict[str, bool] = {R.APPROVED: True, R.REJECTED: False}
 
@@ -178,7 +179,7 @@ def task_approve(
         if approved or suspension.on_reject == "continue":
             _resume(task, suspension, R.APPROVED if approved else R.REJECTED, audit)
         else:
-            _resolve(suspension, R.REJECTED)
+            suspension_resolve(suspension, R.REJECTED)
             task.error = f"approval rejected: {comment}" if comment else "approval rejected"
             transition(task, TaskStatus.FAILED, audit=audit, reason="approval rejected")
         audit.flush()
@@ -239,15 +240,21 @@ def task_cancel(*, task_id: UUID | str, user: User | None, actor: str | None = N
         task = task_lock(task_id=task_id, user=user)
         if task.status in FINAL:
             raise Conflict(f"task {task.pk} is {task.status}; it cannot be cancelled")
-        audit = AuditBatch(task, actor=actor)
-        suspension = _open_suspension_or_none(task)
-        if suspension is not None:
-            _resolve(suspension, R.CANCELLED)
-        task.retry_at = None
-        transition(task, TaskStatus.CANCELLED, audit=audit, reason=f"cancelled by {actor}")
-        audit.flush()
-        task.save(update_fields=_SAVE_FIELDS)
+        task_cancel_locked(task=task, actor=actor, reason=f"cancelled by {actor}")
     return task
+
+
+def task_cancel_locked(*, task: AgentTask, actor: str, reason: str) -> None:
+    """Cancel ``task``, locked by the caller's transaction and not final: end its wait,
+    drop a pending retry, transition, audit, save."""
+    audit = AuditBatch(task, actor=actor)
+    suspension = _open_suspension_or_none(task)
+    if suspension is not None:
+        suspension_resolve(suspension, R.CANCELLED)
+    task.retry_at = None
+    transition(task, TaskStatus.CANCELLED, audit=audit, reason=reason)
+    audit.flush()
+    task.save(update_fields=_SAVE_FIELDS)
 
 
 def task_time_out(*, task_id: UUID, actor: str) -> bool:
@@ -263,7 +270,7 @@ def task_time_out(*, task_id: UUID, actor: str) -> bool:
         audit = AuditBatch(task, actor=actor)
         suspension = _open_suspension_or_none(task)
         if suspension is not None:
-            _resolve(suspension, R.TIMED_OUT)
+            suspension_resolve(suspension, R.TIMED_OUT)
         task.retry_at = None
         task.error = f"deadline {task.deadline.isoformat()} passed"
         transition(task, TaskStatus.TIMED_OUT, audit=audit, reason="deadline")
@@ -316,7 +323,7 @@ def _apply_timeout_policy(task: AgentTask, suspension: Suspension, audit: AuditB
         suspension.comment = "no decision before the wait's timeout"
         _resume(task, suspension, R.REJECTED, audit)
     else:
-        _resolve(suspension, R.TIMED_OUT)
+        suspension_resolve(suspension, R.TIMED_OUT)
         task.error = f"{suspension.kind} wait timed out"
         transition(task, TaskStatus.FAILED, audit=audit, reason=task.error)
 
@@ -336,14 +343,15 @@ def _open_suspension(task: AgentTask, kind: str) -> Suspension:
     return suspension
 
 
-def _resolve(suspension: Suspension, resolution: str) -> None:
+def suspension_resolve(suspension: Suspension, resolution: str) -> None:
+    """Mark ``suspension`` ended now with ``resolution`` (saved)."""
     suspension.resolved_at = clock.now()
     suspension.resolution = resolution
     suspension.save()
 
 
 def _resume(task: AgentTask, suspension: Suspension, resolution: str, audit: AuditBatch) -> None:
-    _resolve(suspension, resolution)
+    suspension_resolve(suspension, resolution)
     transition(task, TaskStatus.RUNNING, audit=audit, reason=resolution)
     current_step_publish(task=task)
 
@@ -356,7 +364,7 @@ def _signal_consume(
     signal.consumed_at_step = step
     signal.save(update_fields=("consumed_at", "consumed_at_step"))
     suspension.payload = signal.payload
-    _resolve(suspension, R.SIGNALLED)
+    suspension_resolve(suspension, R.SIGNALLED)
     audit.add(
         EventType.SIGNAL_CONSUMED,
         {"signal": signal.pk, "name": signal.name, "payload": signal.payload},
