@@ -64,6 +64,11 @@ class Resumption:
     ``kind`` is ``approval`` (``approved`` says the decision), ``event`` (``payload``
     is the signal's), ``timer``, or ``timeout`` (the wait's own timeout passed and its
     policy was ``continue``; ``payload`` is the default given with the wait).
+
+    For the approval of a tool call (``Suspend.tool_call``), ``decision`` is one of
+    ``approve``, ``edit`` (run the call with ``args``, validated against the tool's
+    schema), ``respond`` (do not run it: ``message`` is its result) or ``reject``;
+    ``approved`` is True for ``approve`` and ``edit``.
     """
 
     kind: str
@@ -71,6 +76,9 @@ class Resumption:
     payload: Any = None
     comment: str = ""
     decided_by: str = ""
+    decision: str = ""
+    args: dict[str, Any] | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,10 @@ class Suspend:
     task failed, ``reject`` resumes as if rejected, ``continue`` resumes with
     ``default`` as the payload. A rejected approval ends the task failed unless
     ``on_reject`` is ``continue``: then the next step sees ``resumed.approved`` False.
+
+    ``tool_call``: the call an approval is about. Only then may a person edit its
+    arguments or answer it instead of running it (``Resumption.decision``); the agent
+    must honour ``resumed.args`` and ``resumed.message``.
     """
 
     state: State
@@ -153,6 +165,7 @@ class Suspend:
     on_reject: Literal["fail", "continue"] = "fail"
     default: Any = None
     reasoning: str | None = None
+    tool_call: ToolCall | None = None
 
     def __post_init__(self) -> None:
         given = [x for x in (self.approval, self.event, self.until) if x is not None]
