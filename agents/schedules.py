@@ -197,7 +197,7 @@ def schedules_visible_to(user: Any) -> QuerySet[Schedule]:
     """Every schedule for a holder of ``view_schedule`` or ``change_schedule`` (and the
     system, ``None``); else the user's own."""
     schedules = Schedule.objects.select_related("owner")
-    if permissions.has(user, "agents.view_schedule", "agents.change_schedule"):
+    if permissions.has(user, permissions.SCHEDULE_VIEW, permissions.SCHEDULE_CHANGE):
         return schedules
     if user is None or not getattr(user, "is_active", False) or user.pk is None:
         return schedules.none()
@@ -220,7 +220,7 @@ def schedule_get(*, schedule_id: UUID | str, user: Any) -> Schedule:
 def _locked(schedule_id: UUID | str, user: Any) -> Schedule:
     schedule = schedule_get(schedule_id=schedule_id, user=user)
     if not (
-        permissions.has(user, "agents.change_schedule")
+        permissions.has(user, permissions.SCHEDULE_CHANGE)
         or (user is not None and user.pk == schedule.owner_id)
     ):
         raise Forbidden(f"you may read schedule {schedule.pk} but not change it")
