@@ -353,7 +353,9 @@ def _schedule_fire(schedule: Schedule, *, actor: str, start: Callable[..., Any])
                     started += _slot_fire(schedule, slot, actor=actor, start=start)
         schedule.next_slot = slot_after(schedule, max(now, latest))
         schedule.save(update_fields=("next_slot",))
-    if schedule.overlap == Overlap.QUEUE and not _active(schedule).exists():
+    # Queued slots start one at a time once nothing of the schedule is active (also
+    # after its overlap policy changed: a queued slot is never left behind).
+    if not _active(schedule).exists():
         queued = (
             ScheduleFiring.objects.select_for_update()
             .filter(schedule=schedule, outcome=Outcome.QUEUED)

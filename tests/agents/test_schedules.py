@@ -272,3 +272,22 @@ def test_the_schedules_command(user):
         call_command("schedules", "edit", str(schedule.pk), "--timezone", "Nowhere/At_All")
     call_command("schedules", "remove", str(schedule.pk), stdout=out)
     assert not Schedule.objects.exists()
+
+
+def test_the_admin_lists_schedules_and_pauses_and_resumes_them(user, django_user_model, client):
+    from agents.permissions import operator_group_ensure
+
+    olga = django_user_model.objects.create_user(username="olga", password="pw", is_staff=True)
+    olga.groups.add(operator_group_ensure())
+    client.force_login(olga)
+    schedule = schedule_create(owner=user, agent="scripted", input=WAITS, interval_seconds=60)
+    listing = client.get("/admin/agents/schedule/")
+    assert listing.status_code == 200 and str(schedule.pk).encode() in listing.content
+    assert client.get(f"/admin/agents/schedule/{schedule.pk}/change/").status_code == 200
+    for action, paused in (("pause_schedules", True), ("resume_schedules", False)):
+        response = client.post(
+            "/admin/agents/schedule/", {"action": action, "_selected_action": [str(schedule.pk)]}
+        )
+        assert response.status_code == 302
+        schedule.refresh_from_db()
+        assert schedule.paused is paused
