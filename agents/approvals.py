@@ -103,7 +103,9 @@ def decision_check(
     ``InvalidInput`` names the field (``args.FIELD`` for an argument)."""
     if decision is None:
         if not isinstance(approved, bool):
-            raise InvalidInput("give a decision (or approved: true or false)", field="decision")
+            raise InvalidInput(
+                "give decision (approve, edit, reject, respond) or approved", field="approved"
+            )
         decision = "approve" if approved else "reject"
     elif approved is not None and approved != (decision in ("approve", "edit")):
         raise InvalidInput(f"contradicts approved: {approved}", field="decision")

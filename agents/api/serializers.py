@@ -137,6 +137,15 @@ class ApproveSerializer(RequestSerializer):
     )
     comment = StrictCharField(required=False, allow_blank=True, max_length=10_000, default="")
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # Checked before the task's state: a body without a decision is a 400 whatever
+        # the task is doing (named ``approved``, the field of the older form).
+        if "decision" not in attrs and "approved" not in attrs:
+            raise serializers.ValidationError(
+                {"approved": ["give decision (approve, edit, reject, respond) or approved"]}
+            )
+        return attrs
+
 
 class SignalSerializer(RequestSerializer):
     name = StrictCharField(max_length=200)

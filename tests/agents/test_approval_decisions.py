@@ -120,7 +120,7 @@ def test_reject_and_the_older_approved_form_keep_working(user):
         ({"decision": "approve", "args": {"key": "x"}}, "args"),
         ({"decision": "approve", "approved": False}, "decision"),
         ({"decision": "maybe"}, "decision"),
-        ({}, "decision"),
+        ({}, "approved"),  # the field of the older form, as before
     ],
 )
 def test_a_bad_decision_names_the_field_and_changes_nothing(user, body, field):
