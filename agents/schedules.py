@@ -334,6 +334,10 @@ def schedules_fire(*, actor: str, start: Callable[..., tuple[AgentTask, bool]]) 
         except IntegrityError:
             # Another scheduler recorded one of these slots first: it started them.
             logger.info("schedule slot already fired elsewhere", schedule=str(schedule_id))
+        except Exception:
+            # One schedule's failure (rolled back, tried again next tick) must not keep
+            # the others from firing.
+            logger.exception("schedule could not fire", schedule=str(schedule_id))
     return started
 
 
