@@ -36,7 +36,8 @@ from agents.diagnosis import (
     tasks_with_console_columns,
     waiting_on_short,
 )
-from agents.models import AgentTask
+from agents.models import AgentTask, Schedule, ScheduleFiring
+from agents.schedules import schedule_pause
 from agents.search import task_search
 from agents.selectors import (
     dead_letters_visible_to,
@@ -451,6 +452,9 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             "waiting": waiting,
             "can_cancel": task.status not in FINAL,
             "can_decide": waiting is not None and waiting.kind == "approval",
+            "waiting_tool_args": (
+                json.dumps(waiting.tool_args, indent=1) if waiting and waiting.tool_name else ""
+            ),
             "dead_letter_id": open_dead_letter_id(task),
             "timeline": events,
             "timeline_total": total,
@@ -483,9 +487,17 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         if action == "cancel":
             task_cancel(task_id=task_id, user=user)
             self.message_user(request, "Task cancelled.", messages.SUCCESS)
-        elif action in ("approve", "reject"):
-            task_approve(task_id=task_id, user=user, approved=action == "approve", comment=comment)
-            verdict = "approved" if action == "approve" else "rejected"
+        elif action in ("approve", "reject", "edit", "respond"):
+            decided: dict[str, Any] = {"decision": action}
+            if action == "edit":
+                try:
+                    decided["args"] = json.loads(request.POST.get("args", ""))
+                except ValueError:
+                    raise InvalidInput("must be a JSON object", field="args") from None
+            if action == "respond":
+                decided["message"] = request.POST.get("message", "")
+            task_approve(task_id=task_id, user=user, comment=comment, **decided)
+            verdict = {"approve": "approved", "reject": "rejected"}.get(action, f"{action}ed")
             self.message_user(request, f"Approval {verdict}.", messages.SUCCESS)
         elif action == "replay":
             try:
@@ -666,3 +678,64 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{letter.pk}: {exc.message}", messages.WARNING)
         if ok:
             self.message_user(request, f"{ok} dead letter(s) requeued.", messages.SUCCESS)
+
+
+class ScheduleFiringInline(admin.TabularInline):
+    model = ScheduleFiring
+    fields = readonly_fields = ("slot", "outcome", "reason", "task", "actor", "created_at")
+    ordering = ("-slot",)
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ScheduleFiring]:
+        return super().get_queryset(request).order_by("-slot")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(ReadOnlyAdmin):
+    """Schedules and the slots they fired (``agents.schedules``). Pausing and resuming
+    need ``agents.change_schedule``; creating and editing are the API's and
+    ``manage.py schedules``'s, which check every field."""
+
+    list_display = (
+        "id",
+        "agent_name",
+        "when",
+        "timezone",
+        "owner",
+        "overlap",
+        "catch_up",
+        "paused",
+        "next_slot",
+    )
+    list_filter = ("paused", "agent_name", "overlap", "catch_up")
+    search_fields = ("agent_name", "owner__username", "id")
+    actions = ("pause_schedules", "resume_schedules")
+    inlines = (ScheduleFiringInline,)
+
+    @admin.display(description="when")
+    def when(self, schedule: Schedule) -> str:
+        return schedule.cron or f"every {schedule.interval_seconds} s"
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        user = request.user
+        return bool(user.is_staff and permissions.has(user, permissions.SCHEDULE_CHANGE))
+
+    def _pause(self, request: HttpRequest, queryset: QuerySet[Schedule], paused: bool) -> None:
+        for schedule in queryset:
+            schedule_pause(schedule_id=schedule.pk, user=operator(request), paused=paused)
+        done = "paused" if paused else "resumed (from their next slot)"
+        self.message_user(request, f"{queryset.count()} schedule(s) {done}.", messages.SUCCESS)
+
+    @admin.action(description="Pause selected schedules", permissions=["operate"])
+    def pause_schedules(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        self._pause(request, queryset, True)
+
+    @admin.action(description="Resume selected schedules", permissions=["operate"])
+    def resume_schedules(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        self._pause(request, queryset, False)

@@ -70,6 +70,11 @@ class Resumption:
     the order they were started, each ``{"task", "agent", "status", "result",
     "error", "ended"}``, ``ended`` the order in which they ended, from 1, or None for
     a child still live; ``results`` what the join yields, see ``StartChildren``).
+
+    For the approval of a tool call (``Suspend.tool_call``), ``decision`` is one of
+    ``approve``, ``edit`` (run the call with ``args``, validated against the tool's
+    schema), ``respond`` (do not run it: ``message`` is its result) or ``reject``;
+    ``approved`` is True for ``approve`` and ``edit``.
     """
 
     kind: str
@@ -77,6 +82,9 @@ class Resumption:
     payload: Any = None
     comment: str = ""
     decided_by: str = ""
+    decision: str = ""
+    args: dict[str, Any] | None = None
+    message: str = ""
 
     @property
     def results(self) -> list[Any]:
@@ -154,6 +162,10 @@ class Suspend:
     task failed, ``reject`` resumes as if rejected, ``continue`` resumes with
     ``default`` as the payload. A rejected approval ends the task failed unless
     ``on_reject`` is ``continue``: then the next step sees ``resumed.approved`` False.
+
+    ``tool_call``: the call an approval is about. Only then may a person edit its
+    arguments or answer it instead of running it (``Resumption.decision``); the agent
+    must honour ``resumed.args`` and ``resumed.message``.
     """
 
     state: State
@@ -165,6 +177,7 @@ class Suspend:
     on_reject: Literal["fail", "continue"] = "fail"
     default: Any = None
     reasoning: str | None = None
+    tool_call: ToolCall | None = None
 
     def __post_init__(self) -> None:
         given = [x for x in (self.approval, self.event, self.until) if x is not None]

@@ -96,6 +96,17 @@ class AgentTask(models.Model):
     spawn_index = models.PositiveIntegerField(null=True, blank=True)
     # How many children this task has started (0: none; its ending looks for none).
     spawned = models.PositiveIntegerField(default=0)
+    # The schedule that started this task, and the slot (an aware time) it fired for
+    # (``agents.schedules``); both NULL for a task started any other way.
+    schedule = models.ForeignKey(
+        "Schedule",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="tasks",
+        db_index=False,  # the partial index below: most tasks have no schedule
+    )
+    schedule_slot = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     # Last progress of any kind; the stuck-task sweep looks at it.
     updated_at = models.DateTimeField(default=timezone.now)
@@ -163,6 +174,12 @@ class AgentTask(models.Model):
                 ),
                 name="agent_task_live_children",
             ),
+            # A schedule's tasks (its overlap policy looks for the active ones).
+            models.Index(
+                fields=["schedule", "status"],
+                condition=Q(schedule__isnull=False),
+                name="agent_task_scheduled",
+            ),
             models.Index(
                 fields=["deadline"],
                 condition=Q(deadline__isnull=False, status__in=ACTIVE_STATUSES),
@@ -211,6 +228,11 @@ class Suspension(models.Model):
 
     class Resolution(models.TextChoices):
         APPROVED = "approved"
+        # A tool call approved with arguments the person changed (``tool_args``: the
+        # original; ``payload["args"]``: what runs).
+        EDITED = "edited"
+        # A tool call the person answered instead (``payload["message"]``): it never runs.
+        RESPONDED = "responded"
         REJECTED = "rejected"
         SIGNALLED = "signalled"
         WOKEN = "woken"
@@ -230,6 +252,10 @@ class Suspension(models.Model):
     on_timeout = models.CharField(max_length=20, blank=True, default="")
     on_reject = models.CharField(max_length=20, blank=True, default="fail")
     timeout_default = models.JSONField(null=True, blank=True)
+    # The tool call an approval is about (``Suspend.tool_call``), when it is one: a
+    # person may then edit its arguments or answer it instead (``agents.approvals``).
+    tool_name = models.CharField(max_length=200, blank=True, default="")
+    tool_args = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     resolved_at = models.DateTimeField(null=True, blank=True)
     resolution = models.CharField(max_length=20, choices=Resolution.choices, blank=True)
@@ -352,3 +378,96 @@ class VersionHold(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent} {self.version} takes no new tasks"
+
+
+# --- Schedules (``agents.schedules``) ------------------------------------------------------
+
+# ``Schedule.timezone`` (the field) hides the module inside the class body.
+_now = timezone.now
+
+
+class Schedule(models.Model):
+    """Start a task of ``agent_name`` with ``input`` at every slot of a cron expression
+    (in ``timezone``) or every ``interval_seconds`` (counted from the Unix epoch), as
+    ``owner``."""
+
+    class Overlap(models.TextChoices):
+        SKIP = "skip"  # a slot whose previous task still runs starts nothing
+        QUEUE = "queue"  # it starts when the previous task has ended
+        CANCEL = "cancel"  # the previous task is cancelled and the slot's starts
+
+    class CatchUp(models.TextChoices):
+        SKIP = "skip"  # slots missed while no worker ran start nothing
+        ONE = "one"  # one task, for the latest missed slot
+        ALL = "all"  # one task per missed slot (the latest AGENTS_SCHEDULE_CATCH_UP_MAX)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="agent_schedules"
+    )
+    agent_name = models.CharField(max_length=100)
+    input = models.JSONField()
+    cron = models.CharField(max_length=200, blank=True, default="")
+    interval_seconds = models.PositiveIntegerField(null=True, blank=True)
+    timezone = models.CharField(max_length=64, default="UTC")
+    overlap = models.CharField(max_length=10, choices=Overlap.choices, default=Overlap.SKIP)
+    catch_up = models.CharField(max_length=10, choices=CatchUp.choices, default=CatchUp.ONE)
+    paused = models.BooleanField(default=False)
+    # The first slot not yet handled: the scheduler fires the schedule once it passes.
+    next_slot = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=_now)
+    updated_at = models.DateTimeField(default=_now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(cron="") & Q(interval_seconds__gt=0))
+                | (~Q(cron="") & Q(interval_seconds__isnull=True)),
+                name="schedule_cron_or_interval",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["next_slot"], condition=Q(paused=False), name="schedule_due"),
+        ]
+
+    def __str__(self) -> str:
+        when = self.cron or f"every {self.interval_seconds} s"
+        return f"{self.agent_name} {when} ({self.timezone})"
+
+
+class ScheduleFiring(models.Model):
+    """One slot of a schedule, handled once: the unique (schedule, slot) row is what
+    makes a slot start at most one task however many schedulers race for it."""
+
+    class Outcome(models.TextChoices):
+        STARTED = "started"
+        QUEUED = "queued"  # waits for the schedule's running task (overlap ``queue``)
+        SKIPPED = "skipped"  # overlap ``skip``, or a missed slot catch-up leaves out
+        FAILED = "failed"  # the task could not start (its agent or input refused)
+
+    schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="firings")
+    slot = models.DateTimeField()
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    reason = models.TextField(blank=True, default="")
+    task = models.ForeignKey(
+        AgentTask, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["schedule", "slot"]
+        constraints = [
+            models.UniqueConstraint(fields=["schedule", "slot"], name="schedule_firing_once"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["schedule", "slot"],
+                condition=Q(outcome="queued"),
+                name="schedule_firing_queued",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id} at {self.slot.isoformat()}: {self.outcome}"

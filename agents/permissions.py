@@ -44,6 +44,8 @@ DEAD_LETTER_CHANGE = "audit.change_deadletter"
 AUDIT_VIEW = "audit.view_auditevent"
 BREAKER_VIEW = "tools.view_breaker"
 BREAKER_CHANGE = "tools.change_breaker"
+SCHEDULE_VIEW = "agents.view_schedule"
+SCHEDULE_CHANGE = "agents.change_schedule"
 
 OPERATOR_GROUP = "operators"
 OPERATOR_PERMISSIONS = (
@@ -54,6 +56,8 @@ OPERATOR_PERMISSIONS = (
     DEAD_LETTER_CHANGE,
     BREAKER_VIEW,
     BREAKER_CHANGE,
+    SCHEDULE_VIEW,
+    SCHEDULE_CHANGE,
 )
 
 

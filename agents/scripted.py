@@ -6,6 +6,9 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
 ==========================================  =============================================
 ``{"think": TEXT}``                         a reasoning step
 ``{"tool": NAME, "args": {...}}``           call a tool; its result reaches the next step
+                                            (option ``approve``: a question; a person
+                                            then approves, edits, answers or rejects
+                                            the call first, ``on_reject`` as below)
 ``{"approval": REASON}``                    suspend until a person approves (options:
                                             ``timeout``, ``on_timeout``, ``on_reject``)
 ``{"wait_event": NAME}``                    suspend until the signal NAME (options:
@@ -61,7 +64,7 @@ from tools.registry import find_tool
 _KINDS = ("think", "tool", "approval", "wait_event", "wait", "sleep", "fail", "final", "spawn")
 _OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "think": {},
-    "tool": {"args": dict},
+    "tool": {"args": dict, "approve": str, "on_reject": str},
     "approval": {"timeout": (int, float), "on_timeout": str, "on_reject": str},
     "wait_event": {"timeout": (int, float), "on_timeout": str, "default": object},
     "wait": {},
@@ -132,7 +135,7 @@ class Scripted(Agent):
         if kind == "think":
             return Continue(state=state, reasoning=value)
         if kind == "tool":
-            return CallTools([ToolCall(value, entry.get("args", {}))], state=state)
+            return _tool_step(ctx, entry, state)
         if kind == "approval":
             return Suspend(
                 state=state,
@@ -168,6 +171,33 @@ class Scripted(Agent):
                 raise RetryableError(value)
             return Continue(state=state)
         return Finish(result=value, state=state)
+
+
+def _tool_step(ctx: StepContext, entry: dict[str, Any], state: dict[str, Any]) -> Outcome:
+    """A tool step; with ``approve``, first a wait for a person's decision on the call
+    (the step after it sees the decision: ``agents.definition.Resumption``). A
+    ``respond`` is the call's result, as a tool's would be; a rejection the agent
+    handles (``on_reject: continue``) gives ``{"rejected": COMMENT}``."""
+    call = ToolCall(entry["tool"], entry.get("args", {}))
+    question = entry.get("approve")
+    if question is None:
+        return CallTools([call], state=state)
+    pc = state["pc"] - 1
+    resumed = ctx.resumed
+    if ctx.state.get("asked") != pc or resumed is None or resumed.kind != "approval":
+        return Suspend(
+            state={**ctx.state, "asked": pc},
+            approval=question,
+            tool_call=call,
+            on_reject=entry.get("on_reject", "fail"),
+        )
+    if resumed.decision == "respond":
+        return Continue(state={**state, "last": resumed.message})
+    if not resumed.approved:
+        return Continue(state={**state, "last": {"rejected": resumed.comment}})
+    if resumed.decision == "edit" and resumed.args is not None:
+        call = ToolCall(call.name, resumed.args)
+    return CallTools([call], state=state)
 
 
 def _validate_entry(entry: Any, path: str) -> None:

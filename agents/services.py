@@ -4,7 +4,7 @@ retries and dead letters: ``agents.core.retries``; the step itself: ``agents.cor
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +21,7 @@ from agents.core.intake import created_audit, first_checkpoint, task_row, tasks_
 from agents.core.leases import task_creation_lock
 from agents.core.versions import version_for_new_task
 from agents.definition import Agent, get_agent
-from agents.models import AgentTask, Checkpoint, Suspension
+from agents.models import AgentTask, Checkpoint, Schedule, Suspension
 from agents.selectors import parse_task_id
 from agents.timeouts import learned_limit
 from agents_project import tracing
@@ -41,6 +41,8 @@ def task_start(
     idempotency_key: Any = None,
     timeout_seconds: Any = None,
     actor: str | None = None,
+    schedule: Schedule | None = None,
+    schedule_slot: datetime | None = None,
 ) -> tuple[AgentTask, bool]:
     """Accept a task and publish its first step. Returns ``(task, created)``.
 
@@ -57,6 +59,9 @@ def task_start(
     ``AGENTS_OWNER_MAX_RUNNING`` or the agent's ``max_running_per_owner``, or already
     has tasks waiting, the task is created ``pending`` with ``queued_for_admission`` and
     no message; the scheduler admits it (and publishes step 1) when a place frees.
+
+    ``schedule`` and ``schedule_slot``: the schedule firing that starts it
+    (``agents.schedules``), recorded on the task and in its ``created`` event.
     """
     if not isinstance(agent, str) or not agent:
         raise InvalidInput("must be the name of an agent", field="agent")
@@ -92,6 +97,7 @@ def task_start(
                 queued = admission_needed(owner_id=owner.pk, agent=definition)
                 task = task_row(owner, definition, version, input, deadline, queued=queued)
                 task.idempotency_key = idempotency_key
+                task.schedule, task.schedule_slot = schedule, schedule_slot
                 task.save(force_insert=True)
                 tracing.attributes_set({"agents.task.id": str(task.pk)})
                 task_creation_lock(task_id=task.pk)

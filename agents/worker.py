@@ -31,6 +31,8 @@ from prometheus_client import start_http_server
 
 from agents.core.leases import leases_hand_back
 from agents.core.scheduler import Scheduler
+from agents.schedules import schedules_fire
+from agents.services import task_start
 from agents_project.metrics import MULTIPROC_DIR_ENV, step_metrics_registry
 from agents_project.topology import dead_letter_queue
 from tools.health import WorkerHealthServer
@@ -62,6 +64,11 @@ class DeclareDeadLetterTopology(bootsteps.StartStopStep):
             dead_letter_queue(settings.AGENTS)(conn.default_channel).declare()
 
 
+def scheduled_tasks_start(*, actor: str) -> int:
+    """The scheduler's job that fires due schedules (``agents.schedules``)."""
+    return schedules_fire(actor=actor, start=task_start)
+
+
 class RunScheduler(bootsteps.StartStopStep):
     """The runtime's clock, in a thread of the worker's main process."""
 
@@ -74,7 +81,7 @@ class RunScheduler(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         if settings.AGENTS["SCHEDULER_INTERVAL"] <= 0:
             return
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(jobs={"schedules": scheduled_tasks_start})
         # Announce the versions this worker serves before it consumes (the consumer is
         # the worker's last bootstep): a task created from now on may be pinned to them.
         try:

@@ -233,6 +233,10 @@ AGENTS = {
     "DLQ_RECONCILE_INTERVAL": env.float("AGENTS_DLQ_RECONCILE_INTERVAL", default=10.0),
     # Scheduler loop run by every worker: timers, deadlines, and the stuck-task sweep.
     "SCHEDULER_INTERVAL": env.float("AGENTS_SCHEDULER_INTERVAL", default=1.0),
+    # Schedules (``agents.schedules``): how late a slot may fire and still count as on
+    # time (seconds), and how many missed slots ``catch_up: all`` starts at most.
+    "SCHEDULE_GRACE": env.float("AGENTS_SCHEDULE_GRACE", default=60.0),
+    "SCHEDULE_CATCH_UP_MAX": env.int("AGENTS_SCHEDULE_CATCH_UP_MAX", default=100),
     # How long a step waits out a database outage (holding its message) before giving up
     # and returning the message to the queue.
     "DATABASE_PATIENCE": env.float("AGENTS_DATABASE_PATIENCE", default=120.0),

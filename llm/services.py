@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -56,6 +58,30 @@ def model_call_record(
     except IntegrityError:
         return ModelCall.objects.get(key=key), False
     return record, True
+
+
+def message_tool_call_edit(*, task_id: UUID, call_id: str, args: dict[str, Any]) -> int:
+    """Set the arguments of the tool call ``call_id`` in the task's assistant message
+    that made it to ``args`` (a person's edit, ``agents.approvals``), so every later
+    request shows the model the call that ran. Safe to run again (it sets, not adds).
+    Returns how many messages changed (0 or 1)."""
+    with transaction.atomic():
+        # Newest first: the call awaiting approval is in one of the last replies. (No
+        # JSON containment lookup: the zero-setup demo runs on SQLite.)
+        rows = (
+            Message.objects.select_for_update()
+            .filter(task_id=task_id, role=Message.Role.ASSISTANT, tool_calls__isnull=False)
+            .order_by("-seq")
+        )
+        for message in rows.iterator():
+            calls = message.tool_calls or []
+            if any(call.get("id") == call_id for call in calls):
+                for call in calls:
+                    if call.get("id") == call_id:
+                        call["function"]["arguments"] = json.dumps(args)
+                message.save(update_fields=("tool_calls",))
+                return 1
+    return 0
 
 
 def messages_append(

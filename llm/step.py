@@ -5,7 +5,11 @@ A step does one of:
 
 - ask a person to approve a tool call the model made (``approve_tools``), with the tool
   and its arguments in the question; a rejection goes back to the model as that call's
-  error result, with the comment, and the loop goes on;
+  error result, with the comment, and the loop goes on; an edit runs the call with the
+  person's arguments, and the conversation's assistant message then shows the edited
+  call (``llm.services.message_tool_call_edit``), so the model sees the call that ran
+  and its result; a respond gives the person's message to the model as the call's
+  result, the tool not run;
 - run the tool calls the model made, as the step's tool calls (idempotency keys
   ``task id : step : call index``); their results reach the model in the next step;
 - otherwise: add the last tool results to the conversation, choose the messages the
@@ -97,7 +101,12 @@ from llm.selectors import (
     model_call_find,
     reply_from_record,
 )
-from llm.services import messages_append, model_api_key, model_call_record
+from llm.services import (
+    message_tool_call_edit,
+    messages_append,
+    model_api_key,
+    model_call_record,
+)
 from llm.streaming import delta_payload, delta_publish
 from tools.registry import Tool
 
@@ -156,42 +165,14 @@ def wire_name(name: str) -> str:
 
 def tool_schema(tool: Tool) -> dict[str, Any]:
     """The chat-completions ``tools`` entry of ``tool``, from its argument specs."""
-    properties = {name: _json_schema(arg.type) for name, arg in tool.args.items()}
-    required = [name for name, arg in tool.args.items() if arg.required]
     return {
         "type": "function",
         "function": {
             "name": wire_name(tool.name),
             "description": tool.description or tool.name,
-            "parameters": {
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": False,
-            },
+            "parameters": tool.parameters_schema(),
         },
     }
-
-
-_JSON_TYPES = {
-    str: "string",
-    int: "integer",
-    float: "number",
-    bool: "boolean",
-    list: "array",
-    dict: "object",
-    type(None): "null",
-}
-
-
-def _json_schema(expected: type | tuple[type, ...]) -> dict[str, Any]:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if object in types or all(t in types for t in _JSON_TYPES):
-        return {}
-    names = sorted({_JSON_TYPES[t] for t in types if t in _JSON_TYPES})
-    if "integer" in names and "number" in names:
-        names.remove("integer")
-    return {"type": names[0]} if len(names) == 1 else {"type": names}
 
 
 class LLMStep:
@@ -252,7 +233,16 @@ class LLMStep:
         approved = bool(resumed.approved)
         if awaiting == "tool":
             call = next(c for c in self.state["pending"] if c["status"] == "approve")
-            if approved:
+            if resumed.decision == "edit" and resumed.args is not None:
+                # The model sees the call as the person edited it, and that call's result.
+                call["args"] = resumed.args
+                message_tool_call_edit(
+                    task_id=self.ctx.task_id, call_id=call["id"], args=resumed.args
+                )
+            if resumed.decision == "respond":
+                call["status"] = "done"
+                call["result"] = resumed.message
+            elif approved:
                 call["status"] = "run"
             else:
                 who = f" by {resumed.decided_by}" if resumed.decided_by else ""
@@ -327,6 +317,7 @@ class LLMStep:
             return Suspend(
                 state=self.state,
                 approval=f"Run tool {waiting['name']} with arguments {args}?",
+                tool_call=ToolCall(waiting["name"], waiting["args"]),
                 on_reject="continue",
                 reasoning=f"tool {waiting['name']} needs a person's approval",
             )

@@ -127,6 +127,16 @@ class Tool:
         """The name of the breaker guarding this call, if any."""
         return self.breaker(args) if callable(self.breaker) else self.breaker
 
+    def parameters_schema(self) -> dict[str, Any]:
+        """The JSON Schema (draft 2020-12) of this tool's arguments: what a model is
+        offered, and what an edited call is checked against (``agents.approvals``)."""
+        return {
+            "type": "object",
+            "properties": {name: _json_schema(arg.type) for name, arg in self.args.items()},
+            "required": [name for name, arg in self.args.items() if arg.required],
+            "additionalProperties": False,
+        }
+
     def validate(self, args: Any) -> dict[str, Any]:
         """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field.
 
@@ -156,6 +166,27 @@ class Tool:
                 )
             clean[name] = value
         return clean
+
+
+_JSON_TYPES = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+def _json_schema(expected: type | tuple[type, ...]) -> dict[str, Any]:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if object in types or all(t in types for t in _JSON_TYPES):
+        return {}
+    names = sorted({_JSON_TYPES[t] for t in types if t in _JSON_TYPES})
+    if "integer" in names and "number" in names:
+        names.remove("integer")
+    return {"type": names[0]} if len(names) == 1 else {"type": names}
 
 
 def _is_instance(value: Any, expected: type | tuple[type, ...]) -> bool:

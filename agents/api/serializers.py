@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agents.diagnosis import task_diagnosis, task_error_text
-from agents.models import AgentTask, Checkpoint, Signal, TaskStatus
+from agents.models import AgentTask, Checkpoint, Schedule, ScheduleFiring, Signal, TaskStatus
 from agents.selectors import task_usage, task_usage_none
 from agents_project.errors import InvalidInput
 from agents_project.validation import json_value_check
@@ -120,8 +120,31 @@ class TaskQuerySerializer(serializers.Serializer):
 
 
 class ApproveSerializer(RequestSerializer):
-    approved = StrictBooleanField(help_text="true resumes the task; false rejects it.")
+    decision = serializers.ChoiceField(
+        choices=("approve", "edit", "reject", "respond"),
+        required=False,
+        help_text="approve; edit (run the tool call with `args`); reject; respond (do not "
+        "run it: `message` is its result). edit and respond: a tool call's approval only.",
+    )
+    approved = StrictBooleanField(
+        required=False, help_text="The older form: true approves, false rejects."
+    )
+    args = StorableJSONField(
+        required=False, help_text="edit: the tool call's new arguments (its JSON Schema)."
+    )
+    message = StrictCharField(
+        required=False, max_length=100_000, help_text="respond: the tool call's result."
+    )
     comment = StrictCharField(required=False, allow_blank=True, max_length=10_000, default="")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # Checked before the task's state: a body without a decision is a 400 whatever
+        # the task is doing (named ``approved``, the field of the older form).
+        if "decision" not in attrs and "approved" not in attrs:
+            raise serializers.ValidationError(
+                {"approved": ["give decision (approve, edit, reject, respond) or approved"]}
+            )
+        return attrs
 
 
 class SignalSerializer(RequestSerializer):
@@ -183,6 +206,12 @@ class TaskSerializer(serializers.ModelSerializer):
         allow_null=True,
         help_text="The task whose step started this one (a child task); null otherwise.",
     )
+    schedule = serializers.UUIDField(
+        source="schedule_id",
+        read_only=True,
+        allow_null=True,
+        help_text="The schedule that started the task (its slot: schedule_slot).",
+    )
     error = serializers.SerializerMethodField(
         help_text="Why the task failed or was dead-lettered; empty otherwise."
     )
@@ -215,6 +244,8 @@ class TaskSerializer(serializers.ModelSerializer):
             "parent",
             "spawn_step",
             "spawn_index",
+            "schedule",
+            "schedule_slot",
             "created_at",
             "updated_at",
             "status_changed_at",
@@ -403,3 +434,75 @@ class TokenSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField(
         allow_null=True, help_text="After this it is refused (AGENTS_API_TOKEN_MAX_AGE)."
     )
+
+
+# --- Schedules ----------------------------------------------------------------------------
+
+
+class ScheduleWriteSerializer(RequestSerializer):
+    """A schedule's fields as sent; what they mean (a valid cron expression, a known
+    agent and time zone) is checked by ``agents.schedules``, naming the field."""
+
+    agent = StrictCharField(max_length=100, help_text="The name of a registered agent.")
+    input = StorableJSONField(help_text="The input of every task it starts.")
+    cron = StrictCharField(
+        required=False,
+        allow_null=True,
+        max_length=200,
+        help_text="A cron expression (croniter's syntax), on the wall clock of `timezone`.",
+    )
+    interval_seconds = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        help_text="Instead of cron: every this many seconds (slots counted from the epoch).",
+    )
+    timezone = StrictCharField(required=False, max_length=64, help_text="An IANA name.")
+    overlap = serializers.ChoiceField(choices=Schedule.Overlap.choices, required=False)
+    catch_up = serializers.ChoiceField(choices=Schedule.CatchUp.choices, required=False)
+    paused = StrictBooleanField(required=False)
+
+
+class ScheduleFiringSerializer(serializers.ModelSerializer):
+    task = serializers.UUIDField(source="task_id", read_only=True, allow_null=True)
+
+    class Meta:
+        model = ScheduleFiring
+        fields = ("slot", "outcome", "reason", "task", "actor", "created_at")
+        read_only_fields = fields
+
+
+class ScheduleSerializer(serializers.ModelSerializer):
+    agent = serializers.CharField(source="agent_name", read_only=True)
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+
+    class Meta:
+        model = Schedule
+        fields: tuple[str, ...] = (
+            "id",
+            "agent",
+            "input",
+            "cron",
+            "interval_seconds",
+            "timezone",
+            "overlap",
+            "catch_up",
+            "paused",
+            "next_slot",
+            "owner",
+            "created_at",
+            "updated_at",
+        )
+        read_only_fields: tuple[str, ...] = fields
+
+
+class ScheduleDetailSerializer(ScheduleSerializer):
+    firings = serializers.SerializerMethodField(help_text="The latest 20 slots handled.")
+
+    class Meta(ScheduleSerializer.Meta):
+        fields = (*ScheduleSerializer.Meta.fields, "firings")
+        read_only_fields = fields
+
+    @extend_schema_field(ScheduleFiringSerializer(many=True))
+    def get_firings(self, schedule: Schedule) -> Any:
+        latest = schedule.firings.order_by("-slot")[:20]
+        return ScheduleFiringSerializer(latest, many=True).data

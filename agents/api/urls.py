@@ -10,6 +10,7 @@ from rest_framework.routers import SimpleRouter
 from agents.api.views import (
     BreakerListView,
     DeadLetterViewSet,
+    ScheduleViewSet,
     TaskViewSet,
     TokenRotateView,
     not_found,
@@ -18,6 +19,7 @@ from agents.api.views import (
 router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
 router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
+router.register("schedules", ScheduleViewSet, basename="schedule")
 
 urlpatterns = [
     *router.urls,

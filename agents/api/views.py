@@ -44,6 +44,9 @@ from agents.api.serializers import (
     DeadLetterSerializer,
     ErrorSerializer,
     ReplaySerializer,
+    ScheduleDetailSerializer,
+    ScheduleSerializer,
+    ScheduleWriteSerializer,
     SeekQuerySerializer,
     SignalOutSerializer,
     SignalSerializer,
@@ -60,7 +63,15 @@ from agents.core.dead_letters import dead_letter_requeue
 from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.diagnosis import with_dead_letter_error
 from agents.events import event_stream, event_stream_async, task_events_finished
-from agents.models import AgentTask
+from agents.models import AgentTask, Schedule
+from agents.schedules import (
+    schedule_create,
+    schedule_delete,
+    schedule_get,
+    schedule_pause,
+    schedule_update,
+    schedules_visible_to,
+)
 from agents.selectors import (
     dead_letter_get,
     dead_letters_visible_to,
@@ -87,6 +98,93 @@ def _query(serializer_class: type[serializers.Serializer], request: Request) -> 
     # A plain dict, not the QueryDict: DRF would read "?status=" as "no status given";
     # an empty value is refused like any other that is not one of the allowed ones.
     return _valid(serializer_class, request.query_params.dict())
+
+
+class ScheduleViewSet(viewsets.GenericViewSet):
+    """Schedules: start a task of an agent at every slot of a cron expression or an
+    interval (``agents.schedules``). A user sees and changes their own (with
+    ``view_schedule`` / ``change_schedule``: all); others' are a 404."""
+
+    serializer_class = ScheduleSerializer
+    pagination_class = NewestFirstPagination
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return Schedule.objects.none()
+        return schedules_visible_to(self.request.user)
+
+    @extend_schema(summary="List your schedules", responses=ScheduleSerializer(many=True))
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(schedules_visible_to(request.user).order_by("-created_at"))
+        return self.get_paginated_response(ScheduleSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Create a schedule (you are its owner)",
+        request=ScheduleWriteSerializer,
+        examples=[
+            OpenApiExample(
+                "Every morning at 8 in Berlin",
+                request_only=True,
+                value={
+                    "agent": "llm",
+                    "input": {"prompt": "Summarise yesterday's tickets"},
+                    "cron": "0 8 * * *",
+                    "timezone": "Europe/Berlin",
+                    "overlap": "skip",
+                    "catch_up": "one",
+                },
+            )
+        ],
+        responses={201: ScheduleDetailSerializer},
+    )
+    def create(self, request: Request) -> Response:
+        data = _valid(ScheduleWriteSerializer, request.data)
+        schedule = schedule_create(owner=request.user, **data)
+        return Response(
+            ScheduleDetailSerializer(schedule).data,
+            status=status.HTTP_201_CREATED,
+            headers={"Location": reverse("schedule-detail", args=[schedule.pk])},
+        )
+
+    @extend_schema(
+        summary="One schedule and its latest firings", responses=ScheduleDetailSerializer
+    )
+    def retrieve(self, request: Request, pk: str) -> Response:
+        schedule = schedule_get(schedule_id=pk, user=request.user)
+        return Response(ScheduleDetailSerializer(schedule).data)
+
+    @extend_schema(
+        summary="Change a schedule (a new cron, interval or time zone starts from the next slot)",
+        request=ScheduleWriteSerializer(partial=True),
+        responses=ScheduleDetailSerializer,
+    )
+    def partial_update(self, request: Request, pk: str) -> Response:
+        serializer = ScheduleWriteSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        schedule = schedule_update(schedule_id=pk, user=request.user, **serializer.validated_data)
+        return Response(ScheduleDetailSerializer(schedule).data)
+
+    @extend_schema(summary="Remove a schedule (its tasks stay)", responses={204: None})
+    def destroy(self, request: Request, pk: str) -> Response:
+        schedule_delete(schedule_id=pk, user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(summary="Pause a schedule", request=None, responses=ScheduleDetailSerializer)
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str) -> Response:
+        schedule = schedule_pause(schedule_id=pk, user=request.user, paused=True)
+        return Response(ScheduleDetailSerializer(schedule).data)
+
+    @extend_schema(
+        summary="Resume a schedule (from the next slot after now)",
+        request=None,
+        responses=ScheduleDetailSerializer,
+    )
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str) -> Response:
+        schedule = schedule_pause(schedule_id=pk, user=request.user, paused=False)
+        return Response(ScheduleDetailSerializer(schedule).data)
 
 
 class TaskViewSet(viewsets.GenericViewSet):
@@ -264,7 +362,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         )
 
     @extend_schema(
-        summary="Decide the approval a suspended task waits for",
+        summary="Decide the approval a suspended task waits for: approve, edit, reject, respond",
         request=ApproveSerializer,
         responses={200: TaskSerializer, **errors(409)},
     )

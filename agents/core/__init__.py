@@ -6,7 +6,8 @@ The flow is one way; a module imports only those below it (import-linter checks 
     scheduler          the clock thread of every worker (``agents.worker`` starts it):
                        retry timers, wake-ups, wait timeouts, deadlines, the stuck-task
                        sweep and the takeover of vanished holders and lost messages,
-                       admissions, DLQ reconciling, version announcements
+                       admissions, DLQ reconciling, version announcements, and the
+                       jobs its worker gives it (firing schedules: ``agents.schedules``)
     engine             run a delivery: claim the lease, run the agent and its tools
                        (heartbeat, deadline alarm), check the outcome, hand it to commit
     commit             write a delivery's steps in one fenced transaction and publish

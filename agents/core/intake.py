@@ -69,7 +69,7 @@ def first_checkpoint(task: AgentTask, definition: Agent, *, local: bool) -> Chec
 
 def created_audit(task: AgentTask, definition: Agent, *, actor: str) -> AuditBatch:
     """The new task's audit batch holding its ``created`` event (the first of its chain);
-    a child's names its parent."""
+    a child's names its parent, a scheduled one its schedule and slot."""
     audit = AuditBatch(task, actor=actor, head=(0, ""))
     payload: dict[str, Any] = {
         "agent": definition.name,
@@ -82,6 +82,9 @@ def created_audit(task: AgentTask, definition: Agent, *, actor: str) -> AuditBat
         payload["parent"] = str(task.parent_id)
         payload["spawn_step"] = task.spawn_step
         payload["spawn_index"] = task.spawn_index
+    if task.schedule_id is not None and task.schedule_slot is not None:
+        payload["schedule"] = str(task.schedule_id)
+        payload["slot"] = task.schedule_slot.isoformat()
     audit.add(EventType.CREATED, payload, step=0)
     return audit
 

@@ -22,6 +22,11 @@ Each tick (``AGENTS_SCHEDULER_INTERVAL``, 1 s by default), on the database's clo
   backlog keeps messages ready, so neither is ever copied;
 - admits tasks waiting for their owner's limit of tasks running at once, round-robin
   across owners (``agents.core.admission``);
+- runs the jobs its worker gives it (``Scheduler(jobs=...)``): the worker gives it
+  ``agents.schedules.schedules_fire``, which starts the tasks of due schedules. Firing
+  starts tasks through ``agents.services.task_start`` (the one place a task is
+  created), which sits above the core, so the core takes it as a job rather than
+  importing it;
 - every ``AGENTS_WORKER_TTL / 3`` seconds, announces the agent versions this worker
   serves (``agents.models.WorkerVersion``); ``stop`` withdraws them;
 - every ``AGENTS_DLQ_RECONCILE_INTERVAL`` seconds, drains RabbitMQ's dead-letter queue
@@ -296,9 +301,13 @@ def _each_locked(candidates: QuerySet[AgentTask], act: Callable[[AgentTask], Non
     return done
 
 
-def tick(*, actor: str) -> dict[str, int]:
-    """One pass of the clock. Returns how many of each thing it did."""
-    return {
+Job = Callable[..., int]
+
+
+def tick(*, actor: str, jobs: dict[str, Job] | None = None) -> dict[str, int]:
+    """One pass of the clock, then each of ``jobs`` (``name: job(actor=...)``). Returns
+    how many of each thing it did."""
+    done = {
         "retries": retries_fire(),
         "wakeups": suspensions_expire(actor=actor),
         "deadlines": deadlines_enforce(actor=actor),
@@ -307,13 +316,19 @@ def tick(*, actor: str) -> dict[str, int]:
         "admitted": admissions_grant(),
         "orphans_cancelled": orphans_cancel(actor=actor),
     }
+    for name, job in (jobs or {}).items():
+        done[name] = job(actor=actor)
+    return done
 
 
 class Scheduler:
     """Runs ``tick`` every ``interval`` seconds in a thread until ``stop`` is called."""
 
-    def __init__(self, *, interval: float | None = None) -> None:
+    def __init__(
+        self, *, interval: float | None = None, jobs: dict[str, Job] | None = None
+    ) -> None:
         self.interval = settings.AGENTS["SCHEDULER_INTERVAL"] if interval is None else interval
+        self.jobs = dict(jobs or {})
         self.actor = process_actor("scheduler")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -352,7 +367,7 @@ class Scheduler:
         while not self._stop.wait(self.interval * random.uniform(0.5, 1.5)):
             try:
                 self.announce()
-                tick(actor=self.actor)
+                tick(actor=self.actor, jobs=self.jobs)
                 every = settings.AGENTS["DLQ_RECONCILE_INTERVAL"]
                 if every > 0 and time.monotonic() - self._reconciled_at >= every:
                     self._reconciled_at = time.monotonic()

@@ -98,6 +98,8 @@ def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: Audi
         on_timeout=outcome.on_timeout,
         on_reject=outcome.on_reject,
         timeout_default=outcome.default,
+        tool_name=outcome.tool_call.name if outcome.tool_call else "",
+        tool_args=dict(outcome.tool_call.args) if outcome.tool_call else None,
     )
     audit.add(
         EventType.SUSPENDED,
@@ -107,6 +109,11 @@ def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: Audi
             "event": suspension.event_name,
             "wake_at": wake_at.isoformat() if wake_at else None,
             "on_timeout": outcome.on_timeout,
+            **(
+                {"tool": suspension.tool_name, "args": suspension.tool_args}
+                if suspension.tool_name
+                else {}
+            ),
         },
         step=step,
     )
@@ -125,13 +132,27 @@ def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: Audi
 
 _RESUMED_BY: dict[str, str] = {
     R.APPROVED: "approval",
+    R.EDITED: "approval",
+    R.RESPONDED: "approval",
     R.REJECTED: "approval",
     R.SIGNALLED: "event",
     R.WOKEN: "timer",
     R.TIMED_OUT: "timeout",
     R.JOINED: "children",
 }
-_APPROVED: dict[str, bool] = {R.APPROVED: True, R.REJECTED: False}
+_APPROVED: dict[str, bool] = {
+    R.APPROVED: True,
+    R.EDITED: True,
+    R.RESPONDED: False,
+    R.REJECTED: False,
+}
+_DECISION: dict[str, str] = {
+    R.APPROVED: "approve",
+    R.EDITED: "edit",
+    R.RESPONDED: "respond",
+    R.REJECTED: "reject",
+}
+_RESOLUTION: dict[str, str] = {v: k for k, v in _DECISION.items()}
 
 
 def resumption_for(*, task_id: UUID, step: int) -> Resumption | None:
@@ -139,12 +160,17 @@ def resumption_for(*, task_id: UUID, step: int) -> Resumption | None:
     suspension = Suspension.objects.filter(task_id=task_id, step=step).first()
     if suspension is None or suspension.resolved_at is None:
         return None
+    decided = suspension.payload if suspension.kind == Suspension.Kind.APPROVAL else None
+    decided = decided if isinstance(decided, dict) else {}
     return Resumption(
         kind=_RESUMED_BY.get(suspension.resolution, suspension.resolution),
         approved=_APPROVED.get(suspension.resolution),
         payload=suspension.payload,
         comment=suspension.comment,
         decided_by=suspension.decided_by.get_username() if suspension.decided_by else "",
+        decision=_DECISION.get(suspension.resolution, ""),
+        args=decided.get("args"),
+        message=decided.get("message") or "",
     )
 
 
@@ -152,32 +178,62 @@ def task_approve(
     *,
     task_id: UUID | str,
     user: User | None,
-    approved: bool,
+    approved: bool | None = None,
     comment: str = "",
+    decision: str | None = None,
+    args: Any = None,
+    message: Any = None,
     actor: str | None = None,
 ) -> AgentTask:
     """Decide the approval a suspended task waits for.
 
-    Approval resumes it, the decision visible to its next step. Rejection ends it
-    ``failed``, unless the agent asked to handle rejection itself (``on_reject``).
-    ``Conflict`` if it is not waiting for an approval (already decided, cancelled...);
-    ``Forbidden`` if the agent's approval rules exclude ``user`` (``agents.approvals``).
+    ``decision`` (or the older ``approved``: True approve, False reject): ``approve``
+    resumes it, the decision visible to its next step; ``edit`` resumes it with the
+    tool call's arguments replaced by ``args`` (checked against the tool's schema);
+    ``respond`` resumes it with ``message`` as the call's result, the tool not run;
+    ``reject`` ends it ``failed``, unless the agent asked to handle rejection itself
+    (``on_reject``). The ``approval_decided`` event records the decision, who made it,
+    and for an edit the original arguments, the new ones and their JSON Patch.
+    ``InvalidInput`` names a bad field (``agents.approvals.decision_check``);
+    ``Conflict`` if the task is not waiting for an approval (already decided,
+    cancelled...); ``Forbidden`` if the agent's approval rules exclude ``user``.
     """
     actor = actor or user_actor(user)
+    if not isinstance(comment, str):
+        raise InvalidInput("must be a string", field="comment")
     with transaction.atomic():
         task = task_lock(task_id=task_id, user=user)
         suspension = _open_suspension(task, Suspension.Kind.APPROVAL)
         approvals.approval_check(user=user, task=task)
-        audit = AuditBatch(task, actor=actor)
-        audit.add(
-            EventType.APPROVAL_DECIDED,
-            {"approved": approved, "comment": comment, "question": suspension.reason},
-            step=suspension.step,
+        chosen = approvals.decision_check(
+            decision=decision,
+            approved=approved,
+            args=args,
+            message=message,
+            tool_name=suspension.tool_name,
+            tool_args=suspension.tool_args,
         )
+        audit = AuditBatch(task, actor=actor)
+        decided: dict[str, Any] = {
+            "approved": chosen.approved,
+            "decision": chosen.decision,
+            "comment": comment,
+            "question": suspension.reason,
+            "decided_by": user.get_username() if user is not None and user.pk else actor,
+        }
+        if suspension.tool_name:
+            decided.update(tool=suspension.tool_name, original_args=suspension.tool_args)
+        if chosen.decision == "edit":
+            decided.update(args=chosen.args, diff=chosen.diff)
+        if chosen.decision == "respond":
+            decided.update(message=chosen.message)
+        audit.add(EventType.APPROVAL_DECIDED, decided, step=suspension.step)
         suspension.decided_by = user if user is not None and user.pk else None
         suspension.comment = comment
-        if approved or suspension.on_reject == "continue":
-            _resume(task, suspension, R.APPROVED if approved else R.REJECTED, audit)
+        if chosen.decision in ("edit", "respond"):
+            suspension.payload = {"args": chosen.args, "message": chosen.message}
+        if chosen.decision != "reject" or suspension.on_reject == "continue":
+            _resume(task, suspension, _RESOLUTION[chosen.decision], audit)
         else:
             suspension_resolve(suspension, R.REJECTED)
             task.error = f"approval rejected: {comment}" if comment else "approval rejected"
