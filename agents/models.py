@@ -88,6 +88,10 @@ class AgentTask(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
     status_changed_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Legal hold (``agents.retention``): retention never archives away or removes a held
+    # task, and a trigger (migration 0010) refuses to delete its row. Set and cleared
+    # by ``retention_hold_set``, audited as ``legal_hold`` events.
+    legal_hold = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]
