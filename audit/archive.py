@@ -101,7 +101,8 @@ class ArchiveWriter:
         self._line({"record": record, "fields": fields})
         self.counts[record] = self.counts.get(record, 0) + 1
         if record == EVENT:
-            self.head = [fields["seq"], _default(fields["hash"]) if fields["hash"] else ""]
+            digest = fields["hash"]
+            self.head = [fields["seq"], bytes(digest).hex() if isinstance(digest, bytes | memoryview) else digest or ""]
 
     def close(self) -> str:
         """Write the end record and finish the gzip stream; returns the content's SHA-256."""

@@ -37,10 +37,11 @@ class Command(BaseCommand):
         parser.add_argument("--all", action="store_true", help="every task")
         parser.add_argument(
             "--archive",
-            action="append",
+            action="extend",
+            nargs="+",
             default=[],
             metavar="PATH",
-            help="verify a task archive file offline (repeatable)",
+            help="verify task archive files offline, from the files alone",
         )
         parser.add_argument(
             "--anchors",
