@@ -283,7 +283,9 @@ def _locked(task_id: UUID, audit_seq: int) -> AgentTask | None:
     )
 
 
-def _removal_record(task: AgentTask, info: ArchiveInfo, policy: dict[str, Any], actor: str) -> TaskRemoval:
+def _removal_record(
+    task: AgentTask, info: ArchiveInfo, policy: dict[str, Any], actor: str
+) -> TaskRemoval:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_REMOVAL_CHAIN_LOCK])
     last = TaskRemoval.objects.order_by("-seq").values_list("seq", "hash").first()
@@ -311,6 +313,11 @@ def _removal_record(task: AgentTask, info: ArchiveInfo, policy: dict[str, Any], 
     return record
 
 
+def _column(model: type[models.Model], attname: str) -> str:
+    """The database column of a model's field, by its attribute name."""
+    return next(str(f.column) for f in model._meta.concrete_fields if f.attname == attname)
+
+
 def _remove(task: AgentTask, info: ArchiveInfo, policy: dict[str, Any], actor: str) -> None:
     """Delete the task and every row referring to it; the caller's transaction holds
     the task's lock. The removal record first: ``audit_events_remove`` requires it."""
@@ -324,7 +331,7 @@ def _remove(task: AgentTask, info: ArchiveInfo, policy: dict[str, Any], actor: s
                 continue
             cursor.execute(
                 f"DELETE FROM {quote(model._meta.db_table)} "  # noqa: S608 - names from models
-                f"WHERE {quote(model._meta.get_field(column).column)} = %s",
+                f"WHERE {quote(_column(model, column))} = %s",
                 [task.pk],
             )
         cursor.execute(f"DELETE FROM {quote(AgentTask._meta.db_table)} WHERE id = %s", [task.pk])
@@ -376,9 +383,11 @@ def retention_run(
     batch = int(_config().get("batch", 20) if batch is None else batch)
     actor = actor or process_actor("retention")
     report = RunReport()
-    chosen = candidates().select_related("owner").only(
-        "id", "agent_name", "owner__username", "audit_seq"
-    )[:batch]
+    chosen = (
+        candidates()
+        .select_related("owner")
+        .only("id", "agent_name", "owner__username", "audit_seq")[:batch]
+    )
     for task in list(chosen):
         policy = policy_for(owner=task.owner.get_username(), agent=task.agent_name)
         if dry_run:
@@ -428,7 +437,9 @@ def task_retain(
 # --- Legal hold ---------------------------------------------------------------------------
 
 
-def task_legal_hold_set(*, task_id: UUID | str, held: bool, reason: str = "", actor: str) -> AgentTask:
+def task_legal_hold_set(
+    *, task_id: UUID | str, held: bool, reason: str = "", actor: str
+) -> AgentTask:
     """Put a task under legal hold (``held``) or release it, with an audit event
     ``legal_hold`` (``held``, ``reason``) in the same transaction. Raises ``NotFound``."""
     with transaction.atomic():

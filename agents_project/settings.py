@@ -8,6 +8,7 @@ machine. Production sets ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``REDIS_URL
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NoReturn
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -337,8 +338,8 @@ RETENTION_MODES = ("keep", "keep_latest", "archive_and_remove")
 AGENTS["RETENTION"] = env.json("AGENTS_RETENTION", default={})
 
 
-def _retention_check(value: object) -> dict:
-    def refuse(where: str, what: str) -> None:
+def _retention_check(value: Any) -> dict[str, Any]:
+    def refuse(where: str, what: str) -> NoReturn:
         raise ImproperlyConfigured(f"AGENTS_RETENTION: {where}: {what}")
 
     if not isinstance(value, dict):
@@ -347,7 +348,7 @@ def _retention_check(value: object) -> dict:
     if unknown:
         refuse(", ".join(sorted(unknown)), "unknown key (default, agents, owners, interval, batch)")
 
-    def policy(where: str, item: object) -> None:
+    def policy(where: str, item: Any) -> None:
         if not isinstance(item, dict):
             refuse(where, "must be an object")
         extra = set(item) - {"mode", "archive_after_days"}

@@ -180,13 +180,23 @@ def anchors_verify(anchors: Iterable[dict[str, Any]]) -> tuple[list[Break], int]
                 head_seq, head_hash = removed[task_id]
                 if head_seq < seq:
                     breaks.append(
-                        Break(task_id, seq, f"anchored at {at}, but removed by retention "
-                              f"with its trail ending at #{head_seq} (cut before removal)", "cut")
+                        Break(
+                            task_id,
+                            seq,
+                            f"anchored at {at}, but removed by retention "
+                            f"with its trail ending at #{head_seq} (cut before removal)",
+                            "cut",
+                        )
                     )
                 elif head_seq == seq and not hmac.compare_digest(head_hash, digest):
                     breaks.append(
-                        Break(task_id, seq, f"its hash is not the one anchored at {at} (the "
-                              "chain was rewritten before removal)", "rewritten")
+                        Break(
+                            task_id,
+                            seq,
+                            f"its hash is not the one anchored at {at} (the "
+                            "chain was rewritten before removal)",
+                            "rewritten",
+                        )
                     )
                 continue
             if stored is None:

@@ -73,7 +73,9 @@ _ENCODE = json.JSONEncoder(
 ).encode
 
 
-def _end_content(task_id: str, lines: int, counts: dict[str, int], head: list[Any], sha: str) -> list[Any]:
+def _end_content(
+    task_id: str, lines: int, counts: dict[str, int], head: list[Any], sha: str
+) -> list[Any]:
     return [FORMAT, VERSION, task_id, lines, counts, head, sha]
 
 
@@ -88,7 +90,9 @@ class ArchiveWriter:
         self.lines = 0
         self.counts: dict[str, int] = {}
         self.head: list[Any] = [0, ""]
-        self._line({"record": "archive", "format": FORMAT, "version": VERSION, "task_id": self.task_id})
+        self._line(
+            {"record": "archive", "format": FORMAT, "version": VERSION, "task_id": self.task_id}
+        )
 
     def _line(self, obj: dict[str, Any]) -> None:
         data = (_ENCODE(obj) + "\n").encode("utf-8")
@@ -102,7 +106,10 @@ class ArchiveWriter:
         self.counts[record] = self.counts.get(record, 0) + 1
         if record == EVENT:
             digest = fields["hash"]
-            self.head = [fields["seq"], bytes(digest).hex() if isinstance(digest, bytes | memoryview) else digest or ""]
+            self.head = [
+                fields["seq"],
+                bytes(digest).hex() if isinstance(digest, bytes | memoryview) else digest or "",
+            ]
 
     def close(self) -> str:
         """Write the end record and finish the gzip stream; returns the content's SHA-256."""
@@ -194,7 +201,7 @@ def archive_verify(source: IO[bytes], *, chain_start: int = 0) -> ArchiveReport:
     def events() -> Iterator[EventRow]:
         nonlocal end
         for line, record in records:
-            kind = record.get("record")
+            kind = str(record.get("record"))
             if kind == END:
                 end = record
                 continue
@@ -243,7 +250,9 @@ def _end_breaks(report: ArchiveReport, end: dict[str, Any] | None, lines: int) -
     )
     keys = audit_keys()
     if not any(
-        hmac.compare_digest(record_hash(prev_hash="", content=content, key=key), str(end.get("sig")))
+        hmac.compare_digest(
+            record_hash(prev_hash="", content=content, key=key), str(end.get("sig"))
+        )
         for key in keys
     ):
         breaks.append(

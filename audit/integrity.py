@@ -186,9 +186,7 @@ def unchained_through() -> int:
 
 
 # The columns ``chain_verify`` reads of each event, in this order (``EventRow``).
-EVENT_COLUMNS = (
-    "id", "seq", "type", "step", "payload", "actor", "created_at", "prev_hash", "hash"
-)
+EVENT_COLUMNS = ("id", "seq", "type", "step", "payload", "actor", "created_at", "prev_hash", "hash")
 EventRow = tuple[int, int, str, int | None, Any, str, datetime, str, str]
 
 

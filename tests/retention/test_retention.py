@@ -30,7 +30,7 @@ from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.retention import candidates, retention_run, task_legal_hold_set
 from audit.archive import archive_verify
 from audit.models import AuditEvent, EventType, TaskRemoval
-from tests.api.factories import SIMPLE, completed, run, started, waiting_for_approval
+from tests.api.factories import completed, run, started, waiting_for_approval
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,6 +58,16 @@ def archives(storage: FileSystemStorage) -> list[Path]:
     return sorted(Path(storage.location).rglob("*.jsonl.gz"))
 
 
+def refused(sql: str, params: list | None = None, *, match: str) -> None:
+    """``sql`` fails with a database error matching ``match`` (and changes nothing)."""
+    with (
+        pytest.raises(DatabaseError, match=match),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(sql, params)
+
+
 def rows_of(task_id: Any) -> dict[str, int]:
     return {
         "task": AgentTask.objects.filter(pk=task_id).count(),
@@ -78,7 +88,8 @@ def test_a_finished_task_is_archived_verified_and_removed_with_a_removal_record(
 
     [path] = archives(storage)
     assert path.name == f"{task.pk}.{task.audit_seq}.jsonl.gz"
-    lines = [json.loads(line) for line in gzip.open(path)]
+    with gzip.open(path) as source:
+        lines = [json.loads(line) for line in source]
     kinds = [line["record"] for line in lines]
     assert kinds[0] == "archive" and kinds[1] == "agents.agenttask" and kinds[-1] == "end"
     assert kinds.count("audit.auditevent") == before["events"]
@@ -89,9 +100,7 @@ def test_a_finished_task_is_archived_verified_and_removed_with_a_removal_record(
 
     record = TaskRemoval.objects.get(task_id=task.pk)
     for sql in ("DELETE FROM audit_taskremoval", "UPDATE audit_taskremoval SET owner = 'x'"):
-        with pytest.raises(DatabaseError, match="append-only"):
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(sql)
+        refused(sql, match="append-only")
     assert record.archive == str(path.relative_to(storage.location))
     assert record.head_seq == task.audit_seq
     assert record.counts["audit.auditevent"] == before["events"]
@@ -121,9 +130,11 @@ def test_live_and_held_tasks_are_never_touched(user, storage):
     }
     # Not even a direct DELETE gets past the database's own guard.
     for task in (held, waiting):
-        with pytest.raises(DatabaseError, match="legal hold|only finished tasks"):
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute("DELETE FROM agents_agenttask WHERE id = %s", [task.pk])
+        refused(
+            "DELETE FROM agents_agenttask WHERE id = %s",
+            [task.pk],
+            match="legal hold|only finished tasks",
+        )
     # Released, it goes on the next run.
     call_command("retention", "release", str(held.pk), "--reason", "settled", stdout=StringIO())
     with policy(REMOVE):
@@ -132,12 +143,8 @@ def test_live_and_held_tasks_are_never_touched(user, storage):
 
 def test_audit_events_cannot_be_deleted_outside_the_removal_path(user):
     task = completed(user)
-    with pytest.raises(DatabaseError, match="append-only"):
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("DELETE FROM audit_auditevent WHERE task_id = %s", [task.pk])
-    with pytest.raises(DatabaseError, match="no removal record"):
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SELECT audit_events_remove(%s)", [task.pk])
+    refused("DELETE FROM audit_auditevent WHERE task_id = %s", [task.pk], match="append-only")
+    refused("SELECT audit_events_remove(%s)", [task.pk], match="no removal record")
     assert AuditEvent.objects.filter(task=task).count() == task.audit_seq
 
 
@@ -171,9 +178,7 @@ def test_keep_latest_keeps_the_task_and_its_latest_checkpoint(user, storage):
     with policy({"default": {"mode": "keep_latest", "archive_after_days": 0}}):
         assert retention_run(storage=storage).pruned == [str(task.pk)]
         assert retention_run(storage=storage).pruned == []  # nothing left to prune
-    assert list(Checkpoint.objects.filter(task=task).values_list("step", flat=True)) == [
-        max(steps)
-    ]
+    assert list(Checkpoint.objects.filter(task=task).values_list("step", flat=True)) == [max(steps)]
     event = AuditEvent.objects.filter(task=task).order_by("-seq").first()
     assert event.type == EventType.CHECKPOINTS_REMOVED
     assert event.payload["removed"] == len(steps) - 1
@@ -194,7 +199,8 @@ def _archived(user, storage) -> tuple[Path, AgentTask]:
 
 
 def _rewrite(path: Path, edit) -> None:
-    lines = gzip.open(path).read().decode().splitlines()
+    with gzip.open(path) as source:
+        lines = source.read().decode().splitlines()
     lines = edit(lines)
     with gzip.open(path, "wb") as out:
         out.write(("\n".join(lines) + "\n").encode())
@@ -233,7 +239,9 @@ def test_an_edited_event_in_an_archive_is_found(user, storage):
 
 def test_a_dropped_event_in_an_archive_is_found(user, storage):
     path, task = _archived(user, storage)
-    _rewrite(path, lambda lines: lines[: _event_index(lines, 3)] + lines[_event_index(lines, 3) + 1 :])
+    _rewrite(
+        path, lambda lines: lines[: _event_index(lines, 3)] + lines[_event_index(lines, 3) + 1 :]
+    )
     report = _broken(path)
     assert f"task {task.pk}: event #4: events #3 are missing (removed) [removed]" in report
 

@@ -22,7 +22,7 @@ from agents.selectors import task_get
 from agents_project.errors import ApplicationError
 from audit.anchor import anchors_read, anchors_verify
 from audit.archive import ArchiveError, archive_verify
-from audit.integrity import removals_verify
+from audit.integrity import Break, removals_verify
 from audit.services import audit_verify
 
 
@@ -68,8 +68,8 @@ class Command(BaseCommand):
         breaks = list(report.breaks)
         removals = ""
         if options["all"]:
-            found, checked = removals_verify()
-            breaks += found
+            removal_breaks, checked = removals_verify()
+            breaks += removal_breaks
             removals = f", {checked} removal record(s)"
         anchored = ""
         anchor_file = options["anchors"] or settings.AGENTS["AUDIT_ANCHOR_FILE"]
@@ -103,7 +103,8 @@ class Command(BaseCommand):
         self.stdout.write(f"audit trail intact: {summary}")
 
     def _archives(self, paths: list[str]) -> None:
-        breaks, verified = [], 0
+        breaks: list[Break] = []
+        verified = 0
         for path in paths:
             try:
                 with open(path, "rb") as source:
@@ -112,8 +113,8 @@ class Command(BaseCommand):
                 raise CommandError(f"--archive {path}: {exc}") from exc
             breaks += report.breaks
             verified += report.verified
-        for found in breaks:
-            self.stderr.write(str(found))
+        for each in breaks:
+            self.stderr.write(str(each))
         summary = f"{len(paths)} archive(s), {verified} event(s) verified, {len(breaks)} break(s)"
         if breaks:
             raise CommandError(f"archive broken: {summary}")

@@ -41,7 +41,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("action", nargs="?", default="run", choices=("run", "hold", "release", "show"))
+        parser.add_argument(
+            "action", nargs="?", default="run", choices=("run", "hold", "release", "show")
+        )
         parser.add_argument("target", nargs="?", help="TASK_ID (hold, release) or ARCHIVE (show)")
         parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
         parser.add_argument("--batch", type=int, default=None, help="tasks in this run")
@@ -51,7 +53,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
         if action != "run" and not options["target"]:
-            raise CommandError(f"retention {action}: give a {'ARCHIVE' if action == 'show' else 'TASK_ID'}")
+            raise CommandError(
+                f"retention {action}: give a {'ARCHIVE' if action == 'show' else 'TASK_ID'}"
+            )
         if action == "run":
             self._run(options)
         elif action == "show":
@@ -113,7 +117,8 @@ class Command(BaseCommand):
             if record.get("record") == TASK:
                 self.stdout.write(
                     f"task {fields['id']}  {fields['agent_name']} {fields['agent_version']}  "
-                    f"{fields['status']}  owner {fields.get('owner')}  finished {fields['finished_at']}"
+                    f"{fields['status']}  owner {fields.get('owner')}  "
+                    f"finished {fields['finished_at']}"
                 )
             elif record.get("record") == EVENT:
                 self.stdout.write(
