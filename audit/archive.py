@@ -43,6 +43,7 @@ from audit.integrity import (
     Break,
     EventRow,
     audit_keys,
+    canonical_payload,
     chain_verify,
     record_hash,
 )
@@ -151,7 +152,7 @@ def archive_records(source: IO[bytes]) -> Iterator[dict[str, Any]]:
 def event_row(fields: dict[str, Any]) -> EventRow:
     """An archived event's fields as the row ``audit.integrity.chain_verify`` reads."""
     values = [fields.get(name) for name in EVENT_COLUMNS]
-    values[EVENT_COLUMNS.index("created_at")] = datetime.fromisoformat(str(fields["created_at"]))
+    values[EVENT_COLUMNS.index("payload")] = canonical_payload(fields.get("payload"))
     return tuple(values)  # type: ignore[return-value]
 
 

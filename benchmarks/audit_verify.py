@@ -13,7 +13,9 @@ numbered, time-stamped and chained by the project's own sealing code
   archive   ``manage.py audit_verify --archive FILE``: the same chain read from the
             task's archive (``agents.retention`` writes it; gzip-compressed JSON lines).
 
-and prints the median of ``--repeat`` runs in seconds and events per second.
+and prints the median of ``--repeat`` runs: wall-clock seconds and events per second,
+and the verifying process's CPU seconds and events per CPU-second (the figure that does
+not depend on what else the machine runs), with the load average.
 """
 
 from __future__ import annotations
@@ -87,14 +89,17 @@ def task_with_events(events: int) -> AgentTask:
     return task
 
 
-def timed(run, repeat: int) -> float:
+def timed(run, repeat: int) -> tuple[float, float]:
+    """Median wall-clock seconds and median CPU seconds of this process (the verifier;
+    PostgreSQL's own work is in its processes) over ``repeat`` runs."""
     run()  # warm-up
-    samples = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         run()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+        walls.append(time.perf_counter() - started)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -121,8 +126,12 @@ def main() -> None:
         results["archive"] = timed(from_archive, args.repeat)
         size = os.path.getsize(path)
     print(f"audit_verify of one task with {args.events:,} events (median of {args.repeat}):")
-    for name, seconds in results.items():
-        print(f"  {name:9} {seconds:6.2f} s  {args.events / seconds:10,.0f} events/s")
+    for name, (wall, cpu) in results.items():
+        print(
+            f"  {name:9} {wall:6.2f} s wall {args.events / wall:10,.0f} events/s;  "
+            f"{cpu:6.2f} s CPU {args.events / cpu:10,.0f} events per CPU-second"
+        )
+    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"  archive file: {size:,} bytes ({size / args.events:.0f} B per event, gzip)")
     connection.close()
 
