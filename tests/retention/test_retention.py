@@ -31,6 +31,7 @@ from agents.retention import candidates, retention_run, task_legal_hold_set
 from audit.archive import archive_verify
 from audit.models import AuditEvent, EventType, TaskRemoval
 from tests.api.factories import completed, run, started, waiting_for_approval
+from tests.audit.test_app_role import app_role  # noqa: F401, F811 - a fixture
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -328,3 +329,27 @@ def test_a_run_killed_between_archive_and_delete_resumes_without_loss_or_duplica
     call_command("audit_verify", "--archive", *[str(p) for p in archives(storage)], stdout=out)
     total = sum(b["events"] for b in before.values())
     assert f"2 archive(s), {total} event(s) verified, 0 break(s)" in out.getvalue()
+
+
+def test_retention_runs_as_the_app_role_which_still_cannot_delete_history(
+    user,
+    storage,
+    app_role,  # noqa: F811 - the imported fixture
+):
+    call_command("db_app_role", stdout=StringIO())
+    task = completed(user)
+    other = completed(user)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET ROLE {app_role}")
+    try:
+        with policy({**REMOVE, "batch": 1}):
+            report = retention_run(storage=storage)
+        refused("DELETE FROM audit_auditevent WHERE task_id = %s", [other.pk], match="denied")
+        refused("DELETE FROM audit_taskremoval", match="denied")
+        refused("UPDATE audit_taskremoval SET owner = 'x'", match="denied")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET ROLE")
+    assert report.removed == [str(task.pk)]
+    assert TaskRemoval.objects.get().task_id == task.pk
+    assert AuditEvent.objects.filter(task=other).count() == other.audit_seq
