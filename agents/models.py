@@ -95,6 +95,8 @@ class AgentTask(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Placing and releasing a legal hold is not an owner's right: it takes this.
+        permissions = [("hold_agenttask", "Can place and release a legal hold on a task")]
         constraints = [
             models.UniqueConstraint(
                 fields=["owner", "idempotency_key"],

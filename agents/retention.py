@@ -56,6 +56,7 @@ from django.core.files.storage import Storage, storages
 from django.db import connection, models, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
+from agents import permissions
 from agents.core import clock, faults
 from agents.core.state_machine import FINAL
 from agents.models import AgentTask, Checkpoint
@@ -64,7 +65,7 @@ from agents_project.errors import ApplicationError, NotFound
 from audit.archive import EVENT, TASK, ArchiveWriter, archive_verify
 from audit.integrity import removal_hash
 from audit.models import AuditEvent, EventType, TaskRemoval
-from audit.services import AuditBatch, process_actor
+from audit.services import AuditBatch, process_actor, user_actor
 
 logger = structlog.get_logger(__name__)
 
@@ -438,14 +439,18 @@ def task_retain(
 
 
 def task_legal_hold_set(
-    *, task_id: UUID | str, held: bool, reason: str = "", actor: str
+    *, task_id: UUID | str, held: bool, reason: str = "", user: Any = None
 ) -> AgentTask:
     """Put a task under legal hold (``held``) or release it, with an audit event
-    ``legal_hold`` (``held``, ``reason``) in the same transaction. Raises ``NotFound``."""
+    ``legal_hold`` (``held``, ``reason``) in the same transaction. ``user`` (``None``:
+    the system, a command) needs ``agents.hold_agenttask``. Raises ``Forbidden``,
+    ``NotFound``."""
+    permissions.task_hold_check(user)
     with transaction.atomic():
         task = AgentTask.objects.select_for_update().filter(pk=parse_task_id(task_id)).first()
         if task is None:
             raise NotFound(f"no task {task_id}")
+        actor = user_actor(user) if user is not None else process_actor("command")
         audit = AuditBatch(task, actor=actor)
         audit.add(EventType.LEGAL_HOLD, {"held": held, "reason": reason})
         audit.flush()

@@ -51,5 +51,14 @@ class Migration(migrations.Migration):
             name='legal_hold',
             field=models.BooleanField(default=False),
         ),
+        migrations.AlterModelOptions(
+            name="agenttask",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [
+                    ("hold_agenttask", "Can place and release a legal hold on a task")
+                ],
+            },
+        ),
         migrations.RunPython(forwards, backwards),
     ]

@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission
 from django.core.files.storage import FileSystemStorage
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, transaction
 from django.test import override_settings
+from rest_framework.test import APIClient
 
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.retention import candidates, retention_run, task_legal_hold_set
@@ -116,7 +118,7 @@ def test_a_finished_task_is_archived_verified_and_removed_with_a_removal_record(
 def test_live_and_held_tasks_are_never_touched(user, storage):
     waiting = waiting_for_approval(user)
     held = completed(user)
-    task_legal_hold_set(task_id=held.pk, held=True, reason="litigation 7", actor="user:legal")
+    task_legal_hold_set(task_id=held.pk, held=True, reason="litigation 7")
     done = completed(user)
     pending = started(user)  # published, not run: pending
     assert pending.status == TaskStatus.PENDING
@@ -353,3 +355,26 @@ def test_retention_runs_as_the_app_role_which_still_cannot_delete_history(
     assert report.removed == [str(task.pk)]
     assert TaskRemoval.objects.get().task_id == task.pk
     assert AuditEvent.objects.filter(task=other).count() == other.audit_seq
+
+
+def test_a_legal_hold_needs_its_permission_and_is_audited_through_the_api(user, other_user):
+    api_client = APIClient()
+    task = completed(user)
+    api_client.force_authenticate(user)
+    refused_hold = api_client.post(f"/api/tasks/{task.pk}/hold/", {"held": True}, format="json")
+    assert refused_hold.status_code == 403  # an owner cannot hold (or release) their own
+    other_user.user_permissions.add(Permission.objects.get(codename="hold_agenttask"))
+    other_user.user_permissions.add(Permission.objects.get(codename="view_agenttask"))
+    api_client.force_authenticate(other_user)
+    bad = api_client.post(f"/api/tasks/{task.pk}/hold/", {"held": "maybe"}, format="json")
+    assert bad.status_code == 400 and "held" in bad.content.decode()
+    held = api_client.post(
+        f"/api/tasks/{task.pk}/hold/", {"held": True, "reason": "subpoena"}, format="json"
+    )
+    assert held.status_code == 200 and held.json()["legal_hold"] is True
+    event = AuditEvent.objects.filter(task=task).order_by("-seq").first()
+    assert (event.type, event.payload, event.actor) == (
+        EventType.LEGAL_HOLD,
+        {"held": True, "reason": "subpoena"},
+        f"user:{other_user.username}",
+    )

@@ -21,7 +21,6 @@ from django.core.management.base import BaseCommand, CommandError
 from agents.retention import retention_run, task_legal_hold_set
 from agents_project.errors import ApplicationError
 from audit.archive import EVENT, TASK, ArchiveError, archive_records, archive_verify
-from audit.services import process_actor
 
 
 def archive_open(where: str) -> IO[bytes]:
@@ -66,7 +65,6 @@ class Command(BaseCommand):
                     task_id=options["target"],
                     held=action == "hold",
                     reason=options["reason"],
-                    actor=process_actor("command"),
                 )
             except (ApplicationError, ValueError) as exc:
                 raise CommandError(str(exc)) from exc
