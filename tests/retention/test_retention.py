@@ -26,14 +26,18 @@ from django.core.files.storage import FileSystemStorage
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, transaction
 from django.test import override_settings
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.retention import candidates, retention_run, task_legal_hold_set
+from audit.anchor import _signature, anchor_line, anchor_make
 from audit.archive import archive_verify
+from audit.integrity import audit_keys
 from audit.models import AuditEvent, EventType, TaskRemoval
 from tests.api.factories import completed, run, started, waiting_for_approval
 from tests.audit.test_app_role import app_role  # noqa: F401, F811 - a fixture
+from tests.helpers import worker_env
 from tools.models import LedgerEntry
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -279,7 +283,7 @@ def test_show_prints_the_archived_trail(user, storage):
 def _run_killed_at(point: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "DATABASE_URL": _database_url(),
+        **worker_env(),
         "AGENTS_FAULT_INJECTION": point,
         "AGENTS_ENVIRONMENT": "test",
         "AGENTS_RETENTION": json.dumps(REMOVE),
@@ -295,11 +299,6 @@ def _run_killed_at(point: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
-
-
-def _database_url() -> str:
-    db = connection.settings_dict
-    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 @pytest.mark.parametrize("point", ["retention_archived", "retention_before_commit"])
@@ -378,3 +377,28 @@ def test_a_legal_hold_needs_its_permission_and_is_audited_through_the_api(user, 
         {"held": True, "reason": "subpoena"},
         f"user:{other_user.username}",
     )
+
+
+def test_an_anchored_head_of_a_removed_task_is_checked_against_its_removal_record(
+    user, storage, tmp_path
+):
+    task = completed(user)
+    anchor = anchor_make(after_id=0, now=timezone.now() + timedelta(minutes=1))
+    log = tmp_path / "anchors.log"
+    log.write_text(anchor_line(anchor) + "\n")
+    with policy(REMOVE):
+        assert retention_run(storage=storage).removed == [str(task.pk)]
+    out = StringIO()
+    call_command("audit_verify", "--all", "--anchors", str(log), stdout=out, stderr=StringIO())
+    assert "1 anchored head(s) checked, 0 break(s)" in out.getvalue()
+
+    # A removal record whose head is below the anchored one: the tail was cut first.
+    forged = dict(anchor)
+    forged["heads"] = {str(task.pk): [task.audit_seq + 5, "f" * 64]}
+    forged.pop("sig")
+    forged["sig"] = _signature(forged, audit_keys()[0])
+    log.write_text(anchor_line(forged) + "\n")
+    err = StringIO()
+    with pytest.raises(CommandError, match="broken"):
+        call_command("audit_verify", "--all", "--anchors", str(log), stdout=StringIO(), stderr=err)
+    assert "(cut before removal) [cut]" in err.getvalue()
