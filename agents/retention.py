@@ -50,7 +50,9 @@ from typing import IO, Any
 from uuid import UUID
 
 import structlog
+from django.apps import apps
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import connection, models, transaction
@@ -61,8 +63,8 @@ from agents.core import clock, faults
 from agents.core.state_machine import FINAL
 from agents.models import AgentTask, Checkpoint
 from agents.selectors import parse_task_id
-from agents_project.errors import ApplicationError, NotFound
-from audit.archive import EVENT, TASK, ArchiveWriter, archive_verify
+from agents_project.errors import ApplicationError, Conflict, InvalidInput, NotFound
+from audit.archive import END, EVENT, TASK, ArchiveWriter, archive_records, archive_verify
 from audit.integrity import removal_hash
 from audit.models import AuditEvent, EventType, TaskRemoval
 from audit.services import AuditBatch, process_actor, user_actor
@@ -455,6 +457,59 @@ def task_legal_hold_set(
         audit.add(EventType.LEGAL_HOLD, {"held": held, "reason": reason})
         audit.flush()
         task.legal_hold = held
+        task.save(update_fields=["legal_hold", "audit_seq"])
+    return task
+
+
+# --- Restore ------------------------------------------------------------------------------
+
+
+def task_restore(*, source: IO[bytes], archive: str, actor: str) -> AgentTask:
+    """Put an archived task back into the hot tables for an investigation, every row as
+    it was (same ids, same hash chain), under legal hold so that retention leaves it;
+    a ``restored`` audit event (``archive``, ``sha256`` of the file) continues its
+    chain. All or nothing, in one transaction. Raises ``InvalidInput`` (the archive does
+    not verify, or its owner no longer exists) or ``Conflict`` (the task is there)."""
+    report = archive_verify(source)
+    if report.breaks:
+        raise InvalidInput(f"the archive does not verify: {report.breaks[0]}", field="archive")
+    source.seek(0)
+    sha, _ = _digest(source)
+    source.seek(0)
+    task_id = parse_task_id(report.task_id)
+    with transaction.atomic():
+        if AgentTask.objects.filter(pk=task_id).exists():
+            raise Conflict(f"task {task_id} is in the database already")
+        owner = get_user_model()._default_manager.filter(pk=report.task.get("owner_id")).first()
+        if owner is None:
+            raise InvalidInput(
+                f"its owner {report.task.get('owner')!r} (id {report.task.get('owner_id')}) "
+                "no longer exists: create the user first",
+                field="owner",
+            )
+        rows: dict[str, list[models.Model]] = {}
+        for record in archive_records(source):
+            label = str(record.get("record"))
+            if label in ("archive", END):
+                continue
+            model = apps.get_model(label)
+            fields = record["fields"]
+            rows.setdefault(label, []).append(
+                model(
+                    **{
+                        f.attname: f.to_python(fields[f.attname])
+                        for f in model._meta.concrete_fields
+                        if f.attname in fields
+                    }
+                )
+            )
+        for label, objects in rows.items():
+            apps.get_model(label)._base_manager.bulk_create(objects, batch_size=2000)
+        task = AgentTask.objects.select_for_update().get(pk=task_id)
+        audit = AuditBatch(task, actor=actor)
+        audit.add(EventType.RESTORED, {"archive": archive, "sha256": sha, "legal_hold": True})
+        audit.flush()
+        task.legal_hold = True
         task.save(update_fields=["legal_hold", "audit_seq"])
     return task
 

@@ -402,3 +402,32 @@ def test_an_anchored_head_of_a_removed_task_is_checked_against_its_removal_recor
     with pytest.raises(CommandError, match="broken"):
         call_command("audit_verify", "--all", "--anchors", str(log), stdout=StringIO(), stderr=err)
     assert "(cut before removal) [cut]" in err.getvalue()
+
+
+def test_an_archived_task_is_restored_under_legal_hold_with_its_chain_intact(user, storage):
+    path, task = _archived(user, storage)
+    assert not AgentTask.objects.filter(pk=task.pk).exists()
+    out = StringIO()
+    call_command("retention", "restore", str(path), stdout=out)
+    assert "restored under legal hold" in out.getvalue()
+    restored = AgentTask.objects.get(pk=task.pk)
+    assert restored.legal_hold and restored.audit_seq == task.audit_seq + 1
+    assert Checkpoint.objects.filter(task=restored).count() == task.current_step
+    last = AuditEvent.objects.filter(task=restored).order_by("-seq").first()
+    assert last.type == EventType.RESTORED and last.payload["archive"] == str(path)
+    out = StringIO()
+    call_command("audit_verify", str(task.pk), stdout=out, stderr=StringIO())
+    assert f"{task.audit_seq + 1} event(s) verified" in out.getvalue()
+    with policy(REMOVE):
+        assert retention_run(storage=storage).removed == []  # held: it stays
+    with pytest.raises(CommandError, match="in the database already"):
+        call_command("retention", "restore", str(path), stdout=StringIO())
+
+
+def test_a_tampered_archive_is_not_restored(user, storage):
+    path, task = _archived(user, storage)
+    _rewrite(path, lambda lines: lines[:3] + lines[4:])
+    with pytest.raises(CommandError, match="does not verify"):
+        call_command("retention", "restore", str(path), stdout=StringIO())
+    assert not AgentTask.objects.filter(pk=task.pk).exists()
+    assert not AuditEvent.objects.filter(task_id=task.pk).exists()

@@ -7,6 +7,8 @@
     retention show ARCHIVE [--json]          verify an archive and print its task and
                                              audit trail (read-only; a path or a name
                                              in STORAGES["retention"])
+    retention restore ARCHIVE                put the archived task back, under legal
+                                             hold, for an investigation
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from typing import IO, Any
 from django.core.files.storage import storages
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.retention import retention_run, task_legal_hold_set
+from agents.retention import retention_run, task_legal_hold_set, task_restore
 from agents_project.errors import ApplicationError
 from audit.archive import EVENT, TASK, ArchiveError, archive_records, archive_verify
+from audit.services import process_actor
+
+ACTIONS = ("run", "hold", "release", "show", "restore")
 
 
 def archive_open(where: str) -> IO[bytes]:
@@ -36,12 +41,15 @@ def archive_open(where: str) -> IO[bytes]:
 class Command(BaseCommand):
     help = (
         "Archive and remove finished tasks by AGENTS_RETENTION (--dry-run lists them); "
-        "'hold'/'release' TASK_ID; 'show' ARCHIVE."
+        "'hold'/'release' TASK_ID; 'show'/'restore' ARCHIVE."
     )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "action", nargs="?", default="run", choices=("run", "hold", "release", "show")
+            "action",
+            nargs="?",
+            default="run",
+            choices=("run", "hold", "release", "show", "restore"),
         )
         parser.add_argument("target", nargs="?", help="TASK_ID (hold, release) or ARCHIVE (show)")
         parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
@@ -52,13 +60,24 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
         if action != "run" and not options["target"]:
-            raise CommandError(
-                f"retention {action}: give a {'ARCHIVE' if action == 'show' else 'TASK_ID'}"
-            )
+            wanted = "TASK_ID" if action in ("hold", "release") else "ARCHIVE"
+            raise CommandError(f"retention {action}: give a {wanted}")
         if action == "run":
             self._run(options)
         elif action == "show":
             self._show(options["target"], as_json=options["json"])
+        elif action == "restore":
+            try:
+                with archive_open(options["target"]) as source:
+                    task = task_restore(
+                        source=source, archive=options["target"], actor=process_actor("command")
+                    )
+            except (ApplicationError, ArchiveError) as exc:
+                raise CommandError(f"ARCHIVE: {exc}") from exc
+            self.stdout.write(
+                f"task {task.pk} restored under legal hold ({task.audit_seq} audit events); "
+                f"release it with: retention release {task.pk}"
+            )
         else:
             try:
                 task = task_legal_hold_set(
