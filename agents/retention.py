@@ -480,7 +480,8 @@ def task_restore(*, source: IO[bytes], archive: str, actor: str) -> AgentTask:
     with transaction.atomic():
         if AgentTask.objects.filter(pk=task_id).exists():
             raise Conflict(f"task {task_id} is in the database already")
-        owner = get_user_model()._default_manager.filter(pk=report.task.get("owner_id")).first()
+        owner_id = report.task.get("owner_id")
+        owner = get_user_model()._default_manager.filter(pk=int(owner_id or 0)).first()
         if owner is None:
             raise InvalidInput(
                 f"its owner {report.task.get('owner')!r} (id {report.task.get('owner_id')}) "
