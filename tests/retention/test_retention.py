@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -431,3 +432,31 @@ def test_a_tampered_archive_is_not_restored(user, storage):
         call_command("retention", "restore", str(path), stdout=StringIO())
     assert not AgentTask.objects.filter(pk=task.pk).exists()
     assert not AuditEvent.objects.filter(task_id=task.pk).exists()
+
+
+def test_a_task_whose_row_someone_holds_is_skipped_not_waited_for(user, storage):
+    task = completed(user)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            with transaction.atomic():
+                AgentTask.objects.select_for_update().get(pk=task.pk)
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with policy(REMOVE):
+            report = retention_run(storage=storage)
+        assert (report.removed, report.skipped) == ([], [str(task.pk)])
+    finally:
+        release.set()
+        holder.join()
+    assert rows_of(task.pk)["events"] == task.audit_seq
+    with policy(REMOVE):
+        assert retention_run(storage=storage).removed == [str(task.pk)]
