@@ -278,7 +278,8 @@ def test_show_prints_the_archived_trail(user, storage):
     out = StringIO()
     call_command("retention", "show", str(path), stdout=out, stderr=StringIO())
     text = out.getvalue()
-    assert f"task {task.pk}  scripted" in text and "#1 " in text and "archive intact" in text
+    assert f"task {task.pk}  scripted" in text and "archive intact" in text
+    assert "pending -> running" in text and "running -> completed" in text
 
 
 def _run_killed_at(point: str) -> subprocess.CompletedProcess:

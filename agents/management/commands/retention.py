@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +24,9 @@ from django.core.management.base import BaseCommand, CommandError
 from agents.retention import retention_run, task_legal_hold_set, task_restore
 from agents_project.errors import ApplicationError
 from audit.archive import EVENT, TASK, ArchiveError, archive_records, archive_verify
+from audit.models import AuditEvent
 from audit.services import process_actor
+from audit.timeline import render
 
 ACTIONS = ("run", "hold", "release", "show", "restore")
 
@@ -129,6 +132,7 @@ class Command(BaseCommand):
         self.stdout.write(f"archive {state}: {report.verified} event(s) verified")
 
     def _print(self, records: Any) -> None:
+        events = []
         for record in records:
             fields = record.get("fields") or {}
             if record.get("record") == TASK:
@@ -138,7 +142,15 @@ class Command(BaseCommand):
                     f"finished {fields['finished_at']}"
                 )
             elif record.get("record") == EVENT:
-                self.stdout.write(
-                    f"#{fields['seq']:<5} {fields['created_at']}  {fields['type']:<18} "
-                    f"step {fields['step']}  {fields['actor']}  {json.dumps(fields['payload'])}"
+                events.append(
+                    AuditEvent(
+                        task_id=fields["task_id"],
+                        seq=fields["seq"],
+                        type=fields["type"],
+                        step=fields["step"],
+                        payload=fields["payload"],
+                        actor=fields["actor"],
+                        created_at=datetime.fromisoformat(fields["created_at"]),
+                    )
                 )
+        self.stdout.write(render(events))
