@@ -30,13 +30,14 @@ from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from agents.core.suspensions import task_cancel
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents.retention import candidates, retention_run, task_legal_hold_set
 from audit.anchor import _signature, anchor_line, anchor_make
 from audit.archive import archive_verify
 from audit.integrity import audit_keys
-from audit.models import AuditEvent, EventType, TaskRemoval
-from tests.api.factories import completed, run, started, waiting_for_approval
+from audit.models import AuditEvent, DeadLetter, EventType, TaskRemoval
+from tests.api.factories import completed, dead_lettered, run, started, waiting_for_approval
 from tests.audit.test_app_role import app_role  # noqa: F401, F811 - a fixture
 from tests.helpers import worker_env
 from tools.models import LedgerEntry
@@ -461,3 +462,16 @@ def test_a_task_whose_row_someone_holds_is_skipped_not_waited_for(user, storage)
     assert rows_of(task.pk)["events"] == task.audit_seq
     with policy(REMOVE):
         assert retention_run(storage=storage).removed == [str(task.pk)]
+
+
+def test_a_cancelled_dead_lettered_task_goes_with_its_dead_letter(user, storage):
+    task, letter = dead_lettered(user)
+    task_cancel(task_id=task.pk, user=None)
+    with policy(REMOVE):
+        assert retention_run(storage=storage).removed == [str(task.pk)]
+    assert not DeadLetter.objects.filter(pk=letter.pk).exists()
+    [path] = archives(storage)
+    with open(path, "rb") as source:
+        report = archive_verify(source)
+    assert report.counts["audit.deadletter"] == 1 and report.breaks == []
+    assert TaskRemoval.objects.get(task_id=task.pk).counts["audit.deadletter"] == 1
