@@ -58,7 +58,7 @@ from django.core.files.storage import Storage, storages
 from django.db import connection, models, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
-from agents import permissions
+from agents import metrics, permissions
 from agents.core import clock, faults
 from agents.core.state_machine import FINAL
 from agents.models import AgentTask, Checkpoint
@@ -403,6 +403,8 @@ def retention_run(
             report.failed.append(str(task.pk))
             continue
         getattr(report, outcome).append(str(task.pk))
+    for outcome in ("removed", "pruned", "skipped", "failed"):
+        metrics.retention_counted(outcome=outcome, count=len(getattr(report, outcome)))
     if report.removed or report.pruned or report.failed:
         logger.info(
             "retention run",

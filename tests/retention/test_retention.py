@@ -37,6 +37,7 @@ from audit.anchor import _signature, anchor_line, anchor_make
 from audit.archive import archive_verify
 from audit.integrity import audit_keys
 from audit.models import AuditEvent, DeadLetter, EventType, TaskRemoval
+from tests.agents_project.test_metrics import counted, scrape
 from tests.api.factories import completed, dead_lettered, run, started, waiting_for_approval
 from tests.audit.test_app_role import app_role  # noqa: F401, F811 - a fixture
 from tests.helpers import worker_env
@@ -119,6 +120,16 @@ def test_a_finished_task_is_archived_verified_and_removed_with_a_removal_record(
     out = StringIO()
     call_command("audit_verify", "--all", stdout=out, stderr=StringIO())
     assert "1 removal record(s)" in out.getvalue() and "0 break(s)" in out.getvalue()
+
+
+def test_retention_is_counted_on_metrics(user, storage, client):
+    before = scrape(client)
+    completed(user)
+    with policy(REMOVE):
+        retention_run(storage=storage)
+    after = scrape(client)
+    name = "agents_retention_tasks_total"
+    assert counted(after, name, outcome="removed") - counted(before, name, outcome="removed") == 1
 
 
 def test_live_and_held_tasks_are_never_touched(user, storage):
