@@ -53,6 +53,7 @@ import structlog
 from django.apps import apps
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import connection, models, transaction
@@ -382,7 +383,8 @@ def retention_run(
     """One pass: archive and remove (or prune) up to ``batch`` candidate tasks
     (``AGENTS_RETENTION["batch"]``), one transaction per task. Safe to run in many
     processes at once and to kill at any point (see the module's docstring).
-    ``dry_run`` lists what it would do ((task id, mode) in ``would``) and writes nothing."""
+    ``dry_run`` lists what it would do ((task id, mode) in ``would``) and writes nothing.
+    Raises ``ImproperlyConfigured`` on a database other than PostgreSQL."""
     batch = int(_config().get("batch", 20) if batch is None else batch)
     actor = actor or process_actor("retention")
     report = RunReport()
@@ -391,7 +393,11 @@ def retention_run(
         .select_related("owner")
         .only("id", "agent_name", "owner__username", "audit_seq")[:batch]
     )
-    for task in list(chosen):
+    tasks = list(chosen)
+    if tasks and not dry_run and connection.vendor != "postgresql":
+        # The removal path is PostgreSQL's (triggers, audit_events_remove, advisory locks).
+        raise ImproperlyConfigured("retention removes tasks on PostgreSQL only")
+    for task in tasks:
         policy = policy_for(owner=task.owner.get_username(), agent=task.agent_name)
         if dry_run:
             report.would.append((str(task.pk), policy["mode"]))

@@ -486,3 +486,29 @@ def test_a_cancelled_dead_lettered_task_goes_with_its_dead_letter(user, storage)
         report = archive_verify(source)
     assert report.counts["audit.deadletter"] == 1 and report.breaks == []
     assert TaskRemoval.objects.get(task_id=task.pk).counts["audit.deadletter"] == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ('{"default": {"mode": "delete"}}', "default.mode"),
+        (
+            '{"agents": {"refunds": {"archive_after_days": -1}}}',
+            "agents.refunds.archive_after_days",
+        ),
+        ('{"owners": {"ann": {"keep": true}}}', "owners.ann.keep"),
+        ('{"batch": "many"}', "batch"),
+    ],
+)
+def test_a_bad_retention_setting_stops_start_up_naming_the_key(setting, named):
+    env = {**os.environ, "AGENTS_RETENTION": setting}
+    started = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode != 0
+    assert f"AGENTS_RETENTION: {named}" in started.stderr
