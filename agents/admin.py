@@ -37,6 +37,7 @@ from agents.diagnosis import (
     waiting_on_short,
 )
 from agents.models import AgentTask, Schedule, ScheduleFiring
+from agents.retention import task_legal_hold_set
 from agents.schedules import schedule_pause
 from agents.search import task_search
 from agents.selectors import (
@@ -198,7 +199,15 @@ class AgentTaskAdmin(ReadOnlyAdmin):
     )
     ordering = ("-created_at",)
     list_per_page = 50
-    actions = ("cancel_tasks", "approve_tasks", "reject_tasks", "replay_tasks", "requeue_tasks")
+    actions = (
+        "cancel_tasks",
+        "approve_tasks",
+        "reject_tasks",
+        "replay_tasks",
+        "requeue_tasks",
+        "hold_tasks",
+        "release_tasks",
+    )
     change_form_template = "admin/agents/agenttask/change_form.html"
     change_list_template = "admin/agents/agenttask/change_list.html"
     readonly_fields = (
@@ -378,6 +387,9 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         return bool(
             request.user.is_staff and permissions.has(request.user, permissions.TASK_CHANGE)
         )
+
+    def has_hold_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_staff and permissions.has(request.user, permissions.TASK_HOLD))
 
     # --- the task page: timeline, checkpoints, and what an operator can do ---------------
 
@@ -593,6 +605,28 @@ class AgentTaskAdmin(ReadOnlyAdmin):
             dead_letter_requeue(dead_letter_id=letter_id, actor=user_actor(operator(request)))
 
         self._each(request, queryset, "requeued", requeue)
+
+    @admin.action(description="Place selected tasks under legal hold", permissions=["hold"])
+    def hold_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "placed under legal hold",
+            lambda t: task_legal_hold_set(
+                task_id=t.pk, held=True, reason="admin", user=operator(request)
+            ),
+        )
+
+    @admin.action(description="Release selected tasks from legal hold", permissions=["hold"])
+    def release_tasks(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> None:
+        self._each(
+            request,
+            queryset,
+            "released from legal hold",
+            lambda t: task_legal_hold_set(
+                task_id=t.pk, held=False, reason="admin", user=operator(request)
+            ),
+        )
 
 
 # --- Dead letters -------------------------------------------------------------------------

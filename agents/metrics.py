@@ -7,7 +7,9 @@ starting, by agent), ``agents_step_failures_total`` (by agent and the tool that 
 ``none`` when the agent's own code raised), ``agents_tasks_created_total`` (by agent,
 counted by ``task_start``) and ``agents_tasks_finished_total`` (by agent and the status
 entered: ``completed``, ``failed``, ``timed_out``, ``cancelled``, ``dead_lettered``;
-counted by the state machine once the transition commits).
+counted by the state machine once the transition commits), ``agents_retention_tasks_total``
+(tasks retention handled, by outcome: ``removed``, ``pruned``, ``skipped``, ``failed``,
+counted by ``agents.retention``).
 
 Read at scrape time (``database_metrics``, a source of ``AGENTS_METRICS_SOURCES``): tasks
 by status, suspended tasks, the least recent progress of active tasks, open dead letters,
@@ -100,6 +102,23 @@ def step_handed_off(*, agent: str) -> None:
         STEP_HANDOFFS.labels(agent=agent).inc()
     except Exception as exc:
         logger.warning("step metric not recorded", error=repr(exc))
+
+
+RETENTION_TASKS = Counter(
+    "agents_retention_tasks",
+    "Tasks retention handled, by outcome (removed, pruned, skipped, failed: an archive "
+    "that did not verify).",
+    ["outcome"],
+)
+
+
+def retention_counted(*, outcome: str, count: int) -> None:
+    """``count`` tasks had retention's ``outcome`` (``agents.retention.RunReport``)."""
+    try:
+        if count:
+            RETENTION_TASKS.labels(outcome=outcome).inc(count)
+    except Exception as exc:
+        logger.warning("retention metric not recorded", error=repr(exc))
 
 
 def task_created(*, agent: str) -> None:

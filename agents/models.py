@@ -117,9 +117,15 @@ class AgentTask(models.Model):
     # a restart, or resumed by another request) joins the task's trace through it. Empty
     # when tracing was off at creation.
     trace_context = models.CharField(max_length=64, blank=True, default="")
+    # Legal hold (``agents.retention``): retention never archives away or removes a held
+    # task, and a trigger (migration 0014) refuses to delete its row. Set and cleared
+    # by ``retention_hold_set``, audited as ``legal_hold`` events.
+    legal_hold = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]
+        # Placing and releasing a legal hold is not an owner's right: it takes this.
+        permissions = [("hold_agenttask", "Can place and release a legal hold on a task")]
         constraints = [
             models.UniqueConstraint(
                 fields=["owner", "idempotency_key"],

@@ -15,6 +15,8 @@ user sign in to the admin):
                                   cancel, replay); implies view
   ``audit.view_deadletter``       read every tenant's dead letters
   ``audit.change_deadletter``     requeue any dead letter; implies view
+  ``agents.hold_agenttask``       place and release a legal hold on any task
+                                  (``agents.retention``); owners cannot
   ``tools.view_breaker``          read the circuit breakers (API, ``/admin/breakers/``)
   ``tools.change_breaker``        force breakers open or closed; implies view
   ==============================  ===================================================
@@ -38,6 +40,7 @@ from agents.models import AgentTask
 from agents_project.errors import Forbidden, NotFound
 
 TASK_VIEW = "agents.view_agenttask"
+TASK_HOLD = "agents.hold_agenttask"
 TASK_CHANGE = "agents.change_agenttask"
 DEAD_LETTER_VIEW = "audit.view_deadletter"
 DEAD_LETTER_CHANGE = "audit.change_deadletter"
@@ -107,6 +110,13 @@ def task_change_check(user: Any, task: AgentTask) -> None:
     if task_may_view(user, task):
         raise Forbidden(f"you may read task {task.pk} but not operate it (needs {TASK_CHANGE})")
     raise NotFound(f"no task {task.pk}")
+
+
+def task_hold_check(user: Any) -> None:
+    """Raise ``Forbidden`` unless ``user`` may place or release legal holds
+    (``agents.hold_agenttask``; the system may)."""
+    if not has(user, TASK_HOLD):
+        raise Forbidden(f"placing or releasing a legal hold needs {TASK_HOLD}")
 
 
 # --- dead letters -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 
 from agents.core.leases import leases_hand_back
 from agents.core.scheduler import Scheduler
+from agents.retention import RetentionLoop
 from agents.schedules import schedules_fire
 from agents.services import task_start
 from agents_project.metrics import MULTIPROC_DIR_ENV, step_metrics_registry
@@ -94,6 +95,29 @@ class RunScheduler(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+
+
+class RunRetention(bootsteps.StartStopStep):
+    """Retention and archival (``agents.retention``) every ``AGENTS_RETENTION["interval"]``
+    seconds, in its own thread of the worker's main process: apart from the scheduler's,
+    so that archiving a long task never delays a timer, a deadline or a sweep. Every
+    worker runs it; runs at once take different tasks (``SKIP LOCKED``)."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.loop: Any = None
+
+    def start(self, worker: Any) -> None:
+        if settings.AGENTS["RETENTION"].get("interval", 3600) <= 0:
+            return
+        self.loop = RetentionLoop()
+        self.loop.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.loop is not None:
+            self.loop.stop()
 
 
 class ServeWorkerHealth(bootsteps.StartStopStep):

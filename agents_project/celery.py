@@ -72,6 +72,7 @@ app.steps["worker"].update(
         "agents.worker:DeclareDeadLetterTopology",
         "agents.worker:PromptLostProcessCheck",
         "agents.worker:RunScheduler",
+        "agents.worker:RunRetention",
         "agents.worker:ServeWorkerHealth",
         "agents.worker:ServeWorkerMetrics",
     }

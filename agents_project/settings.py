@@ -8,6 +8,7 @@ machine. Production sets ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``REDIS_URL
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NoReturn
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -335,6 +336,70 @@ if not isinstance(_ramp, dict) or not all(
         'AGENTS_VERSION_RAMP must be {"agent": {"version": percent}}, percents 0..100 '
         "summing to at most 100 per agent"
     )
+
+# --- Retention and archival (agents/retention.py) -------------------------------------
+# AGENTS_RETENTION is JSON: {"default": POLICY, "agents": {NAME: POLICY}, "owners":
+# {USERNAME: POLICY}, "interval": seconds between two runs in each worker (0: never),
+# "batch": tasks per run}. A POLICY has "mode" (keep | keep_latest |
+# archive_and_remove) and "archive_after_days" (days after the task finished); an
+# owner's policy overrides an agent's, which overrides the default, field by field.
+# The default keeps everything: nothing is removed until a policy says so.
+RETENTION_MODES = ("keep", "keep_latest", "archive_and_remove")
+AGENTS["RETENTION"] = env.json("AGENTS_RETENTION", default={})
+
+
+def _retention_check(value: Any) -> dict[str, Any]:
+    def refuse(where: str, what: str) -> NoReturn:
+        raise ImproperlyConfigured(f"AGENTS_RETENTION: {where}: {what}")
+
+    if not isinstance(value, dict):
+        refuse("the setting", "must be a JSON object")
+    unknown = set(value) - {"default", "agents", "owners", "interval", "batch"}
+    if unknown:
+        refuse(", ".join(sorted(unknown)), "unknown key (default, agents, owners, interval, batch)")
+
+    def policy(where: str, item: Any) -> None:
+        if not isinstance(item, dict):
+            refuse(where, "must be an object")
+        extra = set(item) - {"mode", "archive_after_days"}
+        if extra:
+            refuse(f"{where}.{sorted(extra)[0]}", "unknown key (mode, archive_after_days)")
+        if "mode" in item and item["mode"] not in RETENTION_MODES:
+            refuse(f"{where}.mode", f"{item['mode']!r} is not one of {', '.join(RETENTION_MODES)}")
+        days = item.get("archive_after_days", 0)
+        if isinstance(days, bool) or not isinstance(days, int | float) or days < 0:
+            refuse(f"{where}.archive_after_days", "must be a number of days >= 0")
+
+    policy("default", value.get("default", {}))
+    for scope in ("agents", "owners"):
+        rules = value.get(scope, {})
+        if not isinstance(rules, dict):
+            refuse(scope, "must be an object of NAME: POLICY")
+        for name, item in rules.items():
+            policy(f"{scope}.{name}", item)
+    for key, default in (("interval", 3600), ("batch", 20)):
+        number = value.setdefault(key, default)
+        if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
+            refuse(key, "must be a number >= 0")
+    return value
+
+
+_retention_check(AGENTS["RETENTION"])
+
+# Where archives go: a Django storage, FileSystemStorage under var/archive by default,
+# or django-storages' S3 backend (AGENTS_ARCHIVE_BACKEND=storages.backends.s3.S3Storage
+# and AGENTS_ARCHIVE_OPTIONS={"bucket_name": ..., "endpoint_url": ...}).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "retention": {
+        "BACKEND": env.str(
+            "AGENTS_ARCHIVE_BACKEND", default="django.core.files.storage.FileSystemStorage"
+        ),
+        "OPTIONS": env.json("AGENTS_ARCHIVE_OPTIONS", default={})
+        or {"location": str(VAR_DIR / "archive"), "allow_overwrite": True},
+    },
+}
 
 # --- LLM agents (llm/): the model server, per-model settings, budgets ------------------
 

@@ -15,7 +15,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from audit.models import AuditEvent
+from audit.models import AuditEvent, TaskRemoval
 from audit.timeline import describe
 
 
@@ -69,4 +69,21 @@ class AuditEventAdmin(ReadOnlyAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[AuditEvent], search_term: str
     ) -> tuple[QuerySet[AuditEvent], bool]:
+        return by_task_id(queryset, search_term), False
+
+
+@admin.register(TaskRemoval)
+class TaskRemovalAdmin(ReadOnlyAdmin):
+    """Tasks retention removed (``agents.retention``): where each one's archive is."""
+
+    list_display = ("seq", "task_id", "owner", "agent_name", "status", "archive", "created_at")
+    list_filter = ("agent_name", "status")
+    search_fields = ("task_id",)
+    search_help_text = "A task id (the full UUID): its removal record and archive."
+    show_full_result_count = False
+    list_per_page = 100
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[TaskRemoval], search_term: str
+    ) -> tuple[QuerySet[TaskRemoval], bool]:
         return by_task_id(queryset, search_term), False

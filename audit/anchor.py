@@ -30,7 +30,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from audit.integrity import Break, audit_keys
-from audit.models import AuditEvent
+from audit.models import AuditEvent, TaskRemoval
 
 # Events younger than this are left to the next anchor (their transaction may be open).
 ANCHOR_LAG = timedelta(seconds=30)
@@ -163,9 +163,42 @@ def anchors_verify(anchors: Iterable[dict[str, Any]]) -> tuple[list[Break], int]
             .annotate(last=Max("seq"))
             .values_list("task_id", "last")
         }
+        # Tasks removed by retention: their anchored head is checked against the head
+        # their removal record kept (the events themselves are in the archive).
+        removed = {
+            str(task_id): (head_seq, head_hash)
+            for task_id, head_seq, head_hash in TaskRemoval.objects.filter(
+                task_id__in=[t for t in chunk if t not in ends]
+            )
+            .order_by("seq")
+            .values_list("task_id", "head_seq", "head_hash")
+        }
         for task_id in chunk:
             seq, digest, at = latest[task_id]
             stored = found.get((task_id, seq))
+            if stored is None and task_id in removed:
+                head_seq, head_hash = removed[task_id]
+                if head_seq < seq:
+                    breaks.append(
+                        Break(
+                            task_id,
+                            seq,
+                            f"anchored at {at}, but removed by retention "
+                            f"with its trail ending at #{head_seq} (cut before removal)",
+                            "cut",
+                        )
+                    )
+                elif head_seq == seq and not hmac.compare_digest(head_hash, digest):
+                    breaks.append(
+                        Break(
+                            task_id,
+                            seq,
+                            f"its hash is not the one anchored at {at} (the "
+                            "chain was rewritten before removal)",
+                            "rewritten",
+                        )
+                    )
+                continue
             if stored is None:
                 breaks.append(
                     Break(

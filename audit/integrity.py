@@ -22,17 +22,20 @@ anchors (``audit.anchor``) find a ``cut`` tail or a ``rewritten`` chain.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 
-from audit.models import AuditChainStart, AuditEvent
+from audit.models import AuditChainStart, AuditEvent, TaskRemoval
 
 DERIVED = "derived"
 
@@ -53,10 +56,16 @@ def _key() -> bytes:
     return audit_keys()[0]
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_number_text(text: str) -> str:
+    return str(Decimal(text).normalize())
+
+
 def _canonical_number(value: int | float) -> str:
     # jsonb keeps numbers as decimals: 1.0 comes back as 1.0, 1e300 as an integer. The
-    # normalised decimal of the number as written is the same on both sides.
-    return str(Decimal(repr(value)).normalize())
+    # normalised decimal of the number as written is the same on both sides. Cached by
+    # its text (not its value: 0.0 and -0.0 are equal but written differently).
+    return _canonical_number_text(repr(value))
 
 
 def _canonical(value: Any) -> Any:
@@ -75,6 +84,35 @@ def _time(value: datetime) -> str:
     return value.isoformat(timespec="microseconds")
 
 
+# One encoder, made once: ``json.dumps`` with options builds a new one on every call.
+_ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _content(
+    prev_hash: str,
+    task_id: Any,
+    seq: int,
+    type: str,
+    step: int | None,
+    actor: str,
+    created_at: datetime,
+    payload: Any,
+) -> bytes:
+    """The canonical bytes an event's hash covers (its ``prev_hash`` first)."""
+    return _ENCODE(
+        [
+            prev_hash,
+            str(task_id),
+            seq,
+            str(type),
+            step,
+            actor,
+            _time(created_at),
+            _canonical(payload),
+        ]
+    ).encode("utf-8")
+
+
 def event_hash(
     *,
     prev_hash: str,
@@ -89,22 +127,15 @@ def event_hash(
 ) -> str:
     """The hex HMAC-SHA256 of one event's content chained to ``prev_hash``, under ``key``
     (default: the signing key, the first of ``AGENTS_AUDIT_KEY``)."""
-    content = json.dumps(
-        [
-            prev_hash,
-            str(task_id),
-            seq,
-            str(type),
-            step,
-            actor,
-            _time(created_at),
-            _canonical(payload),
-        ],
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return hmac.new(key or _key(), content.encode("utf-8"), hashlib.sha256).hexdigest()
+    content = _content(prev_hash, task_id, seq, type, step, actor, created_at, payload)
+    return hmac.digest(key or _key(), content, "sha256").hex()
+
+
+def record_hash(*, prev_hash: str, content: list[Any], key: bytes | None = None) -> str:
+    """The hex HMAC-SHA256 of a record other than an event (a ``TaskRemoval``, an
+    archive's trailer), chained to ``prev_hash``: the same canonical JSON as events'."""
+    body = _ENCODE([prev_hash, _canonical(content)]).encode("utf-8")
+    return hmac.digest(key or _key(), body, "sha256").hex()
 
 
 def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
@@ -155,80 +186,168 @@ def unchained_through() -> int:
     return start.unchained_through_id if start is not None else 0
 
 
-def _hash_matches(event: AuditEvent, keys: tuple[bytes, ...]) -> bool:
-    return any(hmac.compare_digest(_hash_of(event, key=key), event.hash) for key in keys)
+# What ``chain_verify`` reads of each event, in this order (``EventRow``): the payload
+# as its canonical JSON text and the time as its ISO 8601 text, as they enter the hash.
+EVENT_COLUMNS = ("id", "seq", "type", "step", "payload", "actor", "created_at", "prev_hash", "hash")
+EventRow = tuple[int, int, str, int | None, str, str, str, str, str]
+
+# The events of one task, the payload as jsonb's text and the time in the form
+# ``_time`` writes (``created_at`` is UTC, as Django keeps it): no per-row conversion to
+# Python objects beyond what the hash needs.
+_EVENTS_SQL = (
+    "SELECT id, seq, type, step, payload::text, actor, "
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
+    "prev_hash, hash FROM audit_auditevent WHERE task_id = %s ORDER BY seq, id"
+)
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical_int(text: str) -> dict[str, str]:
+    return {"#": _canonical_number(int(text))}
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical_float(text: str) -> dict[str, str]:
+    return {"#": _canonical_number(float(text))}
+
+
+# Made once: ``json.loads`` with hooks builds a new decoder on every call.
+_CANONICAL_DECODE = json.JSONDecoder(parse_int=_canonical_int, parse_float=_canonical_float).decode
+
+
+def canonical_payload_text(text: str) -> str:
+    """The canonical JSON (``_canonical``) of a payload given as JSON text, parsed in
+    one pass by the C scanner, numbers rewritten as they are read: the same text as
+    ``_ENCODE(_canonical(json.loads(text)))``, several times faster."""
+    return _ENCODE(_CANONICAL_DECODE(text))
+
+
+def canonical_payload(payload: Any) -> str:
+    """The canonical JSON text of a payload given as Python values."""
+    return _ENCODE(_canonical(payload))
+
+
+def _event_rows(task_id: Any) -> Iterator[EventRow]:
+    with connection.chunked_cursor() as cursor:
+        cursor.execute(_EVENTS_SQL, [task_id])
+        while chunk := cursor.fetchmany(5000):
+            for event_id, seq, type_, step, payload, actor, at, prev, digest in chunk:
+                yield (
+                    event_id,
+                    seq,
+                    type_,
+                    step,
+                    canonical_payload_text(payload),
+                    actor,
+                    at,
+                    prev,
+                    digest,
+                )
 
 
 def audit_chain_verify(
     *, task_id: Any, audit_seq: int, chain_start: int | None = None
 ) -> tuple[list[Break], int, int]:
-    """Check one task's events against their chain and the task's own event count
-    (``audit_seq``). Returns (breaks, events verified, events written before the chain).
-    Reads the events in seq order, a chunk at a time. ``chain_start``: the result of
-    ``unchained_through()`` (read once by callers that verify many tasks)."""
+    """Check one task's events in the database against their chain and the task's own
+    event count (``audit_seq``). Returns (breaks, events verified, events written before
+    the chain). Streams the events in seq order through a server-side cursor, 5,000
+    rows a fetch, as plain rows (no model instances, no query per event).
+    ``chain_start``: the result of ``unchained_through()`` (read once by callers that
+    verify many tasks)."""
     if chain_start is None:
         chain_start = unchained_through()
+    return chain_verify(
+        _event_rows(task_id), task_id=task_id, audit_seq=audit_seq, chain_start=chain_start
+    )
+
+
+_STR = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _row_content(
+    prev_hash: str,
+    tid: str,
+    seq: int,
+    type_: str,
+    step: int | None,
+    actor: str,
+    at: str,
+    payload: str,
+) -> bytes:
+    """``_content`` of a row whose payload and time are already canonical text: the
+    same bytes, written directly."""
+    step_text = "null" if step is None else str(step)
+    return (
+        f"[{_STR(prev_hash)},{_STR(tid)},{seq},{_STR(type_)},{step_text},{_STR(actor)},"
+        f"{_STR(at)},{payload}]"
+    ).encode()
+
+
+def chain_verify(
+    rows: Iterable[EventRow], *, task_id: Any, audit_seq: int, chain_start: int
+) -> tuple[list[Break], int, int]:
+    """Check the events ``rows`` (``EVENT_COLUMNS``, in seq order) of one task against
+    their chain and the count the task recorded (``audit_seq``), wherever they come
+    from: the database, or an archive (``audit.archive``). Returns (breaks, events
+    verified, events written before the chain: id up to ``chain_start``)."""
     keys = audit_keys()
+    first_key, rotated = keys[0], keys[1:]
     breaks: list[Break] = []
     tid = str(task_id)
     expected_seq = 1
     prev_hash = ""
     verified = unchained = 0
-    events = AuditEvent.objects.filter(task_id=task_id).order_by("seq", "id")
-    for event in events.iterator(chunk_size=2000):
-        if event.seq < expected_seq:
-            breaks.append(
-                Break(tid, event.seq, "a second event with this number (inserted)", "inserted")
-            )
+    for event_id, seq, type_, step, payload, actor, created_at, event_prev, digest in rows:
+        if seq < expected_seq:
+            breaks.append(Break(tid, seq, "a second event with this number (inserted)", "inserted"))
             continue
-        gap = event.seq > expected_seq
+        gap = seq > expected_seq
         if gap:
-            missing = f"#{expected_seq}" + (
-                f" to #{event.seq - 1}" if event.seq - 1 > expected_seq else ""
-            )
-            breaks.append(
-                Break(tid, event.seq, f"events {missing} are missing (removed)", "removed")
-            )
-        if event.seq > audit_seq:
+            missing = f"#{expected_seq}" + (f" to #{seq - 1}" if seq - 1 > expected_seq else "")
+            breaks.append(Break(tid, seq, f"events {missing} are missing (removed)", "removed"))
+        if seq > audit_seq:
             breaks.append(
                 Break(
                     tid,
-                    event.seq,
+                    seq,
                     f"beyond the {audit_seq} events the task recorded (inserted)",
                     "inserted",
                 )
             )
-        if not event.hash:
-            if event.pk > chain_start:
+        if not digest:
+            if event_id > chain_start:
                 breaks.append(
                     Break(
                         tid,
-                        event.seq,
+                        seq,
                         "its hash was removed, but it was written after the chain began "
-                        f"(event id {event.pk} > {chain_start})",
+                        f"(event id {event_id} > {chain_start})",
                         "unsealed",
                     )
                 )
             else:
                 unchained += 1
-            prev_hash, expected_seq = "", event.seq + 1
+            prev_hash, expected_seq = "", seq + 1
             continue
-        if event.prev_hash != prev_hash:
+        if event_prev != prev_hash:
             breaks.append(
                 Break(
                     tid,
-                    event.seq,
+                    seq,
                     "does not follow the event before it (removed or inserted)",
                     "removed" if gap else "inserted",
                 )
             )
-        if not _hash_matches(event, keys):
-            breaks.append(
-                Break(tid, event.seq, "its content does not match its hash (changed)", "changed")
-            )
-        else:
+        content = _row_content(event_prev, tid, seq, type_, step, actor, created_at, payload)
+        if hmac.digest(first_key, content, "sha256").hex() == digest or (
+            rotated and any(hmac.digest(k, content, "sha256").hex() == digest for k in rotated)
+        ):
             verified += 1
-        prev_hash, expected_seq = event.hash, event.seq + 1
+        else:
+            breaks.append(
+                Break(tid, seq, "its content does not match its hash (changed)", "changed")
+            )
+        prev_hash, expected_seq = digest, seq + 1
     if expected_seq - 1 < audit_seq:
         breaks.append(
             Break(
@@ -240,3 +359,54 @@ def audit_chain_verify(
             )
         )
     return breaks, verified, unchained
+
+
+def removal_hash(record: TaskRemoval, *, key: bytes | None) -> str:
+    """The keyed hash of a removal record's content (``TaskRemoval``), chained to its
+    ``prev_hash``."""
+    return record_hash(
+        prev_hash=record.prev_hash,
+        content=[
+            record.seq,
+            str(record.task_id),
+            record.owner,
+            record.agent_name,
+            record.status,
+            _time(record.finished_at) if record.finished_at else None,
+            record.archive,
+            record.archive_sha256,
+            record.archive_bytes,
+            record.counts,
+            record.head_seq,
+            record.head_hash,
+            record.policy,
+            record.actor,
+            _time(record.created_at),
+        ],
+        key=key,
+    )
+
+
+def removals_verify() -> tuple[list[Break], int]:
+    """Check the chain of removal records (``TaskRemoval``): none changed, removed or
+    inserted. Returns (breaks, records verified)."""
+    keys = audit_keys()
+    breaks: list[Break] = []
+    prev_hash, expected, verified = "", 1, 0
+    for record in TaskRemoval.objects.order_by("seq", "id").iterator(chunk_size=2000):
+        where = f"removal #{record.seq}"
+        if record.seq != expected:
+            kind = "removed" if record.seq > expected else "inserted"
+            breaks.append(Break(where, record.seq, f"expected removal #{expected} ({kind})", kind))
+        if record.prev_hash != prev_hash:
+            breaks.append(
+                Break(where, record.seq, "does not follow the record before it", "inserted")
+            )
+        if any(hmac.compare_digest(removal_hash(record, key=k), record.hash) for k in keys):
+            verified += 1
+        else:
+            breaks.append(
+                Break(where, record.seq, "its content does not match its hash (changed)", "changed")
+            )
+        prev_hash, expected = record.hash, record.seq + 1
+    return breaks, verified

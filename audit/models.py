@@ -38,6 +38,9 @@ class EventType(models.TextChoices):
     MODEL_CALL = "model_call"
     CHILDREN_STARTED = "children_started"
     CHILD_ENDED = "child_ended"
+    LEGAL_HOLD = "legal_hold"
+    CHECKPOINTS_REMOVED = "checkpoints_removed"
+    RESTORED = "restored"
 
 
 class AuditEvent(models.Model):
@@ -115,3 +118,45 @@ class AuditChainStart(models.Model):
 
     def __str__(self) -> str:
         return f"chain from event id {self.unchained_through_id + 1}"
+
+
+class TaskRemoval(models.Model):
+    """The durable record of a task removed from the hot tables by retention
+    (``agents.retention``), written in the transaction that removes it and kept after
+    it: which archive holds the task (its storage name and SHA-256), how many rows of
+    each kind went, and the head of the task's audit chain, ``(head_seq, head_hash)``.
+
+    Append-only like the audit trail (a trigger refuses UPDATE and DELETE; the app role
+    may only SELECT and INSERT), and chained the same way: ``hash`` is the keyed hash
+    of its content and of the record before it (``seq`` order), checked by
+    ``audit_verify --all`` (``audit.integrity.removals_verify``). A task's audit events
+    can be deleted only through ``audit_events_remove(task)`` (migration
+    ``audit.0006``), which requires this record and the task row already gone.
+    """
+
+    seq = models.PositiveBigIntegerField(unique=True)
+    task_id = models.UUIDField(db_index=True)
+    owner = models.CharField(max_length=150)
+    agent_name = models.CharField(max_length=100)
+    status = models.CharField(max_length=20)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The archive: storage name (``AGENTS_RETENTION["storage"]``), SHA-256 of its bytes.
+    archive = models.CharField(max_length=500)
+    archive_sha256 = models.CharField(max_length=64)
+    archive_bytes = models.PositiveBigIntegerField()
+    # Rows removed, per model label ({"agents.checkpoint": 11, ...}).
+    counts = models.JSONField(default=dict)
+    head_seq = models.PositiveIntegerField()
+    head_hash = models.CharField(max_length=64, blank=True, default="")
+    # The policy that removed it ({"mode": ..., "archive_after_days": ..., "rule": ...}).
+    policy = models.JSONField(default=dict)
+    actor = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+    prev_hash = models.CharField(max_length=64, blank=True, default="")
+    hash = models.CharField(max_length=64)
+
+    class Meta:
+        ordering = ["seq"]
+
+    def __str__(self) -> str:
+        return f"removal #{self.seq} of task {self.task_id}"

@@ -64,6 +64,9 @@ def describe(event: AuditEvent) -> str:
         return (
             f"{p.get('reason')} after {p.get('attempts')} attempt(s): {_short(str(p.get('error')))}"
         )
+    if t == EventType.LEGAL_HOLD:
+        verb = "legal hold placed" if p.get("held") else "legal hold released"
+        return f"{verb} by {event.actor}" + (f": {p['reason']}" if p.get("reason") else "")
     if t == EventType.BREAKER:
         return f"breaker {p.get('breaker')}: {p.get('from')} -> {p.get('to')} ({p.get('reason')})"
     return _compact({k: v for k, v in p.items() if k != "traceback"})

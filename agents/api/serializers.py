@@ -152,6 +152,13 @@ class SignalSerializer(RequestSerializer):
     payload = StorableJSONField(required=False, allow_null=True, default=None)
 
 
+class HoldSerializer(RequestSerializer):
+    held = serializers.BooleanField(help_text="true: place the hold; false: release it.")
+    reason = serializers.CharField(
+        required=False, allow_blank=True, max_length=2000, default="", help_text="Why (audited)."
+    )
+
+
 class ReplaySerializer(RequestSerializer):
     from_step = StrictIntegerField(
         required=False,
@@ -250,6 +257,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "updated_at",
             "status_changed_at",
             "finished_at",
+            "legal_hold",
             "usage",
             "trace_id",
         )

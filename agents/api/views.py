@@ -43,6 +43,7 @@ from agents.api.serializers import (
     DeadLetterQuerySerializer,
     DeadLetterSerializer,
     ErrorSerializer,
+    HoldSerializer,
     ReplaySerializer,
     ScheduleDetailSerializer,
     ScheduleSerializer,
@@ -64,6 +65,7 @@ from agents.core.suspensions import task_approve, task_cancel, task_signal
 from agents.diagnosis import with_dead_letter_error
 from agents.events import event_stream, event_stream_async, task_events_finished
 from agents.models import AgentTask, Schedule
+from agents.retention import task_legal_hold_set
 from agents.schedules import (
     schedule_create,
     schedule_delete,
@@ -391,6 +393,20 @@ class TaskViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         return Response(TaskSerializer(task_cancel(task_id=pk, user=request.user)).data)
+
+    @extend_schema(
+        summary="Place or release a legal hold (retention never removes a held task)",
+        description="Needs the `agents.hold_agenttask` permission; audited as a "
+        "`legal_hold` event.",
+        request=HoldSerializer,
+        responses={200: TaskSerializer, **errors(403)},
+    )
+    @action(detail=True, methods=["post"])
+    def hold(self, request: Request, pk: str) -> Response:
+        data = _valid(HoldSerializer, request.data)
+        task_get(task_id=pk, user=request.user)  # 404 for a task the user may not see
+        task = task_legal_hold_set(task_id=pk, user=request.user, **data)
+        return Response(TaskSerializer(task).data)
 
     @extend_schema(
         summary="Run the task again from one of its checkpoints, as a new task",

@@ -10,7 +10,11 @@ number STEP) reaches POINT:
   (the next step's delivery is then dropped as stale, and this one runs again);
 - ``after_commit``: the checkpoint committed, this message is not yet acknowledged;
 - ``handoff_returned`` (the model gateway): a call's reply is recorded and its step
-  handed back to the work queue, the hand-off message not yet acknowledged.
+  handed back to the work queue, the hand-off message not yet acknowledged;
+- ``retention_archived`` (``agents.retention``, STEP unused): a task's archive is
+  written and verified, nothing of it removed yet;
+- ``retention_before_commit``: its rows are deleted and its removal recorded in an
+  open transaction, not yet committed.
 
 With ``AGENTS_FAULT_ONCE_FILE=PATH`` the fault fires once across all processes: the
 first process to reach the point creates PATH (atomically) and dies; later ones carry on.
@@ -30,7 +34,7 @@ from django.conf import settings
 
 # Where a worker's step can die; and the model gateway's own point.
 WORKER_POINTS = ("before_commit", "after_commit", "after_publish")
-POINTS = (*WORKER_POINTS, "handoff_returned")
+POINTS = (*WORKER_POINTS, "handoff_returned", "retention_archived", "retention_before_commit")
 
 
 def parse(spec: str) -> tuple[str, int | None]:

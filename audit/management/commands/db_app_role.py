@@ -5,8 +5,10 @@ docker/compose.yaml's ``migrate`` service and docker/k8s/migrate-job.yaml do. Th
 role (the user of ``APP_DATABASE_URL``, or ``--role``) gets read and write on every
 table of the schema, except:
 
-- ``audit_auditevent``: SELECT and INSERT only (no UPDATE, DELETE or TRUNCATE), and as
-  it does not own the table it cannot disable the append-only trigger either;
+- ``audit_auditevent`` and ``audit_taskremoval`` (retention's removal records): SELECT
+  and INSERT only (no UPDATE, DELETE or TRUNCATE), and as it does not own them it
+  cannot disable their append-only triggers either; retention removes a task's events
+  only through ``audit_events_remove`` (migration ``audit.0006``);
 - ``audit_auditchainstart`` and ``django_migrations``: SELECT only.
 
 The role is created (LOGIN, with the URL's password) when it does not exist, and its
@@ -29,6 +31,8 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Tables the app reads but never writes (besides the audit trail, which it appends to).
 READ_ONLY_TABLES = ("audit_auditchainstart", "django_migrations")
 AUDIT_TABLE = "audit_auditevent"
+# Tables the app may only append to.
+APPEND_ONLY_TABLES = (AUDIT_TABLE, "audit_taskremoval")
 
 
 def app_role_from_url(url: str) -> tuple[str, str]:
@@ -104,8 +108,10 @@ class Command(BaseCommand):
                 f"GRANT USAGE ON SCHEMA public TO {quoted}",
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}",
                 f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {quoted}",
-                f"REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {AUDIT_TABLE} "
-                f"FROM {quoted}",
+            ]
+            statements += [
+                f"REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {table} FROM {quoted}"
+                for table in APPEND_ONLY_TABLES
             ]
             statements += [
                 f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {table} FROM {quoted}"
@@ -115,5 +121,5 @@ class Command(BaseCommand):
                 cursor.execute(statement)
         self.stdout.write(
             f"role {role}: read and write on every table of {database}, SELECT and INSERT "
-            f"only on {AUDIT_TABLE}, SELECT only on {', '.join(READ_ONLY_TABLES)}"
+            f"only on {', '.join(APPEND_ONLY_TABLES)}, SELECT only on {', '.join(READ_ONLY_TABLES)}"
         )
