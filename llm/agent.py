@@ -88,6 +88,12 @@ class LLMAgent(Agent):
         delivery anyway), else 1: a model call in the worker is a step of its own."""
         return 8 if settings.LLM["GATEWAY"] else 1
 
+    @property
+    def commit_every(self) -> int:  # type: ignore[override]
+        """As ``steps_per_delivery``: with the gateway, the step that took a reply is
+        committed with the next request's hand-off, in one transaction."""
+        return self.steps_per_delivery
+
     # --- hooks ----------------------------------------------------------------------------
 
     def prompt(self, input: Any) -> str:
@@ -114,7 +120,9 @@ class LLMAgent(Agent):
         return False
 
     def shape_messages(self, ctx: StepContext, messages: list[ChatMessage]) -> list[ChatMessage]:
-        """The messages of the next request, after the context policy."""
+        """The messages of the next request, after the context policy. With the model
+        gateway it runs once per request, before the hand-off (not again when the reply
+        comes back), so it should not change ``ctx.state``."""
         return messages
 
     def final_answer(self, ctx: StepContext, content: str) -> Any:

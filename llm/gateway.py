@@ -375,7 +375,7 @@ class Gateway:
                     cost=model_call.cost,
                 )
 
-        return _with_breaker({"key": key, "recorded": True}, transitions), record
+        return _with_breaker(recorded_note(payload), transitions), record
 
     async def _api_key(self, call: Call, config: ModelConfig) -> str:
         return await self.db(
@@ -808,6 +808,18 @@ class Slots:
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
+
+
+def recorded_note(payload: dict[str, Any]) -> dict[str, Any]:
+    """What the gateway hands back with a reply it recorded for the hand-off ``payload``:
+    its key, and what the step's plan sent (``messages_sent``, ``estimated_tokens``),
+    so the step takes the reply without planning the request again."""
+    return {
+        "key": payload["key"],
+        "recorded": True,
+        "messages_sent": len(payload["messages"]),
+        "estimated_tokens": int(payload.get("estimated_tokens") or 0),
+    }
 
 
 def _slot_ttl() -> float:

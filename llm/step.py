@@ -422,6 +422,9 @@ class LLMStep:
         for attempt in (1, 2):
             suffix = "" if attempt == 1 else f":{attempt}"
             key = f"{base}:model{suffix}"
+            replayed = self._replayed(key)
+            if replayed is not None:
+                return replayed
             messages, fold = self._plan(limits, suffix)
             record = model_call_find(key=key)
             folded = model_call_find(key=fold[0]) if fold else None
@@ -451,6 +454,32 @@ class LLMStep:
                 }
         raise AssertionError("unreachable")
 
+    def _replayed(self, key: str) -> tuple[ChatReply, ModelCall] | None:
+        """The reply the model gateway recorded for ``key`` on this delivery, taken
+        without planning the request again: the hand-off's payload said what the plan
+        sent (``messages_sent``, ``estimated_tokens``), and nothing else of the plan is
+        needed once the reply is recorded. Not for the ``summarize`` policy, whose plan
+        also notes the summary it folded in (``state["summary"]``)."""
+        handed = self._handed_back(key)
+        if (
+            handed is None
+            or not handed.get("recorded")
+            or "messages_sent" not in handed
+            or self.limits.policy == "summarize"
+        ):
+            return None
+        record = model_call_find(key=key)
+        if record is None:
+            return None
+        return self._use(
+            key,
+            record,
+            ModelCall.Purpose.REPLY,
+            handed,
+            sent=int(handed["messages_sent"]),
+            estimated=int(handed["estimated_tokens"]),
+        )
+
     def _call(
         self,
         key: str,
@@ -465,9 +494,9 @@ class LLMStep:
         reused = record is not None
         handed = self._handed_back(key)
         if handed is not None:
-            for payload in handed.get("breaker", ()):
-                self.ctx.audit(EventType.BREAKER, payload)
             if handed.get("error"):
+                for payload in handed.get("breaker", ()):
+                    self.ctx.audit(EventType.BREAKER, payload)
                 raise error_from_note(handed["error"])
             # Recorded by the model gateway for this delivery: a new call, not a reuse.
             reused = reused and not handed.get("recorded")
@@ -536,12 +565,39 @@ class LLMStep:
                 response_model=record.model,
                 finish_reason=record.finish_reason,
             )
+        return self._use(
+            key,
+            record,
+            purpose,
+            handed,
+            reused=reused,
+            sent=len(messages),
+            estimated=estimate_request_tokens(messages, tools),
+        )
+
+    def _use(
+        self,
+        key: str,
+        record: ModelCall,
+        purpose: str,
+        handed: Mapping[str, Any] | None,
+        *,
+        sent: int,
+        estimated: int,
+        reused: bool = False,
+    ) -> tuple[ChatReply, ModelCall]:
+        """Account for the reply recorded under ``key``: the calibration of the next
+        budget check, the task's usage, and the ``model_call`` audit event. ``sent``:
+        messages in the request; ``estimated``: its estimated prompt tokens."""
+        if handed is not None:
+            for payload in handed.get("breaker", ()):
+                self.ctx.audit(EventType.BREAKER, payload)
         reply = reply_from_record(record)
         if purpose == ModelCall.Purpose.REPLY and not record.usage_estimated:
             # How the provider counts against the estimate, and how long its replies
             # run: the next budget check uses both (see _over_budget).
             self.state["calibration"] = {
-                "ratio": record.prompt_tokens / max(estimate_request_tokens(messages, tools), 1),
+                "ratio": record.prompt_tokens / max(estimated, 1),
                 "completion": record.completion_tokens,
             }
         self.state["usage"] = usage_add(
@@ -567,7 +623,7 @@ class LLMStep:
                 "duration_ms": record.duration_ms,
                 "finish_reason": record.finish_reason,
                 "reused": reused,
-                "messages_sent": len(messages),
+                "messages_sent": sent,
                 "content": reply.content,
                 "tool_calls": reply.tool_calls,
             },

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -36,6 +36,7 @@ from psycopg.pq import TransactionStatus
 from agents import metrics
 from agents.core import children, clock, dispatch, suspensions
 from agents.core.faults import fault_point
+from agents.core.handoffs import handoff_message, queued_lease
 from agents.core.leases import DeadlineReached, lease_release_values
 from agents.core.results import StepResult
 from agents.core.retries import safe_text, task_lock_if_current
@@ -151,6 +152,29 @@ def steps_commit(
     return _commit_general(task_id, fence, agent, done, hand_on=hand_on, published=published)
 
 
+def steps_commit_hand_off(
+    task_id: UUID,
+    fence: int,
+    agent: Agent,
+    done: list[StepRecord],
+    *,
+    chain: ChainHead,
+    payload: dict[str, Any],
+) -> StepResult | None:
+    """Commit ``done`` (each a ``Continue`` or ``CallTools``) and hand off the step after
+    them (``agents.core.handoffs``) in one transaction: the statement that advances the
+    task also passes its lease to the hand-off queue, and the hand-off is published
+    before the commit, once the statement has locked the row (the consumer's claim
+    waits for this commit). ``COMMITTED`` when both happened. None, with nothing
+    written and nothing published, where this route does not apply (not PostgreSQL,
+    the lease lost, the deadline passed, another writer added audit events, the
+    broker refused the hand-off): the caller then commits and hands off in two
+    transactions (``steps_commit``, ``handoffs.step_hand_off``), which find out why."""
+    if connection.vendor != "postgresql" or not isinstance(done[-1].outcome, Continue | CallTools):
+        return None
+    return _commit_advance(task_id, fence, agent, done, hand_on=True, chain=chain, hand_off=payload)
+
+
 def _observations(record: StepRecord) -> dict[str, Any]:
     observations: dict[str, Any] = {}
     if record.results:
@@ -201,12 +225,14 @@ def _commit_advance(
     *,
     hand_on: bool,
     chain: ChainHead,
+    hand_off: dict[str, Any] | None = None,
 ) -> StepResult | None:
     """The hot path (PostgreSQL, the task only moves on): one statement advances the
     task, fenced, and inserts the checkpoints and the audit events, sealed onto the
-    chain head this delivery knows; then the next step's publish and the commit. None:
-    not applicable (lease lost, deadline passed, or another writer added audit events
-    meanwhile); nothing was written and the general path finds out which."""
+    chain head this delivery knows; then the next step's publish (or, with
+    ``hand_off``, its hand-off's) and the commit. None: not applicable (lease lost,
+    deadline passed, or another writer added audit events meanwhile); nothing was
+    written and the general path finds out which."""
     head = chain.head or _audit_head(task_id)
     task = AgentTask(
         id=task_id, agent_name=agent.name, current_step=done[-1].step + 1, audit_seq=head[0]
@@ -219,8 +245,10 @@ def _commit_advance(
         and connection.get_autocommit()
         and not connection.in_atomic_block
     )
-    if not own:
-        return _commit_advance_atomic(task, fence, agent, done, audit, head, hand_on, chain)
+    if not own or hand_off is not None:
+        return _commit_advance_atomic(
+            task, fence, agent, done, audit, head, hand_on, chain, hand_off=hand_off
+        )
     events = audit.seal(explicit_transaction=True)
     sql, params = _advance_statement(task, fence, agent, done, events, seq=head[0], hand_on=True)
     row, published = _advance_publishing(sql, params, task, agent)
@@ -240,14 +268,22 @@ def _commit_advance_atomic(
     head: tuple[int, str],
     hand_on: bool,
     chain: ChainHead,
+    *,
+    hand_off: dict[str, Any] | None = None,
 ) -> StepResult | None:
     """``_commit_advance`` in a Django transaction: a commit that keeps the delivery
     going (``hand_on`` False), one inside ``publishes_collected`` or inside the
-    caller's ``atomic`` block."""
+    caller's ``atomic`` block, and one that hands off the next step (``hand_off``, its
+    payload). The statement's answer is read before anything is published, so a
+    hand-off never reaches its consumer before the row it claims is locked (the
+    consumer's claim then waits for this commit), and none goes out when the
+    statement matched nothing. A hand-off the broker refuses rolls everything back
+    (None)."""
     with transaction.atomic():
         events = audit.seal()
+        handing_off = hand_off is not None
         sql, params = _advance_statement(
-            task, fence, agent, done, events, seq=head[0], hand_on=hand_on
+            task, fence, agent, done, events, seq=head[0], hand_on=hand_on, hand_off=handing_off
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -257,7 +293,15 @@ def _commit_advance_atomic(
             return None
         task.status = row[0]
         fault_point("before_commit", step=done[-1].step)
-        if hand_on and task.status == TaskStatus.RUNNING:
+        if hand_off is not None:
+            try:
+                handoff_message(
+                    task_id=task.pk, step=task.current_step, fence=fence, payload=hand_off
+                )
+            except Backpressure:
+                transaction.set_rollback(True)
+                return None
+        elif hand_on and task.status == TaskStatus.RUNNING:
             # Inside ``publishes_collected``: the in-process runner takes it.
             dispatch.step_publish_in_commit(task=task, agent=agent)
         fault_point("after_publish", step=done[-1].step)
@@ -286,15 +330,21 @@ def _advance_statement(
     *,
     seq: int,
     hand_on: bool,
+    hand_off: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """``_ADVANCE_SQL`` and its parameters for ``done``, sealed ``events`` and the audit
-    sequence ``seq`` the chain head had; ``hand_on`` also releases the lease."""
+    sequence ``seq`` the chain head had; ``hand_on`` also releases the lease, or with
+    ``hand_off`` passes it to the hand-off queue (``agents.core.handoffs``)."""
     now = clock.now()
     values = advanced_values(
         next_step=done[-1].step + 1, agent=agent, audit_seq=task.audit_seq, now=now
     )
+    if hand_off:
+        queue, patience = queued_lease()
+        values["lease_owner"] = queue
+        values["lease_expires_at"] = now + timedelta(seconds=patience)
     assignments = [f"{column} = %(set_{column})s" for column in values]
-    if hand_on:
+    if hand_on and not hand_off:
         assignments += [
             "lease_owner = ''",
             "lease_expires_at = NULL",

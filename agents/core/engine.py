@@ -47,7 +47,13 @@ from django.db.models.functions import Cast
 
 from agents import metrics
 from agents.core import children, clock, suspensions
-from agents.core.commit import ChainHead, StepRecord, steps_commit, worker_actor
+from agents.core.commit import (
+    ChainHead,
+    StepRecord,
+    steps_commit,
+    steps_commit_hand_off,
+    worker_actor,
+)
 from agents.core.dispatch import step_time_limits
 from agents.core.handoffs import step_hand_off
 from agents.core.leases import (
@@ -359,8 +365,17 @@ def _run(
                 _commit_part(task, fence, agent, done, chain)
             raise
         except HandOff as handoff:
-            if done and _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
-                return StepResult.STALE
+            if done:
+                # The steps before it and the hand-off in one transaction where it can.
+                payload = _handoff_payload(task, agent, handoff)
+                fused = steps_commit_hand_off(
+                    task_id, fence, agent, done, chain=chain, payload=payload
+                )
+                if fused == StepResult.COMMITTED:
+                    metrics.step_handed_off(agent=agent.name)
+                    return StepResult.HANDED_OFF
+                if _commit_part(task, fence, agent, done, chain) != StepResult.COMMITTED:
+                    return StepResult.STALE
             return _hand_off(task, ctx.step, fence, owner, agent, handoff)
         except Exception as exc:
             # The steps of this delivery before this one succeeded: keep them first.
@@ -394,13 +409,8 @@ def _hand_off(
     task: AgentTask, step: int, fence: int, owner: str, agent: Agent, handoff: HandOff
 ) -> StepResult:
     """End the delivery without a checkpoint, its wait handed to another process
-    (``agents.core.handoffs``). The payload gets ``deadline``: the time (``time.time()``)
-    by which the wait must end, the step's hard time limit or the task's deadline."""
-    _, hard = step_time_limits(agent)
-    deadline = time.time() + hard
-    if task.deadline is not None:
-        deadline = min(deadline, time.time() + (task.deadline - clock.now()).total_seconds())
-    payload = {**handoff.payload, "deadline": deadline}
+    (``agents.core.handoffs``)."""
+    payload = _handoff_payload(task, agent, handoff)
     try:
         handed = step_hand_off(
             task_id=task.pk, step=step, fence=fence, owner=owner, payload=payload
@@ -414,6 +424,16 @@ def _hand_off(
         return StepResult.STALE
     metrics.step_handed_off(agent=agent.name)
     return StepResult.HANDED_OFF
+
+
+def _handoff_payload(task: AgentTask, agent: Agent, handoff: HandOff) -> dict[str, Any]:
+    """The hand-off's payload with ``deadline``: the time (``time.time()``) by which the
+    wait must end, the step's hard time limit or the task's deadline."""
+    _, hard = step_time_limits(agent)
+    deadline = time.time() + hard
+    if task.deadline is not None:
+        deadline = min(deadline, time.time() + (task.deadline - clock.now()).total_seconds())
+    return {**handoff.payload, "deadline": deadline}
 
 
 def _commit_part(

@@ -42,7 +42,7 @@ from uuid import UUID
 
 import structlog
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
 
@@ -64,6 +64,28 @@ def queued_owner() -> str:
     return f"{QUEUED_OWNER_PREFIX}{settings.AGENTS['HANDOFF_QUEUE']}"
 
 
+def handoff_message(*, task_id: UUID, step: int, fence: int, payload: dict[str, Any]) -> None:
+    """Publish the hand-off of ``step`` (fenced by ``fence``) with ``payload``, confirmed;
+    ``Backpressure`` if the broker refuses. For use inside the transaction that passes
+    the lease to the queue (``queued_lease``)."""
+    handoff_publish(
+        body={
+            "task_id": str(task_id),
+            "step": step,
+            "fence": fence,
+            "payload": payload,
+            "published_at": time.time(),
+            "traceparent": tracing.current_traceparent(),
+        }
+    )
+
+
+def queued_lease() -> tuple[str, float]:
+    """``(lease owner, seconds)`` of a step waiting in the hand-off queue: the queue's
+    owner name and ``AGENTS_HANDOFF_PATIENCE``."""
+    return queued_owner(), float(settings.AGENTS["HANDOFF_PATIENCE"])
+
+
 def step_hand_off(
     *, task_id: UUID, step: int, fence: int, owner: str, payload: dict[str, Any]
 ) -> bool:
@@ -74,24 +96,13 @@ def step_hand_off(
     with transaction.atomic():
         # The update locks the row: the publish goes out before the commit (an outbox
         # without the table, as ``agents.core.dispatch`` does).
+        queue, patience = queued_lease()
         held = AgentTask.objects.filter(
             pk=task_id, fence=fence, lease_owner=owner, current_step=step
-        ).update(
-            lease_owner=queued_owner(),
-            lease_expires_at=clock.now() + timedelta(seconds=settings.AGENTS["HANDOFF_PATIENCE"]),
-        )
+        ).update(lease_owner=queue, lease_expires_at=clock.now() + timedelta(seconds=patience))
         if not held:
             return False
-        handoff_publish(
-            body={
-                "task_id": str(task_id),
-                "step": step,
-                "fence": fence,
-                "payload": payload,
-                "published_at": time.time(),
-                "traceparent": tracing.current_traceparent(),
-            }
-        )
+        handoff_message(task_id=task_id, step=step, fence=fence, payload=payload)
     return True
 
 
@@ -113,9 +124,7 @@ def handoff_claim(*, task_id: UUID, step: int, fence: int, holder: str) -> HandO
     now = clock.now()
     base = AgentTask.objects.filter(pk=task_id, current_step=step, fence=fence, status__in=RUNNABLE)
     # The common case in one statement: the lease is the queue's (or already ours).
-    if base.filter(Q(lease_owner__startswith=QUEUED_OWNER_PREFIX) | Q(lease_owner=holder)).update(
-        lease_owner=holder, lease_expires_at=now + timedelta(seconds=lease_ttl())
-    ):
+    if _claim_queued(task_id, step, fence, holder, now + timedelta(seconds=lease_ttl())):
         return HandOffClaim(True)
     row = base.values("lease_owner", "lease_expires_at").first()
     if row is None:
@@ -135,6 +144,54 @@ def handoff_claim(*, task_id: UUID, step: int, fence: int, holder: str) -> HandO
     expires = row["lease_expires_at"]
     wait = (expires - now).total_seconds() if expires is not None else 0.0
     return HandOffClaim(False, wait=max(min(wait, lease_ttl()), 0.1))
+
+
+def _claim_queued(task_id: UUID, step: int, fence: int, holder: str, expires: Any) -> bool:
+    """Take the lease if it is the queue's or ``holder``'s own, in one statement.
+
+    A hand-off is published inside the transaction that passes the lease to the queue,
+    and that transaction may also advance the task to ``step`` (a step committed with
+    the next one's hand-off, ``agents.core.commit``), so the message can arrive before
+    it commits. The UPDATE therefore also matches the row one step behind: the row is
+    locked, so it waits for that commit, and PostgreSQL evaluates the WHERE again on
+    the row as committed (READ COMMITTED, PostgreSQL manual 13.2.1); the CASEs change
+    nothing if the row is still behind (that transaction rolled back). Matching only
+    ``current_step = step``, it would see the old row, match nothing and not wait."""
+    if connection.vendor != "postgresql":
+        return bool(
+            AgentTask.objects.filter(
+                Q(lease_owner__startswith=QUEUED_OWNER_PREFIX) | Q(lease_owner=holder),
+                pk=task_id,
+                current_step=step,
+                fence=fence,
+                status__in=RUNNABLE,
+            ).update(lease_owner=holder, lease_expires_at=expires)
+        )
+    free = "(t.lease_owner LIKE %(queued)s OR t.lease_owner = %(holder)s)"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {AgentTask._meta.db_table} AS t
+               SET lease_owner = CASE WHEN t.current_step = %(step)s AND {free}
+                                      THEN %(holder)s ELSE t.lease_owner END,
+                   lease_expires_at = CASE WHEN t.current_step = %(step)s AND {free}
+                                           THEN %(expires)s ELSE t.lease_expires_at END
+             WHERE t.id = %(id)s AND t.fence = %(fence)s AND t.status = ANY(%(runnable)s)
+               AND ((t.current_step = %(step)s AND {free}) OR t.current_step = %(step)s - 1)
+         RETURNING t.current_step, t.lease_owner
+            """,
+            {
+                "id": task_id,
+                "step": step,
+                "fence": fence,
+                "holder": holder,
+                "expires": expires,
+                "queued": QUEUED_OWNER_PREFIX + "%",  # (the prefix has no wildcard)
+                "runnable": sorted(RUNNABLE),
+            },
+        )
+        row = cursor.fetchone()
+    return row is not None and row[0] == step and row[1] == holder
 
 
 def handoffs_renew(*, holder: str, held: list[tuple[UUID, int]]) -> set[UUID]:
