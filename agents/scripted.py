@@ -6,6 +6,9 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
 ==========================================  =============================================
 ``{"think": TEXT}``                         a reasoning step
 ``{"tool": NAME, "args": {...}}``           call a tool; its result reaches the next step
+                                            (a tool that needs approval, such as an MCP
+                                            tool marked destructive, is first put to a
+                                            person: a rejection fails the task)
 ``{"approval": REASON}``                    suspend until a person approves (options:
                                             ``timeout``, ``on_timeout``, ``on_reject``)
 ``{"wait_event": NAME}``                    suspend until the signal NAME (options:
@@ -24,6 +27,7 @@ A script that runs out without ``final`` finishes with the last tool result.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -114,7 +118,7 @@ class Scripted(Agent):
         if kind == "think":
             return Continue(state=state, reasoning=value)
         if kind == "tool":
-            return CallTools([ToolCall(value, entry.get("args", {}))], state=state)
+            return self._tool(ctx, value, entry.get("args", {}), state, last)
         if kind == "approval":
             return Suspend(
                 state=state,
@@ -144,6 +148,23 @@ class Scripted(Agent):
                 raise RetryableError(value)
             return Continue(state=state)
         return Finish(result=value, state=state)
+
+
+    def _tool(
+        self, ctx: StepContext, name: str, args: dict[str, Any], state: dict[str, Any], last: Any
+    ) -> Outcome:
+        """Call the tool, after a person's approval if it needs one (the approval is a
+        step of its own; the call follows in the next)."""
+        pc = state["pc"] - 1
+        tool = find_tool(name, owner_id=ctx.owner_id)
+        approved = ctx.state.get("approved") == pc and ctx.resumed is not None
+        if tool is not None and tool.needs_approval and not approved:
+            return Suspend(
+                state={"pc": pc, "last": last, "approved": pc},
+                approval=f"Run tool {name} with arguments {json.dumps(args, sort_keys=True)}?",
+                reasoning=f"tool {name} needs a person's approval",
+            )
+        return CallTools([ToolCall(name, args)], state=state)
 
 
 def _validate_entry(entry: Any, path: str) -> None:
