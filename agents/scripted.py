@@ -149,7 +149,6 @@ class Scripted(Agent):
             return Continue(state=state)
         return Finish(result=value, state=state)
 
-
     def _tool(
         self, ctx: StepContext, name: str, args: dict[str, Any], state: dict[str, Any], last: Any
     ) -> Outcome:

@@ -61,7 +61,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx2
@@ -74,7 +74,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult
+from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, RequestParamsMeta
 
 from agents_project.errors import (
     Conflict,
@@ -164,9 +164,7 @@ class McpTool(Tool):
         validator = jsonschema.Draft202012Validator(self.parameters_schema())
         error = jsonschema.exceptions.best_match(validator.iter_errors(args))
         if error is not None:
-            path = "".join(
-                f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-            )
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
             raise ToolArgumentError(self.name, f"args{path}", error.message)
         return args
 
@@ -270,7 +268,7 @@ def mcp_call(
 
     async def call(client: Client) -> CallToolResult:
         return await client.call_tool(
-            tool, dict(args), meta={"idempotency_key": idempotency_key}
+            tool, dict(args), meta=cast(RequestParamsMeta, {"idempotency_key": idempotency_key})
         )
 
     result: CallToolResult = _run(server, headers, f"calling {tool!r}", call)
@@ -281,7 +279,9 @@ def mcp_call(
         return result.structured_content
     if len(texts) == len(result.content) == 1:
         return texts[0]
-    return [block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content]
+    return [
+        block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content
+    ]
 
 
 def _outbound(server: ServerSpec) -> str:
@@ -315,9 +315,7 @@ def _as_tool(server: ServerSpec, spec: Mapping[str, Any]) -> McpTool:
 
     def call(ctx: ToolContext, args: dict[str, Any]) -> Any:
         headers = _headers(server, ctx.credential, name)
-        return mcp_call(
-            server, remote, args, headers=headers, idempotency_key=ctx.idempotency_key
-        )
+        return mcp_call(server, remote, args, headers=headers, idempotency_key=ctx.idempotency_key)
 
     return McpTool(
         name=name,
@@ -384,8 +382,9 @@ def _fresh_tools(server: McpServer, owner_id: int | None) -> list[dict[str, Any]
         headers = _owner_headers(spec, owner_id, field="headers")
         tools = mcp_list_tools(spec, headers=headers)
     except (PermanentError, RetryableError, InvalidInput) as exc:
-        logger.warning("MCP server's tool list could not be refreshed", server=server.name,
-                       error=str(exc))
+        logger.warning(
+            "MCP server's tool list could not be refreshed", server=server.name, error=str(exc)
+        )
         return list(server.tools)
     McpServer.objects.filter(pk=server.pk).update(tools=tools, discovered_at=timezone.now())
     return tools
@@ -434,7 +433,7 @@ def _owner_headers(server: ServerSpec, owner_id: int | None, *, field: str) -> d
     try:
         return _headers(server, ctx.credential, f"{PREFIX}{server.name}")
     except ToolArgumentError as exc:
-        raise InvalidInput(exc.message, field=field) from None
+        raise InvalidInput(str(exc), field=field) from None
 
 
 # No task has this id: ``task_credentials`` then returns only the owner's own credentials.
@@ -513,9 +512,7 @@ def mcp_server_add(
     if parsed and command is not None:
         raise InvalidInput("only an HTTP server has headers", field="headers")
     if approve not in McpServer.Approve.values:
-        raise InvalidInput(
-            f"must be one of {', '.join(McpServer.Approve.values)}", field="approve"
-        )
+        raise InvalidInput(f"must be one of {', '.join(McpServer.Approve.values)}", field="approve")
     seconds = settings.AGENTS["MCP_CALL_TIMEOUT"] if timeout is None else timeout
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         raise InvalidInput("must be a number of seconds", field="timeout")
@@ -541,8 +538,9 @@ def mcp_server_add(
                 spec, headers=_owner_headers(spec, owner_id, field="headers")
             )
         except (PermanentError, RetryableError) as exc:
-            raise InvalidInput(f"the server's tools could not be listed: {exc}",
-                               field=field_name) from None
+            raise InvalidInput(
+                f"the server's tools could not be listed: {exc}", field=field_name
+            ) from None
         server.discovered_at = timezone.now()
     try:
         with transaction.atomic():
@@ -594,8 +592,9 @@ def mcp_server_refresh(*, name: str, owner: User | None = None, actor: str) -> M
         headers = _owner_headers(spec, owner.pk if owner else None, field="headers")
         tools = mcp_list_tools(spec, headers=headers)
     except (PermanentError, RetryableError) as exc:
-        raise InvalidInput(f"the server's tools could not be listed: {exc}",
-                           field=field_name) from None
+        raise InvalidInput(
+            f"the server's tools could not be listed: {exc}", field=field_name
+        ) from None
     server.tools = tools
     server.discovered_at = timezone.now()
     server.save(update_fields=["tools", "discovered_at"])
@@ -626,4 +625,3 @@ def mcp_server_as_dict(server: McpServer) -> dict[str, Any]:
         "tools": [f"{PREFIX}{server.name}/{t['name']}" for t in server.tools],
         "discovered_at": server.discovered_at.isoformat() if server.discovered_at else None,
     }
-

@@ -96,7 +96,9 @@ def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
     many = len(calls) > 1
     tools = [find_tool(call.name, owner_id=run.owner_id) for call in calls]
     keys = [_key(run, index) for index in range(len(calls))]
-    recorded = _recorded([k for k, t in zip(keys, tools, strict=True) if t and (t.recorded or many)])
+    recorded = _recorded(
+        [k for k, t in zip(keys, tools, strict=True) if t and (t.recorded or many)]
+    )
 
     def attempt(index: int) -> _Outcome:
         tool = tools[index]
@@ -240,8 +242,9 @@ def _call(
         )
         if not recorded.ok:
             raise ToolFailed(recorded.error)
-        return ToolResult(name=tool.name, args=redact(args, secrets=secrets), ok=True,
-                          value=recorded.value)
+        return ToolResult(
+            name=tool.name, args=redact(args, secrets=secrets), ok=True, value=recorded.value
+        )
     transitions: list[Transition] = []
     started = time.monotonic()
     try:

@@ -42,7 +42,11 @@ def _log(tool: str, args: dict[str, Any], ctx: Context) -> None:
     request = ctx.request_context.request
     headers = getattr(request, "headers", {}) or {}
     meta = ctx.request_context.meta or {}
-    key = meta.get("idempotency_key") if isinstance(meta, dict) else getattr(meta, "idempotency_key", None)
+    key = (
+        meta.get("idempotency_key")
+        if isinstance(meta, dict)
+        else getattr(meta, "idempotency_key", None)
+    )
     line = {
         "tool": tool,
         "args": args,

@@ -148,8 +148,13 @@ def test_http_server_with_each_owners_credential_as_its_header(
 ):
     with http_server(tmp_path) as server:
         call_command(
-            "mcp_servers", "add", "tracker", "--url", server.url,
-            "--header", "Authorization=tracker_token",
+            "mcp_servers",
+            "add",
+            "tracker",
+            "--url",
+            server.url,
+            "--header",
+            "Authorization=tracker_token",
         )
         # A credential is bound to host names, not addresses: bound to any host here.
         for owner, token in ((user, "Bearer alice-secret"), (other_user, "Bearer bob-secret")):
