@@ -7,6 +7,7 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from agents.api.mcp_servers import McpServerViewSet
 from agents.api.views import (
     BreakerListView,
     DeadLetterViewSet,
@@ -18,6 +19,7 @@ from agents.api.views import (
 router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
 router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
+router.register("mcp-servers", McpServerViewSet, basename="mcp-server")
 
 urlpatterns = [
     *router.urls,
