@@ -86,9 +86,7 @@ class McpServerViewSet(viewsets.ViewSet):
             McpServerSerializer(mcp_server_as_dict(server)).data, status=status.HTTP_201_CREATED
         )
 
-    @extend_schema(
-        summary="Remove an MCP server of your own", responses={204: None, **errors(404)}
-    )
+    @extend_schema(summary="Remove an MCP server of your own", responses={204: None, **errors(404)})
     def destroy(self, request: Request, name: str) -> Response:
         mcp_server_remove(name=name, owner=request.user, actor=user_actor(request.user))
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -43,9 +43,7 @@ def test_an_owner_registers_lists_and_removes_their_own_http_server(
 
 
 def test_stdio_servers_and_refused_urls_are_not_registered_from_the_api(api):
-    command = api.post(
-        "/api/mcp-servers/", {"name": "x", "command": "rm -rf /"}, format="json"
-    )
+    command = api.post("/api/mcp-servers/", {"name": "x", "command": "rm -rf /"}, format="json")
     assert command.status_code == 400
     assert command.json()["field"] == "command"
     loopback = api.post(
