@@ -349,19 +349,12 @@ def _visible(owner_id: int | None, name: str) -> tuple[ServerSpec | None, list[d
     cached = _rows.get(key)
     if cached is not None and cached[0] > time.monotonic():
         return cached[1], cached[2]
-    server = (
-        McpServer.objects.filter(Q(owner__isnull=True) | Q(owner_id=owner_id), name=name)
-        .order_by("owner_id")  # NULLS LAST in PostgreSQL and SQLite: the owner's first
-        .first()
-        if owner_id is not None
-        else McpServer.objects.filter(owner__isnull=True, name=name).first()
-    )
+    # The owner's own server of that name wins over the deployment's.
+    candidates = McpServer.objects.filter(Q(owner__isnull=True) | Q(owner_id=owner_id), name=name)
+    server = min(candidates, key=lambda s: s.owner_id is None, default=None)
     spec: ServerSpec | None = None
     tools: list[dict[str, Any]] = []
     if server is not None:
-        if server.owner_id is None and owner_id is not None:
-            own = McpServer.objects.filter(owner_id=owner_id, name=name).first()
-            server = own or server
         tools = _fresh_tools(server, owner_id)
         spec = ServerSpec.of(server)
     _rows[key] = (time.monotonic() + settings.AGENTS["MCP_CACHE_SECONDS"], spec, tools)
