@@ -60,3 +60,44 @@ def test_a_worker_killed_between_the_calls_of_a_reply_reruns_only_the_unrecorded
     assert [e.payload.get("reused", False) for e in results] == [True, False, False]
     assert AuditEvent.objects.filter(task=task, type="worker_lost", step=1).exists()
     assert ToolCallRecord.objects.filter(task=task).count() == 3
+
+
+def test_read_only_calls_in_flight_together_when_the_worker_dies_run_again_only_unrecorded(
+    workers, user, chat, tmp_path, settings
+):
+    """Three read-only calls run at once (the server holds each until all three are in
+    flight); the worker dies right after the first result is recorded. Each call is then
+    requested exactly once more if it was not recorded before the death, never if it was."""
+    settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": ["127.0.0.1"]}
+    fired = tmp_path / "fired"
+    with http_server(tmp_path) as server:
+        mcp_server_add(name="index", url=server.url, actor="test")
+        chat.script = [
+            {"tool_calls": [{"name": "mcp__index__gather", "arguments": {"n": 3}}] * 3},
+            {"content": "gathered"},
+        ]
+        env = llm_env(chat, AGENTS_OUTBOUND_ALLOW="127.0.0.1", AGENTS_TOOL_CONCURRENCY="3")
+        workers.start(
+            concurrency=1,
+            AGENTS_FAULT_INJECTION="tool_recorded@1",
+            AGENTS_FAULT_ONCE_FILE=str(fired),
+            **env,
+        )
+        task = start(user, tools=["mcp:index/gather"])
+        wait_until(fired.exists, timeout=60)
+        workers.kill(0)
+        workers.start(concurrency=1, **env)
+        task = wait_until(lambda: ended(task), timeout=120)
+        calls = server.calls("gather")
+
+    assert task.status == TaskStatus.COMPLETED, task.error
+    records = {r.idempotency_key for r in ToolCallRecord.objects.filter(task=task)}
+    assert sorted(records) == [f"{task.pk}:1:{i}" for i in range(3)]
+    # A call recorded before the death is reused by the step's second run (its
+    # tool_result says so); the others were requested again.
+    results = AuditEvent.objects.filter(task=task, type="tool_result", step=1)
+    reused = {f"{task.pk}:1:{e.payload['call_index']}" for e in results if e.payload.get("reused")}
+    assert reused  # the death came after a recording
+    requested = [c["idempotency_key"] for c in calls]
+    for key in records:
+        assert requested.count(key) == (1 if key in reused else 2), (key, requested)
