@@ -174,9 +174,12 @@ def test_http_server_with_each_owners_credential_as_its_header(
         "Bearer alice-secret",
         "Bearer bob-secret",
     ]
+    # whoami answers with the header it got: the trail shows it masked, never the value.
     for task in tasks:
         trail = json.dumps(list(AuditEvent.objects.filter(task=task).values("payload")))
-        assert "secret" not in trail or "[redacted]" in trail
+        assert "alice-secret" not in trail and "bob-secret" not in trail
+        assert "[redacted]" in trail
+        assert "secret" not in json.dumps(AgentTask.objects.get(pk=task.pk).result)
 
 
 def test_a_recorded_call_is_never_requested_twice(user, loopback, tmp_path):
