@@ -61,10 +61,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import anyio
-import httpx2
 import jsonschema
 import structlog
 from django.conf import settings
@@ -72,9 +70,6 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
-from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, RequestParamsMeta
 
 from agents_project.errors import (
     Conflict,
@@ -89,6 +84,10 @@ from tools.credentials import task_credentials
 from tools.models import McpServer
 from tools.outbound import OutboundRefused, outbound_check
 from tools.registry import Tool, ToolContext, ToolFailed, register_namespace
+
+if TYPE_CHECKING:
+    from mcp import Client
+    from mcp_types import CallToolResult
 
 logger = structlog.get_logger(__name__)
 
@@ -173,6 +172,12 @@ class McpTool(Tool):
 
 
 def _client(server: ServerSpec, headers: Mapping[str, str]) -> Client:
+    # The SDK is imported on first use: it takes seconds, which every process (a
+    # management command, the web process) would pay at start-up otherwise.
+    import httpx2
+    from mcp import Client, StdioServerParameters
+    from mcp.client.streamable_http import streamable_http_client
+
     if server.command:
         params = StdioServerParameters(command=server.command[0], args=list(server.command[1:]))
         return Client(params, read_timeout_seconds=server.timeout)
@@ -185,6 +190,9 @@ def _client(server: ServerSpec, headers: Mapping[str, str]) -> Client:
 def _run(server: ServerSpec, headers: Mapping[str, str], what: str, work: Any) -> Any:
     """Run ``work(client)`` in a session of its own, within the server's timeout; map
     what goes wrong to ``McpUnavailable`` (transport) or ``PermanentError`` (an answer)."""
+    import anyio
+    from mcp import MCPError
+    from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
     async def session() -> Any:
         with anyio.fail_after(server.timeout):
@@ -265,6 +273,7 @@ def mcp_call(
     if it gave one, else its text (one text block), else the content blocks. Raises
     ``McpToolError`` if the server answered with an error result, ``McpUnavailable``
     for a transport failure or time-out, ``PermanentError`` for a protocol refusal."""
+    from mcp_types import RequestParamsMeta
 
     async def call(client: Client) -> CallToolResult:
         return await client.call_tool(
