@@ -272,8 +272,12 @@ def mcp_call(
     """Call ``tool`` on the server and return its result as JSON: the structured content
     if it gave one, else its text (one text block), else the content blocks. Raises
     ``McpToolError`` if the server answered with an error result, ``McpUnavailable``
-    for a transport failure or time-out, ``PermanentError`` for a protocol refusal."""
+    for a transport failure or time-out, ``PermanentError`` for a protocol refusal, and
+    ``OutboundRefused`` (before anything is sent) for a URL the outbound policy refuses."""
     from mcp_types import RequestParamsMeta
+
+    if server.url:
+        _outbound(server)
 
     async def call(client: Client) -> CallToolResult:
         return await client.call_tool(

@@ -246,3 +246,23 @@ def test_mcp_servers_list_and_remove(user, capsys):
     assert McpServer.objects.count() == 0
     with pytest.raises(CommandError, match="name: no MCP server"):
         call_command("mcp_servers", "remove", "time", "--owner", "alice")
+
+
+def test_each_call_passes_the_outbound_policy_and_a_rejected_destructive_call_is_never_made(
+    user, loopback, tmp_path, settings
+):
+    with http_server(tmp_path) as server:
+        mcp_server_add(name="store", url=server.url, actor="test")
+        erase = scripted(user, {"tool": "mcp:store/erase", "args": {"key": "k"}})
+        run_until_idle()
+        task_approve(task_id=erase.pk, approved=False, user=user, comment="keep it")
+        erase = finished(erase)
+        # The deployment stops allowing the server's address: its next call is refused.
+        settings.AGENTS = {**settings.AGENTS, "OUTBOUND_ALLOW": []}
+        echo = finished(scripted(user, {"tool": "mcp:store/echo", "args": {"text": "hi"}}))
+        calls = server.calls()
+    assert erase.status == "failed"
+    assert echo.status == "failed"
+    assert "non-public address" in echo.error
+    assert [c["tool"] for c in calls] == []  # neither call reached the server
+    assert ToolCallRecord.objects.count() == 0
