@@ -6,6 +6,11 @@ credentials, called through its circuit breaker if it has one (``tools.breakers`
 recorded as a ``tool_call`` and a ``tool_result`` audit event (with a ``breaker`` event
 between them when the call changed its breaker's state).
 
+The calls of one step may run at the same time (``tools_run``: bounded by
+``AGENTS_TOOL_CONCURRENCY``), and a call's result may be recorded under its idempotency
+key (``ToolCallRecord``) so that a step that runs again never asks for it twice (every
+MCP tool, every call of a step with several).
+
 The task's credentials never leave the tool run: while tools run they are masked in
 every log line, and the run masks them in everything it hands back to the engine (the
 events, the results that become checkpoint observations, and the exception of a failed
