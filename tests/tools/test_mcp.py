@@ -266,3 +266,14 @@ def test_each_call_passes_the_outbound_policy_and_a_rejected_destructive_call_is
     assert "non-public address" in echo.error
     assert [c["tool"] for c in calls] == []  # neither call reached the server
     assert ToolCallRecord.objects.count() == 0
+
+
+def test_the_admin_lists_servers_and_their_tools_and_adds_none(admin_client, user):
+    server = mcp_server_add(name="time", command=TIME_SERVER, owner=user, actor="test")
+    listing = admin_client.get("/admin/tools/mcpserver/")
+    detail = admin_client.get(f"/admin/tools/mcpserver/{server.pk}/change/")
+    for response in (listing, detail):
+        assert response.status_code == 200
+        assert "time" in response.content.decode()
+    assert "get_current_time" in detail.content.decode()
+    assert admin_client.get("/admin/tools/mcpserver/add/").status_code == 403
