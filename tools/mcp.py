@@ -54,8 +54,10 @@ connection's start-up per call.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -175,16 +177,23 @@ def _client(server: ServerSpec, headers: Mapping[str, str]) -> Client:
     # The SDK is imported on first use: it takes seconds, which every process (a
     # management command, the web process) would pay at start-up otherwise.
     import httpx2
-    from mcp import Client, StdioServerParameters
+    from mcp import Client, StdioServerParameters, stdio_client
     from mcp.client.streamable_http import streamable_http_client
 
     if server.command:
         params = StdioServerParameters(command=server.command[0], args=list(server.command[1:]))
-        return Client(params, read_timeout_seconds=server.timeout)
+        # The server's stderr goes to the process's own (a worker's log), not to
+        # sys.stderr: Celery replaces that with a logging proxy that has no file number.
+        errlog = sys.__stderr__ if sys.__stderr__ is not None else _devnull()
+        return Client(stdio_client(params, errlog=errlog), read_timeout_seconds=server.timeout)
     http = httpx2.AsyncClient(headers=dict(headers), timeout=server.timeout, trust_env=False)
     return Client(
         streamable_http_client(server.url, http_client=http), read_timeout_seconds=server.timeout
     )
+
+
+def _devnull() -> Any:
+    return open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
 
 
 def _run(server: ServerSpec, headers: Mapping[str, str], what: str, work: Any) -> Any:

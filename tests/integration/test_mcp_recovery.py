@@ -11,9 +11,27 @@ from agents.models import TaskStatus
 from audit.models import AuditEvent
 from tests.helpers import wait_until
 from tests.integration.llm_helpers import ended, llm_env, start
-from tests.tools.mcp_servers import http_server
+from tests.tools.mcp_servers import TIME_SERVER, http_server
 from tools.mcp import mcp_server_add
 from tools.models import ToolCallRecord
+
+
+def test_a_real_worker_calls_a_stdio_server(workers, user):
+    """A worker (whose sys.stderr Celery replaced with a logging proxy) starts the
+    reference time server over stdio for the call."""
+    from agents.services import task_start
+
+    mcp_server_add(name="time", command=TIME_SERVER, actor="test")
+    workers.start(concurrency=1)
+    task, _ = task_start(
+        owner=user,
+        agent="scripted",
+        input={"script": [{"tool": "mcp:time/get_current_time", "args": {"timezone": "UTC"}}]},
+    )
+    task = wait_until(lambda: ended(task), timeout=90)
+    assert task.status == TaskStatus.COMPLETED, task.error
+    assert task.result["timezone"] == "UTC"
+
 
 pytestmark = pytest.mark.integration
 
