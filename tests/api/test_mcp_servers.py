@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from tests.tools.conftest import _forget_breakers
 from tests.tools.mcp_servers import TIME_SERVER, http_server
 from tools.mcp import mcp_cache_clear, mcp_server_add
 from tools.models import McpServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers():
+    """No breaker state from another test in, none of this one's out (the healthcheck
+    of later tests reads every breaker)."""
+    _forget_breakers()
+    yield
+    _forget_breakers()
 
 
 @pytest.fixture(autouse=True)

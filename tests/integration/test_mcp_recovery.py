@@ -11,6 +11,7 @@ from agents.models import TaskStatus
 from audit.models import AuditEvent
 from tests.helpers import wait_until
 from tests.integration.llm_helpers import ended, llm_env, start
+from tests.tools.conftest import _forget_breakers
 from tests.tools.mcp_servers import TIME_SERVER, http_server
 from tools.mcp import mcp_server_add
 from tools.models import ToolCallRecord
@@ -34,6 +35,15 @@ def test_a_real_worker_calls_a_stdio_server(workers, user):
 
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers():
+    """No breaker state from another test in, none of this one's out (the healthcheck
+    of later tests reads every breaker)."""
+    _forget_breakers()
+    yield
+    _forget_breakers()
 
 
 def test_a_worker_killed_between_the_calls_of_a_reply_reruns_only_the_unrecorded(

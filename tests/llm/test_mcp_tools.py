@@ -16,11 +16,21 @@ from audit.models import AuditEvent
 from llm.models import Message
 from llm.step import wire_name
 from tests.helpers import run_until_idle
+from tests.tools.conftest import _forget_breakers
 from tests.tools.mcp_servers import http_server
 from tools.mcp import mcp_cache_clear, mcp_server_add
 from tools.models import ToolCallRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers():
+    """No breaker state from another test in, none of this one's out (the healthcheck
+    of later tests reads every breaker)."""
+    _forget_breakers()
+    yield
+    _forget_breakers()
 
 
 @pytest.fixture(autouse=True)
