@@ -8,7 +8,10 @@ same public API as any user's agent. Input: ``{"script": [STEP, ...]}``, each ST
 ``{"tool": NAME, "args": {...}}``           call a tool; its result reaches the next step
                                             (option ``approve``: a question; a person
                                             then approves, edits, answers or rejects
-                                            the call first, ``on_reject`` as below)
+                                            the call first, ``on_reject`` as below; a
+                                            tool that needs approval, such as an MCP
+                                            tool marked destructive, is put to a
+                                            person without one)
 ``{"approval": REASON}``                    suspend until a person approves (options:
                                             ``timeout``, ``on_timeout``, ``on_reject``)
 ``{"wait_event": NAME}``                    suspend until the signal NAME (options:
@@ -34,6 +37,7 @@ that fails fails the script's task once the join can no longer hold
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -174,12 +178,17 @@ class Scripted(Agent):
 
 
 def _tool_step(ctx: StepContext, entry: dict[str, Any], state: dict[str, Any]) -> Outcome:
-    """A tool step; with ``approve``, first a wait for a person's decision on the call
+    """A tool step; with ``approve`` (or a tool that needs approval: an MCP tool marked
+    destructive, ``Tool.needs_approval``), first a wait for a person's decision on the call
     (the step after it sees the decision: ``agents.definition.Resumption``). A
     ``respond`` is the call's result, as a tool's would be; a rejection the agent
     handles (``on_reject: continue``) gives ``{"rejected": COMMENT}``."""
     call = ToolCall(entry["tool"], entry.get("args", {}))
     question = entry.get("approve")
+    tool = find_tool(call.name, owner_id=ctx.owner_id)
+    if question is None and tool is not None and tool.needs_approval:
+        args = json.dumps(call.args, sort_keys=True)
+        question = f"Run tool {call.name} with arguments {args}?"
     if question is None:
         return CallTools([call], state=state)
     pc = state["pc"] - 1

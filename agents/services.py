@@ -29,6 +29,7 @@ from agents_project.errors import InvalidInput, NotFound
 from agents_project.validation import json_value_check
 from audit.models import EventType
 from audit.services import AuditBatch, user_actor
+from tools.registry import tool_owner
 
 MAX_IDEMPOTENCY_KEY = 200
 
@@ -67,7 +68,8 @@ def task_start(
         raise InvalidInput("must be the name of an agent", field="agent")
     definition = get_agent(agent)
     json_value_check(input, field="input")
-    definition.validate_input(input)
+    with tool_owner(owner.pk):  # the tools this owner's tasks may name (its MCP servers)
+        definition.validate_input(input)
     if idempotency_key is not None and (
         not isinstance(idempotency_key, str)
         or not idempotency_key
@@ -151,7 +153,8 @@ def tasks_start(
     for index, input in enumerate(inputs):
         try:
             json_value_check(input, field="input")
-            definition.validate_input(input)
+            with tool_owner(owner.pk):
+                definition.validate_input(input)
         except InvalidInput as exc:
             field = exc.field or "input"
             rest = field[len("input") :] if field.startswith("input") else f".{field}"

@@ -273,6 +273,15 @@ AGENTS = {
     # Largest response body a tool's HTTP call reads, in bytes, and redirects followed.
     "OUTBOUND_MAX_BYTES": env.int("AGENTS_OUTBOUND_MAX_BYTES", default=1024 * 1024),
     "OUTBOUND_MAX_REDIRECTS": env.int("AGENTS_OUTBOUND_MAX_REDIRECTS", default=5),
+    # MCP tool servers (tools/mcp.py): seconds a call may take unless the server says
+    # (mcp_servers add --timeout), seconds a discovered tool list is used before it is
+    # read again (0: until mcp_servers refresh), seconds a process keeps the server rows
+    # it read (a change reaches every worker within this).
+    "MCP_CALL_TIMEOUT": env.float("AGENTS_MCP_CALL_TIMEOUT", default=30.0),
+    "MCP_TOOLS_TTL": env.float("AGENTS_MCP_TOOLS_TTL", default=3600.0),
+    "MCP_CACHE_SECONDS": env.float("AGENTS_MCP_CACHE_SECONDS", default=10.0),
+    # Tool calls of one step (a model's reply) that run at the same time, at most.
+    "TOOL_CONCURRENCY": env.int("AGENTS_TOOL_CONCURRENCY", default=4),
     # Quotas of the kv.set tool per owner: bytes of one value, keys over all scopes.
     "KV_MAX_VALUE_BYTES": env.int("AGENTS_KV_MAX_VALUE_BYTES", default=64 * 1024),
     "KV_MAX_KEYS": env.int("AGENTS_KV_MAX_KEYS", default=1000),

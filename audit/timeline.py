@@ -56,6 +56,14 @@ def describe(event: AuditEvent) -> str:
     if t == EventType.APPROVAL_DECIDED:
         verdict = "approved" if p.get("approved") else "rejected"
         comment = f": {p['comment']}" if p.get("comment") else ""
+        if p.get("decision") == "edit":
+            changes = ", ".join(
+                f"{c.get('op')} {c.get('path')}" + (f" = {c['value']!r}" if "value" in c else "")
+                for c in p.get("diff") or ()
+            )
+            return f"edited by {event.actor} ({changes}){comment}"
+        if p.get("decision") == "respond":
+            return f"answered by {event.actor} instead of running {p.get('tool')}{comment}"
         return f"{verdict} by {event.actor}{comment}"
     if t == EventType.STEP_FAILED:
         retry = f", retry in {p['retry_in_seconds']} s" if "retry_in_seconds" in p else ""

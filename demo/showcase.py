@@ -41,7 +41,8 @@ from audit.services import process_actor
 from audit.timeline import describe, render
 from llm.selectors import task_messages, task_usage
 from llm.testing.chat_server import ChatServer
-from tools.models import LedgerEntry
+from tools.mcp import mcp_server_add
+from tools.models import LedgerEntry, McpServer
 
 SCRIPT = [
     {"think": "Customer 42 returns 3 items bought at 19.99 each, with 8% sales tax."},
@@ -91,9 +92,54 @@ def _scripted_model(body: dict[str, Any]) -> dict[str, Any]:
     return {"content": "Refunded 64.77 to customer 42 and recorded it once."}
 
 
-def demo_run(*, out: Out, llm: bool = False) -> AgentTask:
+# The supervisor (``bin/demo --supervisor``): it fans out to two specialists and waits
+# for both, holding no worker. One records the refund, after a manager's approval of
+# the ledger call, which the demo's manager edits (the receipt number goes into the
+# key); the other asks the reference MCP time server (``mcp-server-time``, over stdio)
+# for the time in Berlin, to stamp the receipt.
+SUPERVISOR = [
+    {"think": "Customer 42's refund: one specialist records it, another stamps the receipt."},
+    {
+        "spawn": [
+            {
+                "agent": "scripted",
+                "input": {
+                    "script": [
+                        {"tool": "calc", "args": {"expression": "3 * 19.99 * 1.08"}},
+                        {
+                            "tool": "ledger.append",
+                            "args": {"key": "refund:customer-42", "value": 64.77},
+                            "approve": "Record the refund of 64.77 for customer 42?",
+                        },
+                        {"final": "Refund of 64.77 recorded."},
+                    ]
+                },
+            },
+            {
+                "agent": "scripted",
+                "input": {
+                    "script": [
+                        {
+                            "tool": "mcp:time/get_current_time",
+                            "args": {"timezone": "Europe/Berlin"},
+                        }
+                    ]
+                },
+            },
+        ],
+        "join": "all",
+    },
+    {"final": "Customer 42 refunded; the receipt is stamped. Both specialists reported."},
+]
+# The manager's edit of the ledger call: the receipt number goes into the key.
+EDITED_ARGS = {"key": "refund:customer-42:receipt-7781", "value": 64.77}
+
+
+def demo_run(*, out: Out, llm: bool = False, supervisor: bool = False) -> AgentTask:
     """Run (or resume) the demo task to its end, narrating it through ``out``; with
-    ``llm``, the ``llm`` agent's run instead.
+    ``llm``, the ``llm`` agent's run instead; with ``supervisor``, a supervisor that
+    fans out to two child tasks (one using an MCP tool, one needing an approval that
+    the demo's manager edits) and the joint timeline of the three.
 
     ``KeyboardInterrupt`` propagates once the worker is stopped; the task is left where
     it was, and the next run resumes it.
@@ -101,7 +147,19 @@ def demo_run(*, out: Out, llm: bool = False) -> AgentTask:
     with _logs_to(settings.VAR_DIR / "demo.log"):
         if llm:
             return _with_model_server(out)
+        if supervisor:
+            _time_server_register(out)
+            return _demo(out, agent="scripted", input={"script": SUPERVISOR}, env={})
         return _demo(out, agent="scripted", input={"script": SCRIPT}, env={})
+
+
+def _time_server_register(out: Out) -> None:
+    """Register the reference MCP time server (stdio) for the deployment, once."""
+    call_command("migrate", verbosity=0)
+    if not McpServer.objects.filter(name="time", owner=None).exists():
+        command = f"{sys.executable} -m mcp_server_time --local-timezone UTC"
+        mcp_server_add(name="time", command=command, actor=process_actor("demo"))
+        out(f"Registered the MCP server 'time' (stdio: {command})")
 
 
 @contextlib.contextmanager
@@ -235,13 +293,33 @@ def _follow(task: AgentTask, manager, out: Out, deltas: _Deltas | None = None) -
         if task.status in FINAL or task.status == TaskStatus.DEAD_LETTERED:
             return task
         if task.status == TaskStatus.SUSPENDED:
-            out("  (the demo plays the manager and approves)")
-            task_approve(
-                task_id=task.pk, user=manager, approved=True, comment="ok, receipt checked"
-            )
+            _decide(task, manager, out)
+        for child in AgentTask.objects.filter(parent=task, status=TaskStatus.SUSPENDED):
+            _decide(child, manager, out, label=f"child {child.spawn_index}")
         time.sleep(0.1)
     out(f"The task did not finish within {TIME_LIMIT:g} s; see the worker log.")
     return task
+
+
+def _decide(task: AgentTask, manager, out: Out, *, label: str = "") -> None:
+    """Play the manager on a task waiting for approval: the ledger call of the
+    supervisor's refund is edited (``EDITED_ARGS``), anything else approved."""
+    suspension = task.suspensions.filter(resolved_at__isnull=True).first()
+    if suspension is None or suspension.kind != "approval":
+        return  # waiting on its children, an event or a timer: nothing to decide
+    who = f" of {label}" if label else ""
+    if suspension.tool_name == "ledger.append" and task.parent_id is not None:
+        out(f"  (the demo plays the manager and edits the ledger call{who}: {EDITED_ARGS})")
+        task_approve(
+            task_id=task.pk,
+            user=manager,
+            decision="edit",
+            args=EDITED_ARGS,
+            comment="key the refund by the receipt",
+        )
+        return
+    out(f"  (the demo plays the manager and approves{who})")
+    task_approve(task_id=task.pk, user=manager, approved=True, comment="ok, receipt checked")
 
 
 def _summary(task: AgentTask, out: Out) -> None:
@@ -266,6 +344,28 @@ def _summary(task: AgentTask, out: Out) -> None:
             )
             text = " ".join(message.content.split())[:160]
             out(f"  {message.seq:>2} {message.role:<9} {text}{'  -> ' + calls if calls else ''}")
+    children = list(AgentTask.objects.filter(parent=task).order_by("spawn_index"))
+    if children:
+        _joint_timeline(task, children, out)
+        return
     out("")
     out("Timeline (python manage.py audit <task id> prints it again):")
     out(render(audit_events(task_id=task.pk)))
+
+
+def _joint_timeline(task: AgentTask, children: list[AgentTask], out: Out) -> None:
+    """The supervisor's and its children's audit events, in time order, each line
+    naming its task."""
+    names = {task.pk: "supervisor"} | {c.pk: f"child {c.spawn_index}" for c in children}
+    for child in children:
+        out(f"Child {child.spawn_index} {child.pk}: {child.status}, result {child.result!r}")
+    ledger = LedgerEntry.objects.filter(task__in=children).values_list("key", flat=True)
+    out(f"Ledger rows written by the children: {list(ledger)}")
+    events = [e for t in [task, *children] for e in audit_events(task_id=t.pk)]
+    out("")
+    out("Joint timeline (python manage.py audit <task id> prints each task's):")
+    for event in sorted(events, key=lambda e: (e.created_at, e.seq)):
+        when = event.created_at.strftime("%H:%M:%S.%f")[:-3]
+        step = "" if event.step is None else f"step {event.step}"
+        who = names[event.task_id]
+        out(f"  {when}  {who:<10} {step:<8} {event.type:<16} {describe(event)}")

@@ -42,9 +42,10 @@ def agent_tool(name: str) -> Tool | None:
     )
 
 
-def tool_find(name: str) -> Tool | None:
-    """A registered tool, or an agent tool (``agent:<name>``); None if neither."""
-    return find_tool(name) or agent_tool(name)
+def tool_find(name: str, *, owner_id: int | None = None) -> Tool | None:
+    """A registered tool (an MCP tool as ``owner_id``'s tasks see it), or an agent tool
+    (``agent:<name>``); None if neither."""
+    return find_tool(name, owner_id=owner_id) or agent_tool(name)
 
 
 def is_agent_tool(name: str) -> bool:

@@ -33,6 +33,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -110,6 +111,8 @@ from llm.services import (
 from llm.streaming import delta_payload, delta_publish
 from tools.registry import Tool
 
+MCP_PREFIX = "mcp:"
+
 
 class StepHooks(Protocol):
     """What a step asks of its agent (``llm.agent.LLMAgent`` has all of it)."""
@@ -159,12 +162,29 @@ class Reply:
 
 
 def wire_name(name: str) -> str:
-    """A tool's name as a function name servers accept (letters, digits, _ and -)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    """A tool's name as a function name servers accept (``^[a-zA-Z0-9_-]{1,64}$``).
+
+    A built-in tool's other characters become ``_`` (``ledger.append`` ->
+    ``ledger_append``). An MCP tool ``mcp:<server>/<tool>`` becomes
+    ``mcp__<server>__<tool>`` (server names have no ``_``, so the first ``__`` after
+    the prefix ends the server's); a tool name with other characters, or a result
+    longer than 64, keeps a readable prefix and ends with ``_`` and 8 hex digits of
+    the name's SHA-256, so two tools never share a wire name. The way back is the
+    task's own tool list (``LLMStep._pending``), never parsing."""
+    if not name.startswith(MCP_PREFIX):
+        return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    server, _, tool = name[len(MCP_PREFIX) :].partition("/")
+    wire = f"mcp__{server}__{tool}"
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", wire):
+        return wire
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", wire)[:55]
+    return f"{readable}_{digest}"
 
 
 def tool_schema(tool: Tool) -> dict[str, Any]:
-    """The chat-completions ``tools`` entry of ``tool``, from its argument specs."""
+    """The chat-completions ``tools`` entry of ``tool``: its wire name, description and
+    the JSON Schema of its arguments (an MCP tool's own ``inputSchema``)."""
     return {
         "type": "function",
         "function": {
@@ -391,7 +411,7 @@ class LLMStep:
         name = allowed.get(wire) or (wire if wire in self.settings.tools else None)
         entry: dict[str, Any] = {"id": call.get("id") or f"call_{self.ctx.step}_{index}"}
         entry.update(name=name or wire, args={}, status="done")
-        tool = tool_find(name) if name else None
+        tool = tool_find(name, owner_id=self.ctx.owner_id) if name else None
         if tool is None:
             entry["result"] = f"error: no tool {wire!r}; the tools are {sorted(allowed)}"
             return entry
@@ -412,11 +432,14 @@ class LLMStep:
             except InvalidInput as exc:
                 entry["result"] = f"error: {exc.field}: {exc.message}"
                 return entry
-        entry["status"] = "approve" if name in self.settings.approve_tools else "run"
+        # Asked for by the task, or by the tool itself (an MCP tool marked destructive).
+        approve = name in self.settings.approve_tools or tool.needs_approval
+        entry["status"] = "approve" if approve else "run"
         return entry
 
     def _reply(self, config: ModelConfig) -> tuple[ChatReply, ModelCall] | Outcome:
-        tools = [tool_schema(t) for n in self.settings.tools if (t := tool_find(n))]
+        owner = self.ctx.owner_id
+        tools = [tool_schema(t) for n in self.settings.tools if (t := tool_find(n, owner_id=owner))]
         base = f"{self.ctx.task_id}:{self.ctx.step}"
         limits = self.limits
         for attempt in (1, 2):

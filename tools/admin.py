@@ -11,7 +11,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from tools.models import Credential
+from tools.models import Credential, McpServer
 
 
 @admin.register(Credential)
@@ -22,6 +22,44 @@ class CredentialAdmin(admin.ModelAdmin):
     fields = ("name", "owner", "task", "created_at", "updated_at")
     readonly_fields = fields
     list_select_related = ("owner",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(McpServer)
+class McpServerAdmin(admin.ModelAdmin):
+    """MCP servers: listed and removed here; added with ``manage.py mcp_servers add``
+    (or ``/api/mcp-servers/``), which checks the server and lists its tools first."""
+
+    list_display = ("name", "owner", "transport", "approve", "tool_count", "discovered_at")
+    list_filter = ("owner",)
+    search_fields = ("name", "owner__username", "url")
+    fields = (
+        "name",
+        "owner",
+        "command",
+        "url",
+        "headers",
+        "approve",
+        "timeout",
+        "tools",
+        "discovered_at",
+        "created_at",
+    )
+    readonly_fields = fields
+    list_select_related = ("owner",)
+
+    @admin.display(description="transport")
+    def transport(self, obj: McpServer) -> str:
+        return "stdio" if obj.command else "http"
+
+    @admin.display(description="tools")
+    def tool_count(self, obj: McpServer) -> int:
+        return len(obj.tools or ())
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

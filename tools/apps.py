@@ -9,4 +9,5 @@ class ToolsConfig(AppConfig):
 
     def ready(self) -> None:
         import_module("tools.builtin")
+        import_module("tools.mcp")  # the mcp: namespace of the registry
         import_module("tools.checks")

@@ -26,6 +26,8 @@ JSON_VALUE = (str, int, float, bool, list, dict, type(None))
     args={"key": Arg(str), "value": Arg(JSON_VALUE)},
     side_effects=True,
     timeout=5.0,
+    # Appends under distinct keys commute: concurrent calls cannot change each other.
+    parallel=True,
 )
 def ledger_append(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """Record ``value`` under ``key``, once per idempotency key however often it is called."""
@@ -57,7 +59,7 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
 _MAX_MAGNITUDE = 1e100
 
 
-@tool("calc", args={"expression": Arg(str)}, timeout=1.0)
+@tool("calc", args={"expression": Arg(str)}, timeout=1.0, parallel=True)
 def calc(ctx: ToolContext, args: dict[str, Any]) -> int | float:
     """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses)."""
     expression = args["expression"]
@@ -112,6 +114,7 @@ def _http_breaker(args: dict[str, Any]) -> str:
     },
     timeout=10.0,
     breaker=_http_breaker,
+    parallel=True,
 )
 def http_get(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """GET a URL through its host's circuit breakers, under the outbound policy.
@@ -188,7 +191,7 @@ def kv_set_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     return {"key": args["key"], "scope": args["scope"]}
 
 
-@tool("kv.get", args=_KV_ARGS, timeout=5.0)
+@tool("kv.get", args=_KV_ARGS, timeout=5.0, parallel=True)
 def kv_get_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     """Read what ``kv.set`` kept under ``key`` in the same scope."""
     owner_id, task_id = _kv_scope(ctx, args, "kv.get")

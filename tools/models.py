@@ -123,3 +123,81 @@ class Breaker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class McpServer(models.Model):
+    """An MCP tool server (``tools.mcp``): a command run over stdio, or a streamable-HTTP
+    URL. ``owner`` None: the deployment's, usable by every owner's tasks; otherwise only
+    that owner's tasks see it. Its tools are discovered from the server and cached here
+    (``tools``, ``discovered_at``)."""
+
+    class Approve(models.TextChoices):
+        # A tool the server marks destructive (MCP's default for a tool that is not
+        # read-only) needs a person's approval before each call.
+        DESTRUCTIVE = "destructive"
+        ALL = "all"
+        NONE = "none"
+
+    name = models.CharField(max_length=40)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="mcp_servers",
+    )
+    # stdio: the command and its arguments (argv, no shell); empty for an HTTP server.
+    command = models.JSONField(default=list, blank=True)
+    url = models.CharField(max_length=2000, blank=True, default="")
+    # HTTP header name -> the name of the calling task owner's credential sent as its value.
+    headers = models.JSONField(default=dict, blank=True)
+    approve = models.CharField(max_length=20, choices=Approve.choices, default=Approve.DESTRUCTIVE)
+    # Seconds one call (connect, call, answer) may take.
+    timeout = models.FloatField(default=30.0)
+    # The server's tools as it listed them: [{name, description, input_schema, annotations}].
+    tools = models.JSONField(default=list, blank=True)
+    discovered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=models.Q(owner__isnull=False),
+                name="mcp_server_name_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(owner__isnull=True),
+                name="mcp_server_name_deployment",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"mcp server {self.name} ({self.owner_id or 'deployment'})"
+
+
+class ToolCallRecord(models.Model):
+    """The result of one tool call, stored under its idempotency key as soon as it came
+    back (``tools.runner``): a step that runs again uses it instead of calling again.
+    Kept for every MCP tool call (MCP has no idempotency of its own) and for every call
+    of a batch that runs concurrently (so a crash mid-batch reruns only the others)."""
+
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    task = models.ForeignKey(
+        "agents.AgentTask", on_delete=models.CASCADE, related_name="tool_call_records"
+    )
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    tool = models.CharField(max_length=300)
+    ok = models.BooleanField()
+    value = models.JSONField(null=True)
+    error = models.TextField(blank=True, default="")
+    duration_ms = models.FloatField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.tool} {self.idempotency_key}"

@@ -19,17 +19,30 @@ guarding its dependency, and a cheap availability probe for readiness checks::
 an unhealthy dependency by raising ``RetryableError`` (see ``tools.breakers``).
 
 A test swaps a tool by registering a stand-in under the same name (``replace=True``).
+
+Besides the tools defined in code, a namespace of tools may come from elsewhere
+(``register_namespace``): ``mcp:<server>/<tool>`` names resolve to the tools of the MCP
+servers an owner may use (``tools.mcp``). Such a lookup depends on whose task asks:
+``find_tool(name, owner_id=...)``, or the owner set with ``tool_owner`` around code
+that cannot pass it (an agent's ``validate_input`` when a task is started).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from agents_project.errors import ToolArgumentError
+from agents_project.errors import PermanentError, ToolArgumentError
+
+
+class ToolFailed(PermanentError):
+    """The tool ran and reported a failure (an MCP tool's error result): the call was
+    made, so a recorded tool keeps this failure as its result, like a success."""
 
 
 @dataclass(frozen=True)
@@ -122,20 +135,31 @@ class Tool:
     breaker: BreakerName | None = None
     probe: Callable[[], None] | None = None
     description: str = ""
-
-    def breaker_for(self, args: dict[str, Any]) -> str | None:
-        """The name of the breaker guarding this call, if any."""
-        return self.breaker(args) if callable(self.breaker) else self.breaker
+    # May run at the same time as other calls of the same step (read-only: MCP's
+    # ``readOnlyHint``); calls that may not run one after another, in their order.
+    parallel: bool = False
+    # Every call needs a person's approval first (MCP's ``destructiveHint``); the
+    # built-in agents ask before calling it.
+    needs_approval: bool = False
+    # Its result is recorded under the call's idempotency key and reused, never asked
+    # for again (a tool that cannot honour the key itself, like every MCP tool).
+    recorded: bool = False
 
     def parameters_schema(self) -> dict[str, Any]:
         """The JSON Schema (draft 2020-12) of this tool's arguments: what a model is
         offered, and what an edited call is checked against (``agents.approvals``)."""
+        properties = {name: json_schema_of(arg.type) for name, arg in self.args.items()}
+        required = [name for name, arg in self.args.items() if arg.required]
         return {
             "type": "object",
-            "properties": {name: _json_schema(arg.type) for name, arg in self.args.items()},
-            "required": [name for name, arg in self.args.items() if arg.required],
+            "properties": properties,
+            "required": required,
             "additionalProperties": False,
         }
+
+    def breaker_for(self, args: dict[str, Any]) -> str | None:
+        """The name of the breaker guarding this call, if any."""
+        return self.breaker(args) if callable(self.breaker) else self.breaker
 
     def validate(self, args: Any) -> dict[str, Any]:
         """The arguments with defaults filled in, or ``ToolArgumentError`` naming the field.
@@ -179,7 +203,8 @@ _JSON_TYPES = {
 }
 
 
-def _json_schema(expected: type | tuple[type, ...]) -> dict[str, Any]:
+def json_schema_of(expected: type | tuple[type, ...]) -> dict[str, Any]:
+    """The JSON Schema of an ``Arg`` type: ``str`` -> ``{"type": "string"}``."""
     types = expected if isinstance(expected, tuple) else (expected,)
     if object in types or all(t in types for t in _JSON_TYPES):
         return {}
@@ -216,6 +241,8 @@ def tool(
     max_retries: int | None = None,
     breaker: BreakerName | None = None,
     probe: Callable[[], None] | None = None,
+    parallel: bool = False,
+    recorded: bool = False,
     replace: bool = False,
 ) -> Callable[[ToolFunc], ToolFunc]:
     """Register the decorated function as the tool ``name``."""
@@ -240,14 +267,48 @@ def tool(
             breaker=breaker,
             probe=probe,
             description=(func.__doc__ or "").strip().split("\n")[0],
+            parallel=parallel,
+            recorded=recorded,
         )
         return func
 
     return decorator
 
 
-def find_tool(name: str) -> Tool | None:
-    return _REGISTRY.get(name)
+# prefix -> resolver(name, owner id) of the tools whose names start with it.
+Resolver = Callable[[str, int | None], Tool | None]
+_NAMESPACES: dict[str, Resolver] = {}
+_owner: ContextVar[int | None] = ContextVar("tool_owner", default=None)
+
+
+def register_namespace(prefix: str, resolver: Resolver) -> None:
+    """Resolve every tool name starting with ``prefix`` (``"mcp:"``) with ``resolver``,
+    given the name and the owner whose task asks (None: nobody's; only what every
+    owner may use)."""
+    _NAMESPACES[prefix] = resolver
+
+
+@contextlib.contextmanager
+def tool_owner(owner_id: int | None) -> Iterator[None]:
+    """Within the block, ``find_tool`` without ``owner_id`` looks up as this owner."""
+    token = _owner.set(owner_id)
+    try:
+        yield
+    finally:
+        _owner.reset(token)
+
+
+def find_tool(name: str, *, owner_id: int | None = None) -> Tool | None:
+    """The tool ``name`` as the task of ``owner_id`` (default: ``tool_owner``'s) sees it,
+    or None. A namespaced tool's resolver may raise ``ToolArgumentError`` (its server's
+    tool list could not be read)."""
+    tool = _REGISTRY.get(name)
+    if tool is not None:
+        return tool
+    for prefix, resolver in _NAMESPACES.items():
+        if name.startswith(prefix):
+            return resolver(name, owner_id if owner_id is not None else _owner.get())
+    return None
 
 
 def registered_tools() -> Mapping[str, Tool]:

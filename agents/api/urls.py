@@ -7,6 +7,7 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from agents.api.mcp_servers import McpServerViewSet
 from agents.api.views import (
     BreakerListView,
     DeadLetterViewSet,
@@ -20,6 +21,7 @@ router = SimpleRouter()
 router.register("tasks", TaskViewSet, basename="task")
 router.register("dead-letters", DeadLetterViewSet, basename="dead-letter")
 router.register("schedules", ScheduleViewSet, basename="schedule")
+router.register("mcp-servers", McpServerViewSet, basename="mcp-server")
 
 urlpatterns = [
     *router.urls,

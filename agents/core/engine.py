@@ -55,6 +55,7 @@ from agents.core.commit import (
     worker_actor,
 )
 from agents.core.dispatch import step_time_limits
+from agents.core.faults import fault_point
 from agents.core.handoffs import step_hand_off
 from agents.core.leases import (
     Claim,
@@ -95,6 +96,7 @@ from agents_project import tracing
 from agents_project.errors import Backpressure
 from agents_project.validation import json_path_check
 from audit.models import EventType
+from tools.registry import tool_owner
 from tools.runner import ToolRun, tools_run
 
 logger = structlog.get_logger(__name__)
@@ -471,8 +473,10 @@ def _step_once(
         step=ctx.step,
         events=events,
         errors_as_results=agent.tool_errors_to_agent,
+        on_recorded=lambda _index: fault_point("tool_recorded", step=ctx.step),
     )
-    with deadline_alarm(deadline):
+    # The owner's view of the tool registry (its own MCP servers) for the agent's code.
+    with deadline_alarm(deadline), tool_owner(ctx.owner_id):
         outcome = agent.step(ctx)
         if not isinstance(outcome, Continue | CallTools | Suspend | StartChildren | Finish | Fail):
             raise PermanentError(f"{agent.name}.step returned {outcome!r}, not an outcome")

@@ -9,6 +9,8 @@ number STEP) reaches POINT:
 - ``after_publish``: the next step is published, its transaction not yet committed
   (the next step's delivery is then dropped as stale, and this one runs again);
 - ``after_commit``: the checkpoint committed, this message is not yet acknowledged;
+- ``tool_recorded``: a tool call's result is recorded under its idempotency key, the
+  step's other calls may not all be (``tools.runner``), nothing of the step committed;
 - ``handoff_returned`` (the model gateway): a call's reply is recorded and its step
   handed back to the work queue, the hand-off message not yet acknowledged;
 - ``retention_archived`` (``agents.retention``, STEP unused): a task's archive is
@@ -34,7 +36,15 @@ from django.conf import settings
 
 # Where a worker's step can die; and the model gateway's own point.
 WORKER_POINTS = ("before_commit", "after_commit", "after_publish")
-POINTS = (*WORKER_POINTS, "handoff_returned", "retention_archived", "retention_before_commit")
+# ``tool_recorded`` fires only in steps that record a tool call (MCP tools, several
+# calls in one step), so it is not among the points every step passes.
+POINTS = (
+    *WORKER_POINTS,
+    "tool_recorded",
+    "handoff_returned",
+    "retention_archived",
+    "retention_before_commit",
+)
 
 
 def parse(spec: str) -> tuple[str, int | None]:

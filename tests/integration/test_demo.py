@@ -94,3 +94,33 @@ def test_a_demo_killed_mid_run_resumes_the_same_task(tmp_path):
         ]
     assert ledger == 1
     assert steps == list(range(9))
+
+
+def test_the_supervisor_demo_fans_out_uses_an_mcp_tool_and_edits_an_approval(tmp_path):
+    demo = subprocess.Popen(
+        [sys.executable, "manage.py", "demo", "--supervisor"],
+        cwd=ROOT,
+        env=_demo_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    out, _ = demo.communicate(timeout=180)
+    assert demo.returncode == 0, out
+    assert "Registered the MCP server 'time'" in out
+    timeline = out.split("Joint timeline")[1]
+    for expected in (
+        "supervisor step 2   children_started",
+        'mcp:time/get_current_time(timezone="Europe/Berlin")',
+        "approval_decided edited by user:manager (replace /key",
+        'ledger.append(key="refund:customer-42:receipt-7781"',
+        "supervisor step 3   transition       running -> completed",
+    ):
+        assert expected in timeline, expected
+    assert "Ledger rows written by the children: ['refund:customer-42:receipt-7781']" in out
+    with sqlite3.connect(tmp_path / "agents.sqlite3", timeout=30) as db:
+        rows = db.execute(
+            "select status, parent_id is null from agents_agenttask order by created_at"
+        ).fetchall()
+    assert sorted(rows) == [("completed", 0), ("completed", 0), ("completed", 1)]

@@ -20,10 +20,18 @@ class Command(BaseCommand):
             help="Run the built-in llm agent: against AGENTS_LLM_BASE_URL if set, else "
             "against a scripted chat-completions server the demo starts on loopback.",
         )
+        parser.add_argument(
+            "--supervisor",
+            action="store_true",
+            help="Run a supervisor that fans out to two child tasks (one calls the MCP time "
+            "server, one needs an approval the demo edits) and print their joint timeline.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            task = demo_run(out=self.stdout.write, llm=options["llm"])
+            task = demo_run(
+                out=self.stdout.write, llm=options["llm"], supervisor=options["supervisor"]
+            )
         except KeyboardInterrupt:
             self.stdout.write("")
             self.stdout.write(
