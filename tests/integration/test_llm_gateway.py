@@ -121,7 +121,7 @@ def test_a_hung_request_ends_at_the_step_time_limit_and_spends_an_attempt(worker
     assert chat.disconnected == [f"{task.pk}:1:model"]
     assert chat.count(task=task.pk, step=1) == 2
     failures = AuditEvent.objects.filter(task=task, type="step_failed", step=1)
-    assert failures.count() == 1
+    assert failures.count() == 1, [f.payload for f in failures]
     assert "no answer within" in failures.get().payload["error"]
 
 
