@@ -33,8 +33,12 @@ class AgentTask(models.Model):
     """One agent session: its input, where it is, and how it ended."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: (owner, created_at) serves every lookup by owner.
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="agent_tasks"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="agent_tasks",
+        db_index=False,
     )
     agent_name = models.CharField(max_length=100)
     agent_version = models.CharField(max_length=50)
@@ -105,6 +109,17 @@ class AgentTask(models.Model):
         indexes = [
             models.Index(fields=["status", "status_changed_at"], name="agent_task_status_changed"),
             models.Index(fields=["owner", "-created_at"], name="agent_task_owner_created"),
+            # The lists' order (the admin's, the API's for an operator), and with the
+            # filters an operator narrows them by: one indexed range per page, however
+            # deep (keyset pages, ``agents.admin``). The error search has trigram
+            # indexes (migration 0010, PostgreSQL only).
+            models.Index(fields=["-created_at", "-id"], name="agent_task_created"),
+            models.Index(
+                fields=["status", "-created_at", "-id"], name="agent_task_status_created"
+            ),
+            models.Index(
+                fields=["agent_name", "-created_at", "-id"], name="agent_task_agent_created"
+            ),
             models.Index(
                 fields=["created_at"],
                 condition=Q(
@@ -145,7 +160,10 @@ class AgentTask(models.Model):
 class Checkpoint(models.Model):
     """The state after a step (step 0 is the initial state); written once, never changed."""
 
-    task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="checkpoints")
+    # No index of its own: the (task, step) unique index serves every lookup by task.
+    task = models.ForeignKey(
+        AgentTask, on_delete=models.CASCADE, related_name="checkpoints", db_index=False
+    )
     step = models.PositiveIntegerField()
     state = models.JSONField()
     # What the next step sees of this one: tool results, or how a suspension ended.
@@ -179,7 +197,9 @@ class Suspension(models.Model):
         TIMED_OUT = "timed_out"
         CANCELLED = "cancelled"
 
-    task = models.ForeignKey(AgentTask, on_delete=models.CASCADE, related_name="suspensions")
+    task = models.ForeignKey(
+        AgentTask, on_delete=models.CASCADE, related_name="suspensions", db_index=False
+    )
     step = models.PositiveIntegerField()
     kind = models.CharField(max_length=20, choices=Kind.choices)
     # The approval's question, or the event's name.

@@ -126,6 +126,13 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = env.bool(
         "DB_SERVER_SIDE_BINDING", default=True
     )
+    # JIT off for the app's connections: its short OLTP queries never pay back the
+    # compile time, which the planner's cost estimate of a list page's subqueries can
+    # trigger (seconds of JIT on a page that reads 50 rows; issue 24). DB_JIT=on to undo.
+    if not env.bool("DB_JIT", default=False):
+        DATABASES["default"]["OPTIONS"]["options"] = " ".join(
+            filter(None, [DATABASES["default"]["OPTIONS"].get("options", ""), "-c jit=off"])
+        )
     _threshold = env.str("DB_PREPARE_THRESHOLD", default="2")
     DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
         None if _threshold.lower() in {"", "none", "off"} else int(_threshold)
