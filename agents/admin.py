@@ -35,10 +35,12 @@ from agents.diagnosis import (
     tasks_with_console_columns,
     waiting_on_short,
 )
-from agents.models import AgentTask
+from agents.definition import registered_agents
+from agents.models import AgentTask, WorkerVersion
 from agents.search import task_search
 from agents.selectors import dead_letters_visible_to, task_checkpoints, task_open_suspension
 from agents.services import task_replay
+from agents_project.admin_paging import KeysetAdminMixin
 from agents_project.errors import ApplicationError, Conflict, InvalidInput
 from audit.admin import ReadOnlyAdmin, by_task_id
 from audit.admin import task_link as task_link_html
@@ -164,8 +166,26 @@ class AgeFilter(admin.SimpleListFilter):
         return queryset
 
 
+class AgentFilter(admin.SimpleListFilter):
+    """Tasks of one agent; lists the agents this deployment knows (the registry, and the
+    agents workers announce), not a ``SELECT DISTINCT`` over every task."""
+
+    title = "agent"
+    parameter_name = "agent_name__exact"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = set(registered_agents()) | set(
+            WorkerVersion.objects.order_by().values_list("agent", flat=True).distinct()
+        )
+        return [(name, name) for name in sorted(names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[AgentTask]) -> Any:
+        value = self.value()
+        return queryset.filter(agent_name=value) if value else queryset
+
+
 @admin.register(AgentTask)
-class AgentTaskAdmin(ReadOnlyAdmin):
+class AgentTaskAdmin(KeysetAdminMixin, ReadOnlyAdmin):
     list_display = (
         "short_id",
         "agent_name",
@@ -179,13 +199,16 @@ class AgentTaskAdmin(ReadOnlyAdmin):
         "age",
         "time_in_status",
     )
-    list_filter = ("status", "agent_name", OwnerFilter, AgeFilter)
+    list_filter = ("status", AgentFilter, OwnerFilter, AgeFilter)
     list_select_related = ("owner",)
     search_fields = ("id",)
     search_help_text = (
         "A task id, an idempotency key, an agent, an owner or error text; narrow with "
         'agent:NAME owner:USER error:"TEXT" after:2026-11-01 before:2026-12-01.'
     )
+    # Newest first (then by id): pages by key on the (created_at, id) index, however
+    # deep, with an estimated count (agents_project.admin_paging); the columns that can
+    # be sorted the other way fall back to numbered pages.
     ordering = ("-created_at",)
     list_per_page = 50
     actions = ("cancel_tasks", "approve_tasks", "reject_tasks", "replay_tasks", "requeue_tasks")

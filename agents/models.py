@@ -6,12 +6,11 @@ is plain fields and constraints.
 
 from __future__ import annotations
 
-import uuid
-
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from uuid6 import uuid7
 
 
 class TaskStatus(models.TextChoices):
@@ -32,7 +31,10 @@ ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.SUSPENDED)
 class AgentTask(models.Model):
     """One agent session: its input, where it is, and how it ended."""
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # UUIDv7 (RFC 9562): time-ordered, so the many indexes that start with a task's id
+    # (its events', checkpoints', messages') grow at their right edge, full pages, instead
+    # of splitting pages at random (a third of their size at 10^5 tasks; issue 24).
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     # No index of its own: (owner, created_at) serves every lookup by owner.
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -209,9 +209,9 @@ def replicate(templates: dict[str, Any], size: int) -> dict[str, Any]:
         for n in range(size):
             template = templates["failing"] if n % FAILING_EVERY == FAILING_EVERY - 1 else templates["ok"]
             copy.write_row(
-                (n, uuid4(), template, owner_ids[n % len(owner_ids)], timedelta(seconds=year * (size - n) / size))
+                (n, new_id(), template, owner_ids[n % len(owner_ids)], timedelta(seconds=year * (size - n) / size))
             )
-    big = uuid4()
+    big = new_id()
     sql("INSERT INTO growth_map VALUES (%s, %s, %s, %s, interval '0')", [size, big, templates["ok"], owner_ids[0]])
     _copy_rows("agents_agenttask", key="id")
     for table in TASK_TABLES:
@@ -222,6 +222,11 @@ def replicate(templates: dict[str, Any], size: int) -> dict[str, Any]:
     sql("DROP TABLE growth_map")
     sql("VACUUM ANALYZE")
     return {"big": big}
+
+
+def new_id() -> UUID:
+    """A fresh task id, made as the project makes them (the model's default)."""
+    return AgentTask._meta.pk.get_default()
 
 
 def _copy_rows(table: str, *, key: str) -> None:
@@ -350,7 +355,7 @@ def admin_page_url(page: int) -> str:
     there are fewer), reached by following its "next" links as an operator would."""
     client = Client()
     client.force_login(get_user_model().objects.get(username="operator"))
-    url = "/admin/agents/agenttask/"
+    base = url = "/admin/agents/agenttask/"
     for _ in range(page - 1):
         response = client.get(url)
         assert response.status_code == 200, (url, response.status_code)
@@ -359,14 +364,17 @@ def admin_page_url(page: int) -> str:
         following = response.context["cl"].next_page_url
         if following is None:
             break
-        url = following
+        url = base + following
     return url
 
 
 def api_deep_url(client: Client, headers: dict[str, str], pages: int) -> str:
     url = "/api/tasks/?page_size=50"
     for _ in range(pages - 1):
-        url = client.get(url, **headers).json()["next"]
+        following = client.get(url, **headers).json()["next"]
+        if following is None:
+            break
+        url = following
     return url
 
 

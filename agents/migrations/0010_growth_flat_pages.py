@@ -9,6 +9,7 @@ index, not the table. PostgreSQL only (the demo's SQLite has no such index).
 """
 
 import django.db.models.deletion
+import uuid6
 from django.conf import settings
 from django.db import migrations, models
 
@@ -70,6 +71,14 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # New task ids are UUIDv7 (time-ordered); the column is unchanged.
+        migrations.AlterField(
+            model_name="agenttask",
+            name="id",
+            field=models.UUIDField(
+                default=uuid6.uuid7, editable=False, primary_key=True, serialize=False
+            ),
+        ),
         migrations.AlterField(
             model_name='agenttask',
             name='owner',
