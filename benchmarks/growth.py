@@ -48,14 +48,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ENV, machine  # noqa: E402
 
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated task counts")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--keep", help="keep the largest database, under this name")
+    parser.add_argument("--repeat", type=int, default=7, help="requests per median")
+    parser.add_argument(
+        "--prefix",
+        default="agents_growth",
+        help="names of the databases (PREFIX_<size>) and queues (PREFIX.agents.*)",
+    )
+    args = parser.parse_args()
+    try:
+        args.sizes = sorted(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        parser.error("--sizes: comma-separated integers, e.g. 10000,100000")
+    if min(args.sizes) < 1:
+        parser.error("--sizes: each at least 1")
+    return args
+
+
+ARGS = arguments() if __name__ == "__main__" else None
+PREFIX = ARGS.prefix if ARGS else "agents_growth"
 SERVER = ENV["DATABASE_URL"].rsplit("/", 1)[0]
 os.environ.update(
     {
         **ENV,
-        "DATABASE_URL": f"{SERVER}/agents_growth",
-        "AGENTS_QUEUE": "growth.agents.steps",
-        "AGENTS_DEAD_LETTER_EXCHANGE": "growth.agents.dlx",
-        "AGENTS_DEAD_LETTER_QUEUE": "growth.agents.dead",
+        "DATABASE_URL": f"{SERVER}/{PREFIX}",
+        "AGENTS_QUEUE": f"{PREFIX}.agents.steps",
+        "AGENTS_DEAD_LETTER_EXCHANGE": f"{PREFIX}.agents.dlx",
+        "AGENTS_DEAD_LETTER_QUEUE": f"{PREFIX}.agents.dead",
         # Thousands of timed requests from one user: not what the throttle is for.
         "API_THROTTLE_RATE": "100000000/minute",
         "AGENTS_METRICS_TOKEN": "",
@@ -432,7 +456,7 @@ def storage() -> dict[str, Any]:
 
 def one_size(size: int, repeat: int, keep: str | None) -> dict[str, Any]:
     global HASH_IS_BYTES
-    name = f"agents_growth_{size}"
+    name = f"{PREFIX}_{size}"
     started = time.perf_counter()
     create_database(name)
     HASH_IS_BYTES = sql(
@@ -459,16 +483,9 @@ HASH_IS_BYTES = False
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="10000,100000", help="comma-separated task counts")
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--keep", help="keep the largest database, under this name")
-    parser.add_argument("--repeat", type=int, default=7, help="requests per median")
-    args = parser.parse_args()
-    try:
-        sizes = sorted(int(s) for s in args.sizes.split(","))
-    except ValueError:
-        parser.error("--sizes: comma-separated integers, e.g. 10000,100000")
+    args = ARGS
+    assert args is not None
+    sizes = args.sizes
     setup_test_environment()  # lets the test client's "testserver" host in
     results: dict[str, Any] = {"machine": machine(), "sizes": {}}
     for size in sizes:
