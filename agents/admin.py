@@ -27,6 +27,7 @@ from agents import permissions
 from agents.core.dead_letters import dead_letter_requeue
 from agents.core.state_machine import FINAL
 from agents.core.suspensions import task_approve, task_cancel
+from agents.definition import registered_agents
 from agents.diagnosis import (
     last_error_short,
     task_diagnosis,
@@ -35,7 +36,6 @@ from agents.diagnosis import (
     tasks_with_console_columns,
     waiting_on_short,
 )
-from agents.definition import registered_agents
 from agents.models import AgentTask, WorkerVersion
 from agents.search import task_search
 from agents.selectors import dead_letters_visible_to, task_checkpoints, task_open_suspension

@@ -10,8 +10,9 @@ entered: ``completed``, ``failed``, ``timed_out``, ``cancelled``, ``dead_lettere
 counted by the state machine once the transition commits).
 
 Read at scrape time (``database_metrics``, a source of ``AGENTS_METRICS_SOURCES``): tasks
-by status (finished ones estimated on a large table, ``tasks_by_status``), suspended tasks, the least recent progress of active tasks, open dead letters,
-retries waiting.
+by status (the common finished ones estimated on a large table, ``tasks_by_status``),
+suspended tasks, the least recent progress of active tasks, open dead letters, retries
+waiting.
 """
 
 from __future__ import annotations

@@ -116,9 +116,7 @@ class AgentTask(models.Model):
             # deep (keyset pages, ``agents.admin``). The error search has trigram
             # indexes (migration 0010, PostgreSQL only).
             models.Index(fields=["-created_at", "-id"], name="agent_task_created"),
-            models.Index(
-                fields=["status", "-created_at", "-id"], name="agent_task_status_created"
-            ),
+            models.Index(fields=["status", "-created_at", "-id"], name="agent_task_status_created"),
             models.Index(
                 fields=["agent_name", "-created_at", "-id"], name="agent_task_agent_created"
             ),

@@ -30,7 +30,7 @@ from uuid import UUID
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.views.main import PAGE_VAR, ChangeList
 from django.core.paginator import Paginator
-from django.db.models import Model, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils.functional import cached_property
 
@@ -168,7 +168,9 @@ class KeysetChangeList(ChangeList):
         fields, descending = keyed
         rows = self.queryset
         if cursor:
-            rows = rows.filter(after_key(fields, _decode(cursor, len(fields)), descending=descending))
+            rows = rows.filter(
+                after_key(fields, _decode(cursor, len(fields)), descending=descending)
+            )
         page = list(rows[: self.list_per_page + 1])
         more = len(page) > self.list_per_page
         self.result_list = page[: self.list_per_page]

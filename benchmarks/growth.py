@@ -228,15 +228,29 @@ def replicate(templates: dict[str, Any], size: int) -> dict[str, Any]:
     User.objects.bulk_create(owners[1:])
     owner_ids = list(User.objects.filter(username__startswith="owner").values_list("pk", flat=True))
     year = timedelta(days=365).total_seconds()
-    sql("CREATE UNLOGGED TABLE growth_map (n bigint, id uuid, template uuid, owner_id int, shift interval)")
+    sql(
+        "CREATE UNLOGGED TABLE growth_map"
+        " (n bigint, id uuid, template uuid, owner_id int, shift interval)"
+    )
     with connection.cursor() as cursor, cursor.cursor.copy("COPY growth_map FROM STDIN") as copy:
         for n in range(size):
-            template = templates["failing"] if n % FAILING_EVERY == FAILING_EVERY - 1 else templates["ok"]
+            template = (
+                templates["failing"] if n % FAILING_EVERY == FAILING_EVERY - 1 else templates["ok"]
+            )
             copy.write_row(
-                (n, new_id(), template, owner_ids[n % len(owner_ids)], timedelta(seconds=year * (size - n) / size))
+                (
+                    n,
+                    new_id(),
+                    template,
+                    owner_ids[n % len(owner_ids)],
+                    timedelta(seconds=year * (size - n) / size),
+                )
             )
     big = new_id()
-    sql("INSERT INTO growth_map VALUES (%s, %s, %s, %s, interval '0')", [size, big, templates["ok"], owner_ids[0]])
+    sql(
+        "INSERT INTO growth_map VALUES (%s, %s, %s, %s, interval '0')",
+        [size, big, templates["ok"], owner_ids[0]],
+    )
     _copy_rows("agents_agenttask", key="id")
     for table in TASK_TABLES:
         _copy_rows(table, key="task_id")
@@ -283,19 +297,26 @@ def _template_events(task_id: UUID) -> list[tuple[Any, ...]]:
 
 
 def _hash_column(value: str) -> Any:
-    return bytes.fromhex(value) if HASH_IS_BYTES and value else (value if not HASH_IS_BYTES else None)
+    return (
+        bytes.fromhex(value) if HASH_IS_BYTES and value else (value if not HASH_IS_BYTES else None)
+    )
 
 
 def _write_events(rows: Iterator[tuple[Any, ...]]) -> None:
-    with connection.cursor() as cursor, cursor.cursor.copy(
-        "COPY audit_auditevent (task_id, seq, type, step, payload, actor, created_at, "
-        "prev_hash, hash) FROM STDIN"
-    ) as copy:
+    with (
+        connection.cursor() as cursor,
+        cursor.cursor.copy(
+            "COPY audit_auditevent (task_id, seq, type, step, payload, actor, created_at, "
+            "prev_hash, hash) FROM STDIN"
+        ) as copy,
+    ):
         for row in rows:
             copy.write_row(row)
 
 
-def _sealed(task_id: UUID, events: list[tuple[Any, ...]], shift: timedelta) -> Iterator[tuple[Any, ...]]:
+def _sealed(
+    task_id: UUID, events: list[tuple[Any, ...]], shift: timedelta
+) -> Iterator[tuple[Any, ...]]:
     """The template's events as task ``task_id``'s, ``shift`` earlier, chained by the
     project's own ``event_hash``."""
     prev = ""
@@ -311,7 +332,17 @@ def _sealed(task_id: UUID, events: list[tuple[Any, ...]], shift: timedelta) -> I
             created_at=at,
             payload=payload,
         )
-        yield (task_id, seq, type_, step, payload_text, actor, at, _hash_column(prev), _hash_column(digest))
+        yield (
+            task_id,
+            seq,
+            type_,
+            step,
+            payload_text,
+            actor,
+            at,
+            _hash_column(prev),
+            _hash_column(digest),
+        )
         prev = digest
 
 
@@ -320,7 +351,9 @@ def _seal_trails(templates: dict[str, Any]) -> None:
         t: [(s, ty, st, p, json.loads(p), a, c) for s, ty, st, p, a, c in _template_events(t)]
         for t in (templates["ok"], templates["failing"])
     }
-    mapped = sql("SELECT id, template, shift FROM growth_map WHERE n < (SELECT max(n) FROM growth_map)")
+    mapped = sql(
+        "SELECT id, template, shift FROM growth_map WHERE n < (SELECT max(n) FROM growth_map)"
+    )
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for task_id, template, shift in mapped:
@@ -335,7 +368,17 @@ def _big_trail(task_id: UUID, template: UUID) -> None:
     events = []
     for seq in range(1, BIG_TRAIL + 1):
         _, type_, step, payload_text, actor, created = base[(seq - 1) % len(base)]
-        events.append((seq, type_, step, payload_text, json.loads(payload_text), actor, created + timedelta(milliseconds=seq)))
+        events.append(
+            (
+                seq,
+                type_,
+                step,
+                payload_text,
+                json.loads(payload_text),
+                actor,
+                created + timedelta(milliseconds=seq),
+            )
+        )
     _write_events(_sealed(task_id, events, timedelta(0)))
     sql("UPDATE agents_agenttask SET audit_seq = %s WHERE id = %s", [BIG_TRAIL, task_id])
 
@@ -365,9 +408,9 @@ def median_ms(action: Callable[[], object], repeat: int) -> float:
     return round(statistics.median(runs), 1)
 
 
-def get(client: Client, url: str, **headers: str) -> Callable[[], object]:
+def get(client: Client, url: str, headers: dict[str, str] | None = None) -> Callable[[], object]:
     def request() -> object:
-        response = client.get(url, **headers)
+        response = client.get(url, headers=headers)
         assert response.status_code == 200, (url, response.status_code, response.content[:300])
         return response
 
@@ -395,7 +438,7 @@ def admin_page_url(page: int) -> str:
 def api_deep_url(client: Client, headers: dict[str, str], pages: int) -> str:
     url = "/api/tasks/?page_size=50"
     for _ in range(pages - 1):
-        following = client.get(url, **headers).json()["next"]
+        following = client.get(url, headers=headers).json()["next"]
         if following is None:
             break
         url = following
@@ -408,25 +451,25 @@ def measure(ids: dict[str, Any], repeat: int) -> dict[str, float]:
     admin = Client()
     admin.force_login(operator)
     api = Client()
-    staff = {"HTTP_AUTHORIZATION": f"Token {Token.objects.create(user=operator).key}"}
+    staff = {"Authorization": f"Token {Token.objects.create(user=operator).key}"}
     owner = User.objects.get(username="owner000")
-    mine = {"HTTP_AUTHORIZATION": f"Token {Token.objects.create(user=owner).key}"}
+    mine = {"Authorization": f"Token {Token.objects.create(user=owner).key}"}
     big, llm = ids["big"], ids["llm"]
     ops: dict[str, Callable[[], object]] = {
         "admin task list": get(admin, "/admin/agents/agenttask/"),
         "admin search error:refused": get(admin, "/admin/agents/agenttask/?q=error:refused"),
         "admin page 100": get(admin, admin_page_url(100)),
         "admin audit-event list": get(admin, "/admin/audit/auditevent/"),
-        "API task list, operator": get(api, "/api/tasks/", **staff),
-        "API deep page, operator": get(api, api_deep_url(api, staff, 100), **staff),
+        "API task list, operator": get(api, "/api/tasks/", staff),
+        "API deep page, operator": get(api, api_deep_url(api, staff, 100), staff),
         "/metrics scrape": get(api, "/metrics"),
         "scheduler tick": lambda: tick(actor="scheduler:growth"),
-        "API task list, one owner": get(api, "/api/tasks/", **mine),
+        "API task list, one owner": get(api, "/api/tasks/", mine),
         "API audit page, one owner": get(
-            api, f"/api/tasks/{big}/audit/?after={BIG_TRAIL // 2}&limit=100", **mine
+            api, f"/api/tasks/{big}/audit/?after={BIG_TRAIL // 2}&limit=100", mine
         ),
         "API messages page, one owner": get(
-            api, f"/api/tasks/{llm}/messages/?after={CONVERSATION // 2}&limit=100", **mine
+            api, f"/api/tasks/{llm}/messages/?after={CONVERSATION // 2}&limit=100", mine
         ),
     }
     figures = {name: median_ms(action, repeat) for name, action in ops.items()}
@@ -442,10 +485,13 @@ def measure(ids: dict[str, Any], repeat: int) -> dict[str, float]:
 def storage() -> dict[str, Any]:
     """Bytes per ordinary finished task: the tables' total size (heap, TOAST, indexes),
     less the share of the big trail's events, over the ordinary tasks."""
-    sizes = dict(sql(
-        "SELECT relname::text, pg_total_relation_size(oid) FROM pg_class WHERE relname = ANY(%s)",
-        [list(STORAGE_TABLES)],
-    ))
+    sizes = dict(
+        sql(
+            "SELECT relname::text, pg_total_relation_size(oid) FROM pg_class"
+            " WHERE relname = ANY(%s)",
+            [list(STORAGE_TABLES)],
+        )
+    )
     events = sql("SELECT count(*) FROM audit_auditevent")[0][0]
     tasks = sql("SELECT count(*) FROM agents_agenttask")[0][0] - 1
     ordinary_events = events - BIG_TRAIL
@@ -459,10 +505,13 @@ def one_size(size: int, repeat: int, keep: str | None) -> dict[str, Any]:
     name = f"{PREFIX}_{size}"
     started = time.perf_counter()
     create_database(name)
-    HASH_IS_BYTES = sql(
-        "SELECT data_type FROM information_schema.columns "
-        "WHERE table_name = 'audit_auditevent' AND column_name = 'hash'"
-    )[0][0] == "bytea"
+    HASH_IS_BYTES = (
+        sql(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_name = 'audit_auditevent' AND column_name = 'hash'"
+        )[0][0]
+        == "bytea"
+    )
     templates = real_runs()
     ids = {**templates, **replicate(templates, size)}
     built = time.perf_counter() - started
@@ -497,8 +546,16 @@ def main() -> None:
     print("| operation | " + " | ".join(f"{s:,}" for s in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
     for op in names:
-        print(f"| {op} | " + " | ".join(f"{results['sizes'][str(s)]['ops'][op]:,} ms" for s in sizes) + " |")
-    print("| bytes per finished task | " + " | ".join(f"{results['sizes'][str(s)]['bytes_per_task']:,}" for s in sizes) + " |")
+        print(
+            f"| {op} | "
+            + " | ".join(f"{results['sizes'][str(s)]['ops'][op]:,} ms" for s in sizes)
+            + " |"
+        )
+    print(
+        "| bytes per finished task | "
+        + " | ".join(f"{results['sizes'][str(s)]['bytes_per_task']:,}" for s in sizes)
+        + " |"
+    )
 
 
 if __name__ == "__main__":

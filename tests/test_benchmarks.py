@@ -79,13 +79,19 @@ def test_the_growth_benchmark_builds_measures_and_keeps_a_tiny_database(tmp_path
             trail = conn.execute(
                 "SELECT max(audit_seq) FROM agents_agenttask WHERE audit_seq < 1000"
             ).fetchone()[0]
-            assert conn.execute(
-                "SELECT count(*) FROM llm_message WHERE task_id = (SELECT task_id FROM"
-                " llm_message GROUP BY task_id ORDER BY count(*) DESC LIMIT 1)"
-            ).fetchone()[0] == 5000
-            assert conn.execute(
-                "SELECT count(*) FROM audit_auditevent WHERE octet_length(hash) = 32"
-            ).fetchone()[0] == conn.execute("SELECT count(*) FROM audit_auditevent").fetchone()[0]
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM llm_message WHERE task_id = (SELECT task_id FROM"
+                    " llm_message GROUP BY task_id ORDER BY count(*) DESC LIMIT 1)"
+                ).fetchone()[0]
+                == 5000
+            )
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM audit_auditevent WHERE octet_length(hash) = 32"
+                ).fetchone()[0]
+                == conn.execute("SELECT count(*) FROM audit_auditevent").fetchone()[0]
+            )
             assert trail > 20
         # Every replicated chain was sealed by the project's code: audit_verify agrees.
         verify = subprocess.run(

@@ -63,10 +63,9 @@ def backwards(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('agents', '0009_task_swept_fence'),
-        ('audit', '0006_growth_digest_bytes'),
+        ("agents", "0009_task_swept_fence"),
+        ("audit", "0006_growth_digest_bytes"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
@@ -80,31 +79,50 @@ class Migration(migrations.Migration):
             ),
         ),
         migrations.AlterField(
-            model_name='agenttask',
-            name='owner',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='agent_tasks', to=settings.AUTH_USER_MODEL),
+            model_name="agenttask",
+            name="owner",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="agent_tasks",
+                to=settings.AUTH_USER_MODEL,
+            ),
         ),
         migrations.AlterField(
-            model_name='checkpoint',
-            name='task',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='checkpoints', to='agents.agenttask'),
+            model_name="checkpoint",
+            name="task",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="checkpoints",
+                to="agents.agenttask",
+            ),
         ),
         migrations.AlterField(
-            model_name='suspension',
-            name='task',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='suspensions', to='agents.agenttask'),
+            model_name="suspension",
+            name="task",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="suspensions",
+                to="agents.agenttask",
+            ),
         ),
         migrations.AddIndex(
-            model_name='agenttask',
-            index=models.Index(fields=['-created_at', '-id'], name='agent_task_created'),
+            model_name="agenttask",
+            index=models.Index(fields=["-created_at", "-id"], name="agent_task_created"),
         ),
         migrations.AddIndex(
-            model_name='agenttask',
-            index=models.Index(fields=['status', '-created_at', '-id'], name='agent_task_status_created'),
+            model_name="agenttask",
+            index=models.Index(
+                fields=["status", "-created_at", "-id"], name="agent_task_status_created"
+            ),
         ),
         migrations.AddIndex(
-            model_name='agenttask',
-            index=models.Index(fields=['agent_name', '-created_at', '-id'], name='agent_task_agent_created'),
+            model_name="agenttask",
+            index=models.Index(
+                fields=["agent_name", "-created_at", "-id"], name="agent_task_agent_created"
+            ),
         ),
         migrations.RunPython(forwards, backwards),
     ]

@@ -5,21 +5,30 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('agents', '0010_growth_flat_pages'),
-        ('llm', '0001_initial'),
+        ("agents", "0010_growth_flat_pages"),
+        ("llm", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='message',
-            name='task',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='llm_messages', to='agents.agenttask'),
+            model_name="message",
+            name="task",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="llm_messages",
+                to="agents.agenttask",
+            ),
         ),
         migrations.AlterField(
-            model_name='modelcall',
-            name='task',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='model_calls', to='agents.agenttask'),
+            model_name="modelcall",
+            name="task",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="model_calls",
+                to="agents.agenttask",
+            ),
         ),
     ]

@@ -67,7 +67,10 @@ def data_statements(statements: list[str]) -> list[str]:
 def test_task_pages_follow_by_key_show_every_task_once_in_order(ops_client, user):
     many_tasks(user, 130)
     shown, statements = walk(ops_client, TASKS)
-    expected = [str(pk) for pk in AgentTask.objects.order_by("-created_at", "-id").values_list("pk", flat=True)]
+    expected = [
+        str(pk)
+        for pk in AgentTask.objects.order_by("-created_at", "-id").values_list("pk", flat=True)
+    ]
     assert shown == expected
     assert len(statements) == 3  # 50 + 50 + 30
     for page in statements:
@@ -159,7 +162,9 @@ def test_audit_event_pages_follow_by_key(ops_client, user):
         for seq in range(1, 91)
     )
     shown, statements = walk(ops_client, EVENTS)
-    assert shown == [str(pk) for pk in AuditEvent.objects.order_by("-id").values_list("pk", flat=True)]
+    assert shown == [
+        str(pk) for pk in AuditEvent.objects.order_by("-id").values_list("pk", flat=True)
+    ]
     assert len(statements) == 3  # 100 + 100 + 70
     assert len({len(page) for page in statements}) == 1
     for page in statements:

@@ -68,9 +68,7 @@ def test_a_step_continues_the_chain_from_the_stored_head(user):
 
 def test_the_migration_converts_hex_hashes_and_the_chains_still_verify(user):
     tasks = [completed(user) for _ in range(2)]
-    before = {
-        (e.task_id, e.seq): (e.prev_hash, e.hash) for e in AuditEvent.objects.all()
-    }
+    before = {(e.task_id, e.seq): (e.prev_hash, e.hash) for e in AuditEvent.objects.all()}
     try:
         migrate(BEFORE)
         # The old schema: hex text, "" for none.
