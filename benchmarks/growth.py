@@ -384,14 +384,17 @@ def _big_trail(task_id: UUID, template: UUID) -> None:
 
 
 def _long_conversation(task_id: UUID) -> None:
-    """The LLM task's conversation, its turns repeated up to ``CONVERSATION`` messages."""
+    """The LLM task's conversation, its messages repeated (with the next sequence
+    numbers) up to ``CONVERSATION`` messages."""
     cols = [c for c in columns("llm_message") if c not in ("id", "seq")]
-    have = sql("SELECT count(*) FROM llm_message WHERE task_id = %s", [task_id])[0][0]
+    have, last = sql("SELECT count(*), max(seq) FROM llm_message WHERE task_id = %s", [task_id])[0]
     sql(
-        f"INSERT INTO llm_message (seq, {', '.join(cols)}) "  # noqa: S608
-        f"SELECT g, {', '.join('m.' + c for c in cols)} FROM generate_series(%s::int, %s::int) g "
-        "JOIN llm_message m ON m.task_id = %s AND m.seq = 1 + (g - 1) %% %s::int",
-        [have + 1, CONVERSATION, task_id, have],
+        "WITH base AS (SELECT *, row_number() OVER (ORDER BY seq) - 1 AS k"  # noqa: S608
+        " FROM llm_message WHERE task_id = %s) "
+        f"INSERT INTO llm_message (seq, {', '.join(cols)}) "
+        f"SELECT %s::int + g, {', '.join('m.' + c for c in cols)}"
+        " FROM generate_series(1, %s::int) g JOIN base m ON m.k = (g - 1) %% %s::int",
+        [task_id, last, CONVERSATION - have, have],
     )
 
 
