@@ -3,6 +3,8 @@ retries and dead letters: ``agents.core.retries``; the step itself: ``agents.cor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from datetime import timedelta
 from typing import Any
@@ -140,15 +142,27 @@ def _first_checkpoint(task: AgentTask, definition: Agent, *, local: bool) -> Che
     )
 
 
+def input_digest(value: Any) -> str:
+    """The SHA-256 (hex) of a task's input as canonical JSON (sorted keys, no spaces):
+    what its ``created`` event records of it."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _created(task: AgentTask, definition: Agent, *, actor: str) -> AuditBatch:
-    """The new task's audit batch holding its ``created`` event (the first of its chain)."""
+    """The new task's audit batch holding its ``created`` event (the first of its chain).
+
+    The event records the input's digest, not the input: the input is the task row's
+    (``GET /api/tasks/{id}/``), and a copy in the trail was a twelfth of the room a
+    finished task takes (issue 24); the chained digest still shows the input as it was
+    accepted (``input_digest(task.input)``)."""
     audit = AuditBatch(task, actor=actor, head=(0, ""))
     audit.add(
         EventType.CREATED,
         {
             "agent": definition.name,
             "version": task.agent_version,
-            "input": task.input,
+            "input_sha256": input_digest(task.input),
             "deadline": task.deadline.isoformat() if task.deadline else None,
             "idempotency_key": task.idempotency_key,
         },

@@ -88,3 +88,17 @@ def test_the_migration_converts_hex_hashes_and_the_chains_still_verify(user):
     call_command("audit_verify", "--all", stdout=out, stderr=out)
     assert "0 break(s)" in out.getvalue()
     assert AgentTask.objects.filter(pk__in=[t.pk for t in tasks]).count() == 2
+
+
+def test_the_created_event_records_the_inputs_digest_not_a_copy(user):
+    from agents.services import input_digest, task_start
+
+    script = {"script": [{"think": "a"}, {"final": {"n": 1.5, "text": "ünï"}}]}
+    task, _ = task_start(owner=user, agent="scripted", input=script)
+    created = AuditEvent.objects.get(task=task, seq=1)
+    assert "input" not in created.payload
+    assert created.payload["input_sha256"] == input_digest(task.input)
+    assert input_digest(task.input) == input_digest(
+        {"script": [{"think": "a"}, {"final": {"text": "ünï", "n": 1.5}}]}
+    )
+    assert input_digest(task.input) != input_digest({"script": [{"think": "b"}]})
