@@ -86,15 +86,15 @@ def error_matches(text: str) -> Q:
     One set of task ids, the union of three index lookups (trigram indexes on the
     errors, migration ``agents.0010``; the retry timer's partial index), so a search
     reads what matches, not the whole table."""
-    own = AgentTask.objects.filter(error__icontains=text).values("pk")
-    letters = DeadLetter.objects.filter(error__icontains=text).values("task_id")
+    own = AgentTask.objects.filter(error__icontains=text).order_by().values("pk")
+    letters = DeadLetter.objects.filter(error__icontains=text).order_by().values("task_id")
     failures = AuditEvent.objects.filter(
         task=OuterRef("pk"),
         seq__gt=OuterRef("audit_seq") - LIST_WINDOW,
         type=EventType.STEP_FAILED,
         payload__error__icontains=text,
     )
-    retrying = AgentTask.objects.filter(retry_at__isnull=False).filter(Exists(failures))
+    retrying = AgentTask.objects.filter(retry_at__isnull=False).filter(Exists(failures)).order_by()
     return Q(pk__in=own.union(letters, retrying.values("pk")))
 
 

@@ -43,7 +43,7 @@ COUNT_LIMIT = 1000
 
 def bounded_count(rows: QuerySet[Any], limit: int = COUNT_LIMIT) -> int:
     """How many of ``rows`` there are, counting at most ``limit + 1``."""
-    return rows.order_by()[: limit + 1].count()
+    return rows.order_by().values("pk")[: limit + 1].count()
 
 
 class EstimatedPaginator(Paginator):
