@@ -27,16 +27,12 @@ from redis import RedisError
 
 from agents.models import ACTIVE_STATUSES, AgentTask, Suspension, TaskStatus
 from agents.selectors import task_open_suspension
-from audit.models import AuditEvent, DeadLetter, EventType
+from audit.models import ERROR_EVENT_TYPES, AuditEvent, DeadLetter, EventType
 from tools import breakers
 
-# Audit events that carry an error worth showing an operator, newest first.
-ERROR_EVENTS = (
-    EventType.STEP_FAILED,
-    EventType.DEAD_LETTERED,
-    EventType.SCHEMA_REFUSED,
-    EventType.WORKER_LOST,
-)
+# Audit events that carry an error worth showing an operator, newest first (a partial
+# index on (task, seq DESC) holds them: the last-error lookup reads a few entries).
+ERROR_EVENTS = ERROR_EVENT_TYPES
 # The task list looks for the last error among a task's latest events only (a bounded
 # index scan per row, however long the trail): a failure that matters now is recent.
 LIST_WINDOW = 30

@@ -81,17 +81,21 @@ def _word(word: str) -> Q:
 
 def error_matches(text: str) -> Q:
     """Tasks whose error mentions ``text``: the task row's, a dead letter's, or (for a
-    task waiting to retry) a failed attempt among its latest audit events."""
-    letters = DeadLetter.objects.filter(task=OuterRef("pk"), error__icontains=text)
+    task waiting to retry) a failed attempt among its latest audit events.
+
+    One set of task ids, the union of three index lookups (trigram indexes on the
+    errors, migration ``agents.0010``; the retry timer's partial index), so a search
+    reads what matches, not the whole table."""
+    own = AgentTask.objects.filter(error__icontains=text).order_by().values("pk")
+    letters = DeadLetter.objects.filter(error__icontains=text).order_by().values("task_id")
     failures = AuditEvent.objects.filter(
         task=OuterRef("pk"),
         seq__gt=OuterRef("audit_seq") - LIST_WINDOW,
         type=EventType.STEP_FAILED,
         payload__error__icontains=text,
     )
-    return (
-        Q(error__icontains=text) | Exists(letters) | (Q(retry_at__isnull=False) & Exists(failures))
-    )
+    retrying = AgentTask.objects.filter(retry_at__isnull=False).filter(Exists(failures)).order_by()
+    return Q(pk__in=own.union(letters, retrying.values("pk")))
 
 
 def _when(value: str, prefix: str) -> datetime:

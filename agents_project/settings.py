@@ -129,6 +129,20 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = env.bool(
         "DB_SERVER_SIDE_BINDING", default=True
     )
+    # JIT off for the app's connections: its short OLTP queries never pay back the
+    # compile time, which the planner's cost estimate of a list page's subqueries can
+    # trigger (seconds of JIT on a page that reads 50 rows; issue 24). DB_JIT=on to undo.
+    # And the cost of a random page read as on SSDs (PostgreSQL's default, 4, assumes
+    # spinning disks): the error search's few thousand matches are then fetched by
+    # index, not by reading the whole task table. DB_RANDOM_PAGE_COST="" keeps the
+    # server's setting.
+    _session = [DATABASES["default"]["OPTIONS"].get("options", "")]
+    if not env.bool("DB_JIT", default=False):
+        _session.append("-c jit=off")
+    _page_cost = env.str("DB_RANDOM_PAGE_COST", default="1.1")
+    if _page_cost:
+        _session.append(f"-c random_page_cost={float(_page_cost)}")
+    DATABASES["default"]["OPTIONS"]["options"] = " ".join(filter(None, _session))
     _threshold = env.str("DB_PREPARE_THRESHOLD", default="2")
     DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
         None if _threshold.lower() in {"", "none", "off"} else int(_threshold)

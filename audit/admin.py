@@ -15,6 +15,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from agents_project.admin_paging import KeysetAdminMixin
 from audit.models import AuditEvent, TaskRemoval
 from audit.timeline import describe
 
@@ -50,15 +51,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(KeysetAdminMixin, ReadOnlyAdmin):
     list_display = ("task_link", "seq", "type", "step", "actor", "created_at", "summary")
     list_filter = ("type",)
     search_fields = ("task__id",)
     search_help_text = "A task id (the full UUID): its events, in order."
-    show_full_result_count = False
     list_per_page = 100
+    # Newest first by id (the primary key's index); one task's events in their order.
+    # Pages by key and an estimated count: flat with millions of events.
+    sortable_by = ()
 
-    @admin.display(description="task", ordering="task")
+    def get_ordering(self, request: HttpRequest) -> tuple[str, ...]:
+        if request.GET.get("q", "").strip():
+            return ("task_id", "seq")
+        return ("-id",)
+
+    @admin.display(description="task")
     def task_link(self, event: AuditEvent) -> str:
         return task_link(event.task_id)
 

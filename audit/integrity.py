@@ -197,7 +197,9 @@ EventRow = tuple[int, int, str, int | None, str, str, str, str, str]
 _EVENTS_SQL = (
     "SELECT id, seq, type, step, payload::text, actor, "
     "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
-    "prev_hash, hash FROM audit_auditevent WHERE task_id = %s ORDER BY seq, id"
+    # The digests as hex (``DigestField`` stores their 32 bytes; NULL: none).
+    "COALESCE(encode(prev_hash, 'hex'), ''), COALESCE(encode(hash, 'hex'), '') "
+    "FROM audit_auditevent WHERE task_id = %s ORDER BY seq, id"
 )
 
 

@@ -20,8 +20,9 @@ class ModelCall(models.Model):
         REPLY = "reply"
         SUMMARY = "summary"
 
+    # No index of its own: (task, step) serves every lookup by task.
     task = models.ForeignKey(
-        "agents.AgentTask", on_delete=models.CASCADE, related_name="model_calls"
+        "agents.AgentTask", on_delete=models.CASCADE, related_name="model_calls", db_index=False
     )
     # The task's owner, kept here for the per-owner daily token budget.
     owner = models.ForeignKey(
@@ -62,8 +63,9 @@ class Message(models.Model):
         ASSISTANT = "assistant"
         TOOL = "tool"
 
+    # No index of its own: the (task, seq) unique index serves every lookup by task.
     task = models.ForeignKey(
-        "agents.AgentTask", on_delete=models.CASCADE, related_name="llm_messages"
+        "agents.AgentTask", on_delete=models.CASCADE, related_name="llm_messages", db_index=False
     )
     # 0, 1, 2 ... per task, with no gaps: the conversation's order.
     seq = models.PositiveIntegerField()

@@ -462,7 +462,8 @@ WITH advanced AS (
 ), events AS (
     INSERT INTO {AuditEvent._meta.db_table}
            (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
-    SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s, e.prev_hash, e.hash
+    SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s,
+           decode(NULLIF(e.prev_hash, ''), 'hex'), decode(e.hash, 'hex')
       FROM advanced,
            jsonb_to_recordset(%(events)s::jsonb)
                AS e(seq integer, type text, step integer, payload jsonb, actor text,
@@ -473,7 +474,8 @@ SELECT status FROM advanced
 
 
 def _audit_head(task_id: UUID) -> tuple[int, str]:
-    """``(audit_seq, hash of that event)`` of the task, read now ("" before any event)."""
+    """``(audit_seq, hash of that event)`` of the task, read now ("" before any event;
+    the hash as hex, as ``DigestField`` reads it)."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT t.audit_seq, (SELECT a.hash FROM {AuditEvent._meta.db_table} AS a"
@@ -482,7 +484,9 @@ def _audit_head(task_id: UUID) -> tuple[int, str]:
             [task_id],
         )
         row = cursor.fetchone()
-    return (row[0], row[1] or "") if row else (0, "")
+    if not row:
+        return (0, "")
+    return row[0], AuditEvent._meta.get_field("hash").to_python(row[1])
 
 
 def _commit_general(

@@ -9,6 +9,8 @@ inside the creating transaction while it holds the task's creation lock
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -67,6 +69,13 @@ def first_checkpoint(task: AgentTask, definition: Agent, *, local: bool) -> Chec
     )
 
 
+def input_digest(value: Any) -> str:
+    """The SHA-256 (hex) of a task's input as canonical JSON (sorted keys, no spaces):
+    what its ``created`` event records of it."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def created_audit(task: AgentTask, definition: Agent, *, actor: str) -> AuditBatch:
     """The new task's audit batch holding its ``created`` event (the first of its chain);
     a child's names its parent, a scheduled one its schedule and slot."""
@@ -74,7 +83,10 @@ def created_audit(task: AgentTask, definition: Agent, *, actor: str) -> AuditBat
     payload: dict[str, Any] = {
         "agent": definition.name,
         "version": task.agent_version,
-        "input": task.input,
+        # The input's digest, not the input: the input is the task row's, and a copy in
+        # the trail was a twelfth of the room a finished task takes (issue 24); the
+        # chained digest still shows the input as it was accepted.
+        "input_sha256": input_digest(task.input),
         "deadline": task.deadline.isoformat() if task.deadline else None,
         "idempotency_key": task.idempotency_key,
     }

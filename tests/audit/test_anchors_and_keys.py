@@ -116,7 +116,7 @@ def test_anchors_are_incremental_and_find_a_rewritten_head(user, tmp_path):
     assert set(json.loads(lines[0])["heads"]) == {str(first.pk)}
     assert set(json.loads(lines[1])["heads"]) == {str(second.pk)}
     owner_sql(
-        "UPDATE audit_auditevent SET hash = md5(hash) || md5(hash) WHERE task_id = %s AND seq = %s",
+        "UPDATE audit_auditevent SET hash = sha256(hash) WHERE task_id = %s AND seq = %s",
         [second.pk, second.audit_seq],
     )
     report = broken("--all", "--anchors", str(anchors))

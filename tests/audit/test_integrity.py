@@ -104,7 +104,7 @@ def test_an_inserted_event_is_found(user):
     inserting(
         "INSERT INTO audit_auditevent (task_id, seq, type, step, payload, actor, created_at,"
         " prev_hash, hash) SELECT task_id, seq + 1, 'approval_decided', step, '{}', actor,"
-        " created_at, hash, md5(hash) || md5(hash) FROM audit_auditevent"
+        " created_at, hash, sha256(hash) FROM audit_auditevent"
         " WHERE task_id = %s AND seq = %s",
         [task.pk, count],
     )
