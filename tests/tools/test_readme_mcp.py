@@ -18,6 +18,7 @@ from agents.models import AgentTask
 from agents.services import task_start
 from tests.helpers import run_until_idle
 from tools.mcp import mcp_cache_clear
+from tools.models import ToolCallRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,13 +53,15 @@ def test_the_readme_mcp_example_runs(user, chat, monkeypatch, capsys):
         call_command(*shlex.split(command)[2:])
     assert "mcp:time/get_current_time" in capsys.readouterr().out
 
+    # Two calls in one reply: they run at once (tools.runner), each recorded.
     chat.script = [
         {
             "tool_calls": [
-                {"name": "mcp__time__get_current_time", "arguments": {"timezone": "Europe/Paris"}}
+                {"name": "mcp__time__get_current_time", "arguments": {"timezone": "Europe/Paris"}},
+                {"name": "mcp__time__get_current_time", "arguments": {"timezone": "Asia/Tokyo"}},
             ]
         },
-        {"content": "It is late in Paris."},
+        {"content": "It is late in Paris and early in Tokyo."},
     ]
     tasks = [
         task_start(owner=user, agent="scripted", input=scripted)[0],
@@ -69,5 +72,10 @@ def test_the_readme_mcp_example_runs(user, chat, monkeypatch, capsys):
     assert first.status == "completed", first.error
     assert first.result["timezone"] == "Europe/Paris"
     assert second.status == "completed", second.error
-    assert second.result == {"answer": "It is late in Paris."}
+    assert second.result == {"answer": "It is late in Paris and early in Tokyo."}
+    results = [m for m in chat.received(task=second.pk)[1].body["messages"] if m["role"] == "tool"]
+    assert ["Europe/Paris" in r["content"] for r in results] == [True, False]
+    assert "Asia/Tokyo" in results[1]["content"]
+    keys = ToolCallRecord.objects.filter(task=second).values_list("idempotency_key", flat=True)
+    assert sorted(keys) == [f"{second.pk}:1:0", f"{second.pk}:1:1"], "each call recorded"
     mcp_cache_clear()
