@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import sys
 import time
@@ -29,25 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SERVER = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agents").rsplit("/", 1)[
-    0
-]
-os.environ.update(
-    {
-        "DATABASE_URL": f"{SERVER}/agents_bench_audit",
-        "AGENTS_VAR_DIR": str(ROOT / "var" / "bench"),
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-        # Thousands of timed requests from one user: not what the throttle is for.
-        "API_THROTTLE_RATE": "100000000/minute",
-        "DJANGO_SETTINGS_MODULE": "agents_project.settings",
-    }
+from benchmarks.common import django_on, fresh_database  # noqa: E402
+
+django_on(
+    "agents_bench_audit",
+    # Thousands of timed requests from one user: not what the throttle is for.
+    API_THROTTLE_RATE="100000000/minute",
 )
 
-import django  # noqa: E402
-
-django.setup()
-
-from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
@@ -58,14 +46,6 @@ from rest_framework.test import APIClient  # noqa: E402
 from agents.models import AgentTask  # noqa: E402
 from audit.models import AuditEvent, EventType  # noqa: E402
 from audit.selectors import audit_events  # noqa: E402
-
-
-def fresh_database() -> None:
-    name = settings.DATABASES["default"]["NAME"]
-    with connection._nodb_cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    call_command("migrate", verbosity=0)
 
 
 def task_with_events(owner, events: int) -> AgentTask:

@@ -32,23 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SERVER = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agents").rsplit("/", 1)[
-    0
-]
-os.environ.update(
-    {
-        "DATABASE_URL": f"{SERVER}/agents_bench_verify",
-        "AGENTS_VAR_DIR": str(ROOT / "var" / "bench"),
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-        "DJANGO_SETTINGS_MODULE": "agents_project.settings",
-    }
-)
+from benchmarks.common import django_on, fresh_database  # noqa: E402
 
-import django  # noqa: E402
+django_on("agents_bench_verify")
 
-django.setup()
-
-from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.files.storage import FileSystemStorage  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -58,14 +45,6 @@ from agents.models import AgentTask  # noqa: E402
 from agents.retention import task_archive_write  # noqa: E402
 from audit.models import AuditEvent, EventType  # noqa: E402
 from audit.services import AuditBatch  # noqa: E402
-
-
-def fresh_database() -> None:
-    name = settings.DATABASES["default"]["NAME"]
-    with connection._nodb_cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    call_command("migrate", verbosity=0)
 
 
 def task_with_events(events: int) -> AgentTask:

@@ -56,3 +56,35 @@ def machine() -> str:
         f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}"
     )
+
+
+def django_on(database: str, **extra: str) -> None:
+    """Start Django in this process against ``database`` on the server of
+    ``DATABASE_URL`` (default: the machine's), with the benchmarks' var folder and log
+    level; ``extra``: more environment (a setting for this benchmark)."""
+    server = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agents")
+    os.environ.update(
+        {
+            "DATABASE_URL": f"{server.rsplit('/', 1)[0]}/{database}",
+            "AGENTS_VAR_DIR": str(ROOT / "var" / "bench"),
+            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+            "DJANGO_SETTINGS_MODULE": "agents_project.settings",
+            **extra,
+        }
+    )
+    import django
+
+    django.setup()
+
+
+def fresh_database() -> None:
+    """Drop and create the benchmark's database (``django_on``), then migrate it."""
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    name = settings.DATABASES["default"]["NAME"]
+    with connection._nodb_cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    call_command("migrate", verbosity=0)
