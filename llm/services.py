@@ -10,8 +10,6 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 from django.db import IntegrityError, connection, transaction
-from django.utils import timezone
-from psycopg.types.json import Jsonb
 
 from agents.errors import PermanentError
 from llm.client import ChatReply, ModelConfig, tool_call_ids
@@ -96,62 +94,46 @@ def messages_append(
     """
     if not messages:
         return
+    rows = [
+        Message(
+            task_id=task_id,
+            seq=first_seq + offset,
+            step=step,
+            role=m.role,
+            content=m.content,
+            tool_calls=m.tool_calls,
+            tool_call_id=m.tool_call_id,
+            name=m.name,
+            pinned=m.pinned,
+            subtask=m.subtask,
+            tokens=m.tokens,
+            model_call_id=m.model_call_id,
+        )
+        for offset, m in enumerate(messages)
+    ]
     if connection.vendor == "postgresql":
-        _messages_insert(task_id, step, first_seq, messages)
-        return
-    Message.objects.bulk_create(
-        [
-            Message(
-                task_id=task_id,
-                seq=first_seq + offset,
-                step=step,
-                role=m.role,
-                content=m.content,
-                tool_calls=m.tool_calls,
-                tool_call_id=m.tool_call_id,
-                name=m.name,
-                pinned=m.pinned,
-                subtask=m.subtask,
-                tokens=m.tokens,
-                model_call_id=m.model_call_id,
-            )
-            for offset, m in enumerate(messages)
-        ],
-        ignore_conflicts=True,
-    )
+        _insert_new(rows)
+    else:
+        Message.objects.bulk_create(rows, ignore_conflicts=True)
 
 
-def _messages_insert(
-    task_id: UUID, step: int, first_seq: int, messages: Sequence[ChatMessage]
-) -> None:
-    """``messages_append`` on PostgreSQL: one ``INSERT ... ON CONFLICT DO NOTHING``
-    statement, with no transaction around it (Django's ``bulk_create`` opens one: two
-    more round trips for each of a step's writes)."""
-    now = timezone.now()
-    rows = []
-    params: list[Any] = []
-    for offset, m in enumerate(messages):
-        rows.append("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-        params += [
-            task_id,
-            first_seq + offset,
-            step,
-            m.role,
-            m.content,
-            None if m.tool_calls is None else Jsonb(m.tool_calls),
-            m.tool_call_id,
-            m.name,
-            m.pinned,
-            m.subtask,
-            m.tokens,
-            m.model_call_id,
-            now,
-        ]
+def _insert_new(rows: list[Message]) -> None:
+    """``rows`` in one ``INSERT ... ON CONFLICT DO NOTHING`` statement, with no
+    transaction around it (Django's ``bulk_create`` opens one: two more round trips for
+    each of a step's writes). Each value is prepared by its field, as ``bulk_create``
+    prepares it."""
+    fields = [f for f in Message._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
+    row = f"({', '.join(['%s'] * len(fields))})"
+    params = [
+        f.get_db_prep_save(getattr(message, f.attname), connection)
+        for message in rows
+        for f in fields
+    ]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {Message._meta.db_table} (task_id, seq, step, role, content,"
-            " tool_calls, tool_call_id, name, pinned, subtask, tokens, model_call_id,"
-            f" created_at) VALUES {', '.join(rows)} ON CONFLICT (task_id, seq) DO NOTHING",
+            f"INSERT INTO {Message._meta.db_table} ({columns}) VALUES"
+            f" {', '.join([row] * len(rows))} ON CONFLICT (task_id, seq) DO NOTHING",
             params,
         )
 
