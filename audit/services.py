@@ -42,6 +42,7 @@ def _last_hash(task: Audited) -> str:
         return ""
     last = (
         AuditEvent.objects.filter(task_id=task.pk, seq=task.audit_seq)
+        .order_by()  # (task, seq) is unique; the default order would join the task table
         .values_list("hash", flat=True)
         .first()
     )

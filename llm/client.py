@@ -44,22 +44,23 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import openai
 import redis
 import structlog
 from django.conf import settings
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
-from openai.types.chat import ChatCompletion
 
 from agents.errors import PermanentError, RetryableError, RetryLater
 from agents_project.errors import CircuitOpen
 from llm.streaming import ChunkAccumulator
 from tools.breakers import Transition, breaker_call
+
+if TYPE_CHECKING:
+    import openai
 
 logger = structlog.get_logger(__name__)
 
@@ -327,6 +328,8 @@ def _chat_send(
 
 @lru_cache(maxsize=32)
 def _client(base_url: str, api_key: str, timeout: float) -> openai.OpenAI:
+    import openai  # imported where a call is made: 50 MB a worker that hands off never needs
+
     # One client (and connection pool) per server and key in each process. The SDK's
     # retries are off: a retry here would be a second request the runtime cannot see.
     return openai.OpenAI(
@@ -343,6 +346,9 @@ def _request(
 ) -> Any:
     # A model that names a credential never falls back to the deployment's key.
     key = api_key if config.api_key_credential else (api_key or config.api_key)
+    import openai
+    from openai.types.chat import ChatCompletion
+
     client = _client(config.base_url, key, config.timeout)
     extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
     on_delta = _on_delta.get()

@@ -446,16 +446,18 @@ class Gateway:
                     if payload.get("stream"):
                         outcome = await self._streamed(call, config, client, extra, started)
                     else:
-                        raw = await client.chat.completions.with_raw_response.create(
-                            model=config.name,
-                            messages=payload["messages"],
-                            extra_headers={"X-Agents-Call": payload["key"]},
-                            **extra,
+                        # The SDK's generic POST (its README's "undocumented endpoints"):
+                        # the messages go out as they were prepared, without the typed
+                        # create()'s walk over every message (a tenth of this process's CPU).
+                        outcome = await client.post(
+                            "/chat/completions",
+                            body={"model": config.name, "messages": payload["messages"], **extra},
+                            cast_to=ChatCompletion,
+                            options={"headers": {"X-Agents-Call": payload["key"]}},
                         )
                         metrics.GATEWAY_FIRST_TOKEN.labels(model=config.name).observe(
                             time.monotonic() - started
                         )
-                        outcome = raw.parse()
             except TimeoutError:
                 outcome = RetryableError(
                     f"model {config.name!r}: no answer within "

@@ -11,6 +11,7 @@ from uuid import UUID
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
+from agents_project.reads import Select
 from llm.client import ChatReply, tool_call_ids
 from llm.context import ChatMessage
 from llm.models import Message, ModelCall
@@ -52,7 +53,18 @@ def owner_tokens_today(*, owner_id: int) -> int:
 
 
 def model_call_find(*, key: str) -> ModelCall | None:
-    return ModelCall.objects.filter(key=key).first()
+    """The call recorded under ``key`` (unique), or None."""
+    return _CALL_BY_KEY.first([key])
+
+
+# Read for every model call, by the step and by the gateway (agents_project.reads).
+_CALL_BY_KEY = Select(ModelCall, "key = %s", params=("key",), tail="LIMIT 1")
+_CONVERSATION = Select(
+    Message,
+    "task_id = %s AND seq >= %s AND seq < %s",
+    params=("task", "seq", "seq"),
+    tail="ORDER BY seq",
+)
 
 
 def task_messages(*, task_id: UUID, after_seq: int | None = None) -> QuerySet[Message]:
@@ -81,10 +93,10 @@ def conversation(
     *, task_id: UUID, start: int = 0, end: int, subtask: int | None = None
 ) -> list[ChatMessage]:
     """Messages ``start <= seq < end`` in order (of one sub-task, if given)."""
+    if subtask is None:
+        return [as_chat(m) for m in _CONVERSATION.all([task_id, start, end])]
     rows = Message.objects.filter(task_id=task_id, seq__gte=start, seq__lt=end)
-    if subtask is not None:
-        rows = rows.filter(subtask=subtask)
-    return [as_chat(m) for m in rows.order_by("seq")]
+    return [as_chat(m) for m in rows.filter(subtask=subtask).order_by("seq")]
 
 
 def conversation_pinned(*, task_id: UUID, start: int, end: int) -> list[ChatMessage]:

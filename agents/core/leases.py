@@ -278,6 +278,7 @@ def _read(task_id: UUID, step: int, *, confirm: bool) -> tuple[AgentTask | None,
         Checkpoint.objects.select_related("task")
         .defer(*LARGE_FIELDS)
         .filter(task_id=task_id, step=step - 1)
+        .order_by()  # (task, step) is unique: no sort
         .first()
     )
     if checkpoint is not None:
