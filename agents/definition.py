@@ -114,6 +114,9 @@ class StepContext:
     # What the process a step was handed to says of it (``HandOff``): ``{"key": ...,
     # "error": {...}}`` or ``{"key": ..., "recorded": true}``; None on a plain delivery.
     handed_back: Mapping[str, Any] | None = None
+    # True for a step that follows another in the same delivery (the engine ran the one
+    # before it in this process, ``steps_per_delivery``); False for a delivery's first.
+    continued: bool = False
     # The step's audit events as ``(type, payload)`` pairs; the engine passes its own list.
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 

@@ -380,7 +380,13 @@ class LLMStep:
                 f"answer (max_steps {self.settings.max_steps})",
                 state=self.state,
             )
-        self._write()  # the request is built from storage, these included
+        if self.ctx.handed_back is not None:
+            # This step ran before on this delivery's behalf and handed off its request,
+            # planned from these same messages, which it stored first: not again.
+            self.state["messages"] += len(self.new)
+            self.new = []
+        else:
+            self._write()  # the request is built from storage, these included
         config = self._model()
         outcome = self._reply(config)
         if not isinstance(outcome, tuple):
@@ -449,7 +455,7 @@ class LLMStep:
             if replayed is not None:
                 return replayed
             messages, fold = self._plan(limits, suffix)
-            record = model_call_find(key=key)
+            record = None if self._unrecorded() else model_call_find(key=key)
             folded = model_call_find(key=fold[0]) if fold else None
             if record is None:
                 calls = 1 + (1 if fold and folded is None else 0)
@@ -674,6 +680,15 @@ class LLMStep:
             delta_publish(task_id=self.ctx.task_id, message=message)
 
         return sink
+
+    def _unrecorded(self) -> bool:
+        """True when no reply can be recorded for this step's request yet, so there is
+        nothing to look up: with the model gateway on, a reply is recorded only for a
+        request handed off, and a hand-off commits its step as the task's current one,
+        so a step that follows another in the same delivery has never been handed off.
+        (The gateway looks the key up again before it calls, so even a reply recorded
+        by a pool process before the gateway was turned on is never paid for twice.)"""
+        return self.ctx.continued and gateway_enabled()
 
     def _handed_back(self, key: str) -> Mapping[str, Any] | None:
         """What the model gateway said of the call ``key`` on this delivery, if anything."""

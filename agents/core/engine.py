@@ -403,6 +403,7 @@ def _run(
             state=record.state,
             owner_id=task.owner_id,
             tool_results=tuple(record.results),
+            continued=True,
             events=events,
         )
 

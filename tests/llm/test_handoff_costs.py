@@ -2,7 +2,9 @@
 
 The delivery that takes a recorded reply back runs the reply's tools and prepares the
 next request: it reads the conversation once (for the next request; the reply is not
-planned again) and writes the task row twice: its claim, then one statement that
+planned again), the recorded reply once (the next request, which follows in the same
+delivery, cannot have one), stores only the messages the hand-off did not, and writes
+the task row twice: its claim, then one statement that
 stores the checkpoint and audit events and passes the lease to the hand-off queue, in
 the transaction that publishes the hand-off. The gateway's part is played here by its
 own functions (claim, record, return), against the scripted chat server through the
@@ -105,6 +107,11 @@ def test_a_recorded_reply_is_taken_back_with_one_read_and_one_commit(chat, user,
     task_writes = [s for s in sql if "UPDATE agents_agenttask" in s.replace('"', "")]
     assert len(task_writes) == 2, "the claim, then one statement: checkpoint 1 and the hand-off"
     assert "lease_owner" in task_writes[1] and "INSERT INTO agents_checkpoint" in task_writes[1]
+    lookups = [s for s in sql if s.startswith("SELECT") and 'FROM "llm_modelcall"' in s]
+    assert len(lookups) == 1, "the recorded reply; step 2's request has none to look up"
+    writes = [s for s in sql if s.startswith("INSERT INTO llm_message")]
+    assert len(writes) == 2, "the reply, then the tool's result; not the request's again"
+    assert len(sql) == 9, sql
 
     task.refresh_from_db()
     assert task.current_step == 2
