@@ -144,6 +144,10 @@ class Tool:
     # Its result is recorded under the call's idempotency key and reused, never asked
     # for again (a tool that cannot honour the key itself, like every MCP tool).
     recorded: bool = False
+    # It may read the task's credentials (``ctx.credentials``). False: it never does,
+    # and a step whose calls are all such tools does not read or decrypt them (nothing
+    # of theirs can reach its results to be masked).
+    credentials: bool = True
 
     def parameters_schema(self) -> dict[str, Any]:
         """The JSON Schema (draft 2020-12) of this tool's arguments: what a model is
@@ -243,9 +247,11 @@ def tool(
     probe: Callable[[], None] | None = None,
     parallel: bool = False,
     recorded: bool = False,
+    credentials: bool = True,
     replace: bool = False,
 ) -> Callable[[ToolFunc], ToolFunc]:
-    """Register the decorated function as the tool ``name``."""
+    """Register the decorated function as the tool ``name``. ``credentials=False``: it
+    never reads ``ctx.credentials`` (they are then not loaded for it)."""
 
     def decorator(func: ToolFunc) -> ToolFunc:
         if name in _REGISTRY and not replace:
@@ -269,6 +275,7 @@ def tool(
             description=(func.__doc__ or "").strip().split("\n")[0],
             parallel=parallel,
             recorded=recorded,
+            credentials=credentials,
         )
         return func
 

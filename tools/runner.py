@@ -95,13 +95,13 @@ def tools_run(run: ToolRun, calls: Sequence[ToolCall]) -> list[ToolResult]:
     """
     if not calls:
         return []
-    if run.credentials is None:
+    many = len(calls) > 1
+    tools = [find_tool(call.name, owner_id=run.owner_id) for call in calls]
+    if run.credentials is None and any(t is None or t.credentials for t in tools):
         loaded = task_credentials(run.task_id, run.owner_id)
         run.credentials = {name: value for name, (value, _) in loaded.items()}
         run.credential_hosts = {name: hosts for name, (_, hosts) in loaded.items()}
-    secrets = tuple(v for v in run.credentials.values() if v)
-    many = len(calls) > 1
-    tools = [find_tool(call.name, owner_id=run.owner_id) for call in calls]
+    secrets = tuple(v for v in (run.credentials or {}).values() if v)
     keys = [_key(run, index) for index in range(len(calls))]
     recorded = _recorded(
         [k for k, t in zip(keys, tools, strict=True) if t and (t.recorded or many)]

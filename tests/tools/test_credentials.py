@@ -255,3 +255,29 @@ def test_the_admin_lists_credentials_without_their_values(admin_client, user):
         assert secret not in page
         assert credential.ciphertext not in page
     assert admin_client.get("/admin/tools/credential/add/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_step_calling_only_tools_that_read_no_credentials_does_not_load_them(user):
+    """``calc`` declares ``credentials=False``: its calls neither read nor decrypt the
+    task's credentials; a tool that may read them (the default) loads them once."""
+    import uuid
+
+    from django.test.utils import CaptureQueriesContext
+
+    from agents.definition import ToolCall
+    from tools.runner import ToolRun, tools_run
+
+    credential_set(
+        owner=user, name="api_key", value="s3cret-" + token_hex(8), any_host=True, actor="test"
+    )
+
+    def credential_reads(calls: list[ToolCall]) -> int:
+        run = ToolRun(task_id=uuid.uuid4(), owner_id=user.pk, step=1, events=[])
+        with CaptureQueriesContext(connection) as queries:
+            results = tools_run(run, calls)
+        assert all(r.ok for r in results), results
+        return sum('FROM "tools_credential"' in q["sql"] for q in queries.captured_queries)
+
+    assert credential_reads([ToolCall("calc", {"expression": "6*7"})]) == 0
+    assert credential_reads([ToolCall("session.peek", {})]) == 1
