@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
 from agents.core import clock
+from agents.retention import partition_purge_after
 from audit.partitions import (
     MONTHS_AHEAD,
     partitioned,
@@ -78,8 +79,6 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def _retire(self, options: dict[str, Any]) -> None:
-        from agents.retention import partition_purge_after
-
         report = partitions_retire(
             now=clock.now(),
             actor=process_actor("command"),
