@@ -83,6 +83,12 @@ def verified(task: AgentTask) -> str:
     return out.getvalue()
 
 
+def intact(task: AgentTask, events: int) -> bool:
+    """``audit_verify TASK_ID`` verifies ``events`` events and finds no break."""
+    out = verified(task)
+    return f" {events} event(s) verified" in out and " 0 break(s)" in out
+
+
 def month_name(at: datetime) -> str:
     return f"audit_auditevent_p{at:%Y_%m}"
 
@@ -105,7 +111,7 @@ def test_a_task_whose_events_span_two_months_verifies(user):
     partitions_ensure(now=datetime.now(UTC), since=two)
     relocate(task, {1: two, 3: one})
     assert partitions_of(task) == [month_name(two), month_name(one)]
-    assert f"{task.audit_seq} event(s) verified, 0 break(s)" in verified(task)
+    assert intact(task, task.audit_seq)
     # The API's audit page reads them in order across both.
     seqs = list(AuditEvent.objects.filter(task=task).order_by("seq").values_list("seq", flat=True))
     assert seqs == list(range(1, task.audit_seq + 1))
@@ -137,11 +143,11 @@ def test_an_insert_in_a_month_with_no_partition_lands_in_default_and_moves_later
         cursor.execute(f"DROP TABLE IF EXISTS {month_name(far)}")
     relocate(task, {1: far})
     assert partitions_of(task) == ["audit_auditevent_default"]
-    assert f"{task.audit_seq} event(s) verified" in verified(task)
+    assert intact(task, task.audit_seq)
     made = partitions_ensure(now=far, months_ahead=0)
     assert made == [month_name(far)]
     assert partitions_of(task) == [month_name(far)]
-    assert f"{task.audit_seq} event(s) verified, 0 break(s)" in verified(task)
+    assert intact(task, task.audit_seq)
     assert AuditEvent.objects.filter(task=task).count() == task.audit_seq
 
 
@@ -216,7 +222,7 @@ def test_the_migration_moves_an_existing_trail_into_partitions(user):
         assert where == month_name(at), "each event in its month's partition"
     assert month_name(three) in {p.name for p in partitions_list()}
     for task in (old, recent):
-        assert f"{task.audit_seq} event(s) verified, 0 break(s)" in verified(task)
+        assert intact(task, task.audit_seq)
     # New events continue the ids, and the trail stays append-only.
     third = completed(user)
     assert AuditEvent.objects.filter(task=third).order_by("id").first().id > max(
