@@ -496,9 +496,10 @@ def storage() -> dict[str, Any]:
     # A partitioned table (the audit trail, audit.0010) is the sum of its partitions.
     sizes = dict(
         sql(
-            "SELECT c.relname::text,"
+            "SELECT c.relname::text, coalesce("
             " (SELECT sum(pg_total_relation_size(p.relid))::bigint"
-            "    FROM pg_partition_tree(c.oid) AS p)"
+            "    FROM pg_partition_tree(c.oid) AS p WHERE p.isleaf),"
+            " pg_total_relation_size(c.oid))"
             " FROM pg_class AS c WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
             [list(STORAGE_TABLES)],
         )
