@@ -30,6 +30,11 @@ hold, and that no live task was replayed from, are candidates. For each one a ru
    removal record exists and the task row is gone; a trigger refuses to delete a task
    row that is held or not final (``agents.0010``).
 
+On the partitioned trail (``audit.partitions``), ``audit_events_remove`` deletes only a
+removed task's events in months not yet ended; those of ended months wait for their
+partition, which the run drops whole once every task in it is removed (audited by an
+``AuditPartitionRemoval``), or deletes by rows after ``partition_purge_after``.
+
 A run killed anywhere loses nothing: before step 3 commits, the task is whole in the
 database (the next run archives it again, to the same name); after, the archive was
 already verified. Live tasks are never read for update, so no step waits on retention.
