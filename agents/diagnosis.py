@@ -18,7 +18,7 @@ reported with the state ``unknown`` rather than failing the page.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
@@ -36,6 +36,10 @@ ERROR_EVENTS = ERROR_EVENT_TYPES
 # The task list looks for the last error among a task's latest events only (a bounded
 # index scan per row, however long the trail): a failure that matters now is recent.
 LIST_WINDOW = 30
+# A task's events are no older than the task (a day's margin for clocks apart): on the
+# partitioned trail (audit.0010) this bound lets PostgreSQL skip the months before the
+# task when it runs the list's per-row subqueries.
+EVENTS_NOT_BEFORE_TASK = timedelta(days=1)
 # ``CircuitOpen`` (agents.errors), as the engine records it in ``error_type``.
 CIRCUIT_OPEN = "CircuitOpen"
 
@@ -122,6 +126,7 @@ def tasks_with_console_columns(tasks: QuerySet[AgentTask]) -> QuerySet[AgentTask
         task=OuterRef("pk"),
         seq__gt=OuterRef("audit_seq") - LIST_WINDOW,
         type__in=ERROR_EVENTS,
+        created_at__gte=OuterRef("created_at") - EVENTS_NOT_BEFORE_TASK,
     ).order_by("-seq")
     open_wait = Suspension.objects.filter(
         task=OuterRef("pk"), step=OuterRef("current_step") - 1, resolved_at__isnull=True

@@ -30,6 +30,11 @@ hold, and that no live task was replayed from, are candidates. For each one a ru
    removal record exists and the task row is gone; a trigger refuses to delete a task
    row that is held or not final (``agents.0010``).
 
+On the partitioned trail (``audit.partitions``), ``audit_events_remove`` deletes only a
+removed task's events in months not yet ended; those of ended months wait for their
+partition, which the run drops whole once every task in it is removed (audited by an
+``AuditPartitionRemoval``), or deletes by rows after ``partition_purge_after``.
+
 A run killed anywhere loses nothing: before step 3 commits, the task is whole in the
 database (the next run archives it again, to the same name); after, the archive was
 already verified. Live tasks are never read for update, so no step waits on retention.
@@ -56,7 +61,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
 from django.core.files.storage import Storage, storages
-from django.db import connection, models, transaction
+from django.db import DatabaseError, connection, models, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from agents import metrics, permissions
@@ -68,6 +73,7 @@ from agents_project.errors import ApplicationError, Conflict, InvalidInput, NotF
 from audit.archive import END, EVENT, TASK, ArchiveWriter, archive_records, archive_verify
 from audit.integrity import removal_hash
 from audit.models import AuditEvent, EventType, TaskRemoval
+from audit.partitions import RetireReport, partitioned, partitions_ensure, partitions_retire
 from audit.services import AuditBatch, process_actor, user_actor
 
 logger = structlog.get_logger(__name__)
@@ -371,6 +377,45 @@ class RunReport:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     would: list[tuple[str, str]] = field(default_factory=list)
+    # The audit trail's partitions: made ahead, and the pass over ended months.
+    partitions_made: list[str] = field(default_factory=list)
+    partitions: RetireReport = field(default_factory=RetireReport)
+
+
+def partition_purge_after() -> timedelta:
+    """How long after its month ended a partition that still holds a staying task gets
+    its removed tasks' events deleted by rows (``audit.partitions.partitions_retire``):
+    ``AGENTS_RETENTION["partition_purge_after_days"]``, by default the longest
+    ``archive_after_days`` of an ``archive_and_remove`` policy plus 31 days, by when
+    every task of that month that retention removes has become due."""
+    config = _config()
+    if "partition_purge_after_days" in config:
+        return timedelta(days=float(config["partition_purge_after_days"]))
+    policies: list[dict[str, Any]] = [
+        {**DEFAULT_POLICY, **config.get("default", {}), **rule}
+        for scope in ("agents", "owners")
+        for rule in config.get(scope, {}).values()
+    ] + [{**DEFAULT_POLICY, **config.get("default", {})}]
+    days = [float(p["archive_after_days"]) for p in policies if p["mode"] == ARCHIVE_AND_REMOVE]
+    return timedelta(days=max(days, default=90.0) + 31)
+
+
+def _partitions_maintain(report: RunReport, *, actor: str, batch: int, dry_run: bool) -> None:
+    """Partitions made ahead, then the pass over ended months; errors logged, not
+    raised (the next run tries again), as the tasks' work is already done."""
+    now = clock.now()
+    try:
+        if not dry_run:
+            report.partitions_made = partitions_ensure(now=now)
+        report.partitions = partitions_retire(
+            now=now,
+            actor=actor,
+            purge_after=partition_purge_after(),
+            batch=batch,
+            dry_run=dry_run,
+        )
+    except DatabaseError:
+        logger.exception("retention: audit partitions not maintained")
 
 
 def retention_run(
@@ -381,7 +426,9 @@ def retention_run(
     actor: str | None = None,
 ) -> RunReport:
     """One pass: archive and remove (or prune) up to ``batch`` candidate tasks
-    (``AGENTS_RETENTION["batch"]``), one transaction per task. Safe to run in many
+    (``AGENTS_RETENTION["batch"]``), one transaction per task; then, on a partitioned
+    trail, make the coming months' partitions and drop the ended months whose tasks
+    are all removed (``audit.partitions``). Safe to run in many
     processes at once and to kill at any point (see the module's docstring).
     ``dry_run`` lists what it would do ((task id, mode) in ``would``) and writes nothing.
     Raises ``ImproperlyConfigured`` on a database other than PostgreSQL."""
@@ -409,15 +456,18 @@ def retention_run(
             report.failed.append(str(task.pk))
             continue
         getattr(report, outcome).append(str(task.pk))
+    if partitioned():
+        _partitions_maintain(report, actor=actor, batch=batch, dry_run=dry_run)
     for outcome in ("removed", "pruned", "skipped", "failed"):
         metrics.retention_counted(outcome=outcome, count=len(getattr(report, outcome)))
-    if report.removed or report.pruned or report.failed:
+    if report.removed or report.pruned or report.failed or report.partitions.dropped:
         logger.info(
             "retention run",
             removed=len(report.removed),
             pruned=len(report.pruned),
             skipped=len(report.skipped),
             failed=len(report.failed),
+            partitions_dropped=sorted(report.partitions.dropped),
         )
     return report
 
@@ -488,6 +538,14 @@ def task_restore(*, source: IO[bytes], archive: str, actor: str) -> AgentTask:
     with transaction.atomic():
         if AgentTask.objects.filter(pk=task_id).exists():
             raise Conflict(f"task {task_id} is in the database already")
+        if (
+            connection.vendor == "postgresql"
+            and TaskRemoval.objects.filter(task_id=task_id).exists()
+        ):
+            # Its events may still wait in an ended month's partition: the archive's
+            # copy replaces them.
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT audit_events_remove(%s, true)", [task_id])
         owner_id = report.task.get("owner_id")
         owner = get_user_model()._default_manager.filter(pk=int(owner_id or 0)).first()
         if owner is None:

@@ -363,9 +363,10 @@ if not isinstance(_ramp, dict) or not all(
 # --- Retention and archival (agents/retention.py) -------------------------------------
 # AGENTS_RETENTION is JSON: {"default": POLICY, "agents": {NAME: POLICY}, "owners":
 # {USERNAME: POLICY}, "interval": seconds between two runs in each worker (0: never),
-# "batch": tasks per run}. A POLICY has "mode" (keep | keep_latest |
-# archive_and_remove) and "archive_after_days" (days after the task finished); an
-# owner's policy overrides an agent's, which overrides the default, field by field.
+# "batch": tasks per run, "partition_purge_after_days": see agents.retention}. A
+# POLICY has "mode" (keep | keep_latest | archive_and_remove) and "archive_after_days"
+# (days after the task finished); an owner's policy overrides an agent's, which
+# overrides the default, field by field.
 # The default keeps everything: nothing is removed until a policy says so.
 RETENTION_MODES = ("keep", "keep_latest", "archive_and_remove")
 AGENTS["RETENTION"] = env.json("AGENTS_RETENTION", default={})
@@ -377,9 +378,10 @@ def _retention_check(value: Any) -> dict[str, Any]:
 
     if not isinstance(value, dict):
         refuse("the setting", "must be a JSON object")
-    unknown = set(value) - {"default", "agents", "owners", "interval", "batch"}
+    known = {"default", "agents", "owners", "interval", "batch", "partition_purge_after_days"}
+    unknown = set(value) - known
     if unknown:
-        refuse(", ".join(sorted(unknown)), "unknown key (default, agents, owners, interval, batch)")
+        refuse(", ".join(sorted(unknown)), f"unknown key ({', '.join(sorted(known))})")
 
     def policy(where: str, item: Any) -> None:
         if not isinstance(item, dict):
@@ -400,6 +402,9 @@ def _retention_check(value: Any) -> dict[str, Any]:
             refuse(scope, "must be an object of NAME: POLICY")
         for name, item in rules.items():
             policy(f"{scope}.{name}", item)
+    purge = value.get("partition_purge_after_days", 0)
+    if isinstance(purge, bool) or not isinstance(purge, int | float) or purge < 0:
+        refuse("partition_purge_after_days", "must be a number of days >= 0")
     for key, default in (("interval", 3600), ("batch", 20)):
         number = value.setdefault(key, default)
         if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:

@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from agents_project.admin_paging import KeysetAdminMixin
-from audit.models import AuditEvent, TaskRemoval
+from audit.models import AuditEvent, AuditPartitionRemoval, TaskRemoval
 from audit.timeline import describe
 
 
@@ -95,3 +95,11 @@ class TaskRemovalAdmin(ReadOnlyAdmin):
         self, request: HttpRequest, queryset: QuerySet[TaskRemoval], search_term: str
     ) -> tuple[QuerySet[TaskRemoval], bool]:
         return by_task_id(queryset, search_term), False
+
+
+@admin.register(AuditPartitionRemoval)
+class AuditPartitionRemovalAdmin(ReadOnlyAdmin):
+    """Month partitions of the audit trail retention dropped (``audit.partitions``)."""
+
+    list_display = ("name", "range_start", "range_end", "events", "tasks", "actor", "created_at")
+    list_per_page = 100

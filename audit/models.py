@@ -91,12 +91,19 @@ ERROR_EVENT_TYPES = (
 
 
 class AuditEvent(models.Model):
-    # No index of its own: the (task, seq) unique index serves every lookup by task.
+    """One event of a task's trail. On PostgreSQL the table is partitioned by month of
+    ``created_at`` (migration ``audit.0010``, ``audit.partitions``): its primary key in
+    the database is ``(id, created_at)``, ids stay unique (one identity sequence)."""
+
+    # No index of its own: the (task, seq, created_at) unique index serves every lookup
+    # by task. No foreign key in the database: a removed task's events wait in their
+    # closed month's partition until it is dropped (audit.0010 says what guards instead).
     task = models.ForeignKey(
         "agents.AgentTask",
         on_delete=models.PROTECT,
         related_name="audit_events",
         db_index=False,
+        db_constraint=False,
     )
     # 1, 2, 3 ... per task, with no gaps: the order of what happened.
     seq = models.PositiveIntegerField()
@@ -114,7 +121,11 @@ class AuditEvent(models.Model):
     class Meta:
         ordering = ["task", "seq"]
         constraints = [
-            models.UniqueConstraint(fields=["task", "seq"], name="audit_event_seq_per_task"),
+            # A partitioned table's unique constraints include its partition key; the
+            # task's row lock keeps (task, seq) unique (audit.0010 explains).
+            models.UniqueConstraint(
+                fields=["task", "seq", "created_at"], name="audit_event_seq_per_task"
+            ),
         ]
         indexes = [
             # A task's last error (``agents.diagnosis``): a few entries per failing task.
@@ -220,3 +231,24 @@ class TaskRemoval(models.Model):
 
     def __str__(self) -> str:
         return f"removal #{self.seq} of task {self.task_id}"
+
+
+class AuditPartitionRemoval(models.Model):
+    """A month partition of the audit trail dropped by retention (``audit.partitions``):
+    written by ``audit_partition_drop`` (migration ``audit.0010``) in the transaction that
+    drops it, once every task with events in it was archived and removed (each has its
+    ``TaskRemoval``). Append-only (a trigger refuses UPDATE and DELETE)."""
+
+    name = models.CharField(max_length=63)
+    range_start = models.DateTimeField()
+    range_end = models.DateTimeField()
+    events = models.PositiveBigIntegerField()
+    tasks = models.PositiveBigIntegerField()
+    actor = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["range_start", "id"]
+
+    def __str__(self) -> str:
+        return f"partition {self.name} dropped ({self.events} events of {self.tasks} tasks)"

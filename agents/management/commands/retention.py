@@ -98,6 +98,9 @@ class Command(BaseCommand):
         if batch is not None and batch < 1:
             raise CommandError("--batch: must be 1 or more")
         report = retention_run(batch=batch, dry_run=options["dry_run"])
+        verb = "would drop" if options["dry_run"] else "dropped"
+        for name, events in report.partitions.dropped.items():
+            self.stdout.write(f"{verb} audit partition {name} ({events} events)")
         if options["dry_run"]:
             for task_id, mode in report.would:
                 self.stdout.write(f"would {mode}: {task_id}")

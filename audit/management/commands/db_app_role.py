@@ -5,10 +5,12 @@ docker/compose.yaml's ``migrate`` service and docker/k8s/migrate-job.yaml do. Th
 role (the user of ``APP_DATABASE_URL``, or ``--role``) gets read and write on every
 table of the schema, except:
 
-- ``audit_auditevent`` and ``audit_taskremoval`` (retention's removal records): SELECT
-  and INSERT only (no UPDATE, DELETE or TRUNCATE), and as it does not own them it
-  cannot disable their append-only triggers either; retention removes a task's events
-  only through ``audit_events_remove`` (migration ``audit.0006``);
+- ``audit_auditevent`` (and each of its monthly partitions), ``audit_taskremoval`` and
+  ``audit_auditpartitionremoval`` (retention's removal records): SELECT and INSERT
+  only (no UPDATE, DELETE or TRUNCATE), and as it does not own them it cannot disable
+  their append-only triggers either; retention removes a task's events only through
+  ``audit_events_remove`` and ``audit_partition_drop`` (migrations ``audit.0007``,
+  ``audit.0010``);
 - ``audit_auditchainstart`` and ``django_migrations``: SELECT only.
 
 The role is created (LOGIN, with the URL's password) when it does not exist, and its
@@ -32,7 +34,7 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 READ_ONLY_TABLES = ("audit_auditchainstart", "django_migrations")
 AUDIT_TABLE = "audit_auditevent"
 # Tables the app may only append to.
-APPEND_ONLY_TABLES = (AUDIT_TABLE, "audit_taskremoval")
+APPEND_ONLY_TABLES = (AUDIT_TABLE, "audit_taskremoval", "audit_auditpartitionremoval")
 
 
 def app_role_from_url(url: str) -> tuple[str, str]:
@@ -109,9 +111,17 @@ class Command(BaseCommand):
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}",
                 f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {quoted}",
             ]
+            # The trail's partitions (audit.0010) are tables too, which GRANT ... ON ALL
+            # TABLES reached: the same as their parent. Those made later get no grant.
+            cursor.execute(
+                "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = to_regclass(%s)",
+                [AUDIT_TABLE],
+            )
+            partitions = [row[0] for row in cursor.fetchall()]
             statements += [
                 f"REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {table} FROM {quoted}"
-                for table in APPEND_ONLY_TABLES
+                for table in (*APPEND_ONLY_TABLES, *partitions)
             ]
             statements += [
                 f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {table} FROM {quoted}"
