@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterable
@@ -26,6 +27,40 @@ class Audited(Protocol):
 
 
 _HOST = socket.gethostname()
+
+
+def events_insert_sql(after: str) -> str:
+    """The SQL of a CTE body that inserts sealed events passed as one JSON array (see
+    ``events_json``), once per row of ``after`` (a CTE's name), so that it writes
+    nothing when ``after`` matched nothing. Its named placeholders: ``%(id)s`` the
+    task's id, ``%(created)s`` the events' time, ``%(events)s`` the array."""
+    return f"""
+    INSERT INTO {AuditEvent._meta.db_table}
+           (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
+    SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s,
+           decode(NULLIF(e.prev_hash, ''), 'hex'), decode(e.hash, 'hex')
+      FROM {after},
+           jsonb_to_recordset(%(events)s::jsonb)
+               AS e(seq integer, type text, step integer, payload jsonb, actor text,
+                    prev_hash text, hash text)"""
+
+
+def events_json(events: Iterable[AuditEvent]) -> str:
+    """Sealed ``events`` as the JSON array ``events_insert_sql`` reads."""
+    return json.dumps(
+        [
+            {
+                "seq": e.seq,
+                "type": e.type,
+                "step": e.step,
+                "payload": e.payload,
+                "actor": e.actor,
+                "prev_hash": e.prev_hash,
+                "hash": e.hash,
+            }
+            for e in events
+        ]
+    )
 
 
 def process_actor(role: str) -> str:

@@ -55,7 +55,7 @@ from agents.definition import (
 from agents.models import AgentTask, Checkpoint, TaskStatus
 from agents_project.errors import Backpressure
 from audit.models import AuditEvent, EventType
-from audit.services import AuditBatch, process_actor
+from audit.services import AuditBatch, events_insert_sql, events_json, process_actor
 
 logger = structlog.get_logger(__name__)
 
@@ -362,20 +362,7 @@ def _advance_statement(
         "checkpoints": json.dumps(
             [{"step": r.step, "state": r.state, "observations": _observations(r)} for r in done]
         ),
-        "events": json.dumps(
-            [
-                {
-                    "seq": e.seq,
-                    "type": e.type,
-                    "step": e.step,
-                    "payload": e.payload,
-                    "actor": e.actor,
-                    "prev_hash": e.prev_hash,
-                    "hash": e.hash,
-                }
-                for e in events
-            ]
-        ),
+        "events": events_json(events),
     }
     return _ADVANCE_SQL.format(assignments=",\n           ".join(assignments)), params
 
@@ -459,15 +446,7 @@ WITH advanced AS (
       FROM advanced,
            jsonb_to_recordset(%(checkpoints)s::jsonb)
                AS c(step integer, state jsonb, observations jsonb)
-), events AS (
-    INSERT INTO {AuditEvent._meta.db_table}
-           (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
-    SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s,
-           decode(NULLIF(e.prev_hash, ''), 'hex'), decode(e.hash, 'hex')
-      FROM advanced,
-           jsonb_to_recordset(%(events)s::jsonb)
-               AS e(seq integer, type text, step integer, payload jsonb, actor text,
-                    prev_hash text, hash text)
+), events AS ({events_insert_sql("advanced")}
 )
 SELECT status FROM advanced
 """

@@ -325,7 +325,7 @@ def _run(
     audit_head = claim.audit_head
     if task.status == TaskStatus.PENDING:
         began, audit_head = suspensions.task_begin(
-            task_id=task_id, actor=worker_actor(), head=audit_head
+            task_id=task_id, actor=worker_actor(), head=audit_head, task=task
         )
         if not began:
             return StepResult.STALE

@@ -80,6 +80,16 @@ def transition(task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: st
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("a transition needs the task row locked in a transaction")
+    transition_unlocked(task, to, audit=audit, reason=reason)
+
+
+def transition_unlocked(
+    task: AgentTask, to: TaskStatus, *, audit: AuditBatch, reason: str = ""
+) -> None:
+    """``transition`` for a caller that holds no row lock: it writes the change with one
+    statement that applies only while the row still has ``task.status`` and
+    ``task.audit_seq`` as read (a compare-and-set in place of the lock), and on a miss
+    drops ``task``, which this has changed, and the sealed events."""
     current = task.status
     if not can_transition(current, to):
         raise IllegalTransition(

@@ -13,25 +13,26 @@ signal during a resume) resolve to exactly one winner; the loser gets ``Conflict
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import structlog
 from django.contrib.auth.models import User
-from django.db import transaction
+from django.db import connection, transaction
 
 from agents import approvals, permissions
 from agents.core import clock
 from agents.core.dispatch import current_step_publish
-from agents.core.state_machine import FINAL, TRANSITION_FIELDS, transition
+from agents.core.state_machine import FINAL, TRANSITION_FIELDS, transition, transition_unlocked
 from agents.definition import Resumption, Suspend
 from agents.models import ACTIVE_STATUSES, AgentTask, Signal, Suspension, TaskStatus
 from agents.selectors import parse_task_id
 from agents_project.errors import Conflict, InvalidInput, NotFound
 from agents_project.validation import json_value_check
 from audit.models import AuditEvent, EventType
-from audit.services import AuditBatch, user_actor
+from audit.services import AuditBatch, events_insert_sql, events_json, user_actor
 
 logger = structlog.get_logger(__name__)
 
@@ -54,11 +55,21 @@ def task_lock(*, task_id: UUID | str, user: User | None = None) -> AgentTask:
 
 
 def task_begin(
-    *, task_id: UUID, actor: str, head: tuple[int, str] | None = None
+    *,
+    task_id: UUID,
+    actor: str,
+    head: tuple[int, str] | None = None,
+    task: AgentTask | None = None,
 ) -> tuple[bool, tuple[int, str] | None]:
     """``pending`` -> ``running`` as its first step starts. Returns (whether the task may
-    run, the audit chain's head ``(seq, hash)`` after it, None when unknown). ``head``:
-    the chain's head as the caller read it (the claim's), which saves reading it."""
+    run, the audit chain's head ``(seq, hash)`` after it, None when unknown). ``head``
+    and ``task``: the chain's head and the row as the caller's claim read them; with
+    both, on PostgreSQL, the change is one statement that applies only if neither moved
+    since (else the row is locked and read again, as without them)."""
+    if task is not None and head is not None and connection.vendor == "postgresql":
+        began = _begin_unless_moved(task, actor, head)
+        if began is not None:
+            return True, began
     with transaction.atomic():
         task = task_lock(task_id=task_id)
         if task.status != TaskStatus.PENDING:
@@ -69,6 +80,54 @@ def task_begin(
         AuditEvent.objects.bulk_create(events)
         task.save(update_fields=_SAVE_FIELDS)
     return True, ((events[-1].seq, events[-1].hash) if events else None)
+
+
+# The task goes from ``pending`` to running and its transition event is appended, if its
+# row still has the status and audit sequence the claim read: one statement, no lock held
+# across round trips, and nothing written when it matches nothing.
+_BEGIN_SQL = f"""
+WITH began AS (
+    UPDATE {AgentTask._meta.db_table}
+       SET status = %(status)s, status_changed_at = %(now)s, updated_at = %(now)s,
+           audit_seq = %(audit_seq)s
+     WHERE id = %(id)s AND status = %(was)s AND audit_seq = %(seq)s
+ RETURNING id
+), events AS ({events_insert_sql("began")}
+)
+SELECT count(*) FROM began
+"""
+
+
+def _begin_unless_moved(
+    task: AgentTask, actor: str, head: tuple[int, str]
+) -> tuple[int, str] | None:
+    """``task_begin`` as one statement (``_BEGIN_SQL``): the new chain head, or None
+    when the row moved since the claim read it (not pending, or events appended)."""
+    if task.status != TaskStatus.PENDING:
+        return None
+    moved = copy.copy(task)  # the caller's copy stays as it read it
+    moved.audit_seq = head[0]  # (a claim's row carries it in the head)
+    audit = AuditBatch(moved, actor=actor, head=head)
+    transition_unlocked(moved, TaskStatus.RUNNING, audit=audit)
+    events = audit.seal(explicit_transaction=True)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _BEGIN_SQL,
+            {
+                "id": task.pk,
+                "status": moved.status,
+                "was": TaskStatus.PENDING,
+                "seq": head[0],
+                "audit_seq": moved.audit_seq,
+                "now": moved.status_changed_at,
+                "created": events[0].created_at,
+                "events": events_json(events),
+            },
+        )
+        row = cursor.fetchone()
+    if not row or not row[0]:
+        return None
+    return events[-1].seq, events[-1].hash
 
 
 def suspension_open(*, task: AgentTask, step: int, outcome: Suspend, audit: AuditBatch) -> bool:

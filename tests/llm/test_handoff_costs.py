@@ -28,6 +28,7 @@ from agents.core.results import StepResult
 from agents.models import AgentTask, Checkpoint
 from agents.services import task_start
 from agents_project.topology import handoff_queue
+from audit.integrity import audit_chain_verify
 from audit.models import AuditEvent
 from llm.client import chat_complete, model_config
 from llm.gateway import recorded_note
@@ -95,7 +96,16 @@ def test_a_recorded_reply_is_taken_back_with_one_read_and_one_commit(chat, user,
     ]
     _purge_hand_offs()  # a run before this one may have left some
     task, _ = task_start(owner=user, agent="llm", input={"prompt": "6*7?", "tools": ["calc"]})
-    assert step_execute(task_id=task.pk, step=1) == StepResult.HANDED_OFF
+    with CaptureQueriesContext(connection) as first:
+        assert step_execute(task_id=task.pk, step=1) == StepResult.HANDED_OFF
+    first_sql = [q["sql"] for q in first.captured_queries]
+    # The claim; pending -> running with its event in one statement (no row lock); the
+    # input (unless this process has it); the request's messages; the conversation; a
+    # recorded reply; the hand-off (3).
+    assert not [s for s in first_sql if "FOR UPDATE" in s], first_sql
+    assert len([s for s in first_sql if s.lstrip().startswith("WITH began")]) == 1
+    assert len(first_sql) <= 9, first_sql
+    assert AuditEvent.objects.get(task=task, seq=2).payload == {"from": "pending", "to": "running"}
     handed = _gateway_answers(task)
 
     with CaptureQueriesContext(connection) as queries:
@@ -111,7 +121,7 @@ def test_a_recorded_reply_is_taken_back_with_one_read_and_one_commit(chat, user,
     assert len(lookups) == 1, "the recorded reply; step 2's request has none to look up"
     writes = [s for s in sql if s.startswith("INSERT INTO llm_message")]
     assert len(writes) == 2, "the reply, then the tool's result; not the request's again"
-    assert len(sql) == 9, sql
+    assert len(sql) == 8, sql  # calc reads no credentials
 
     task.refresh_from_db()
     assert task.current_step == 2
@@ -127,3 +137,5 @@ def test_a_recorded_reply_is_taken_back_with_one_read_and_one_commit(chat, user,
     assert handoff_claim(task_id=task.pk, step=2, fence=body["fence"], holder=holder).claimed
     assert [m["role"] for m in body["payload"]["messages"]] == ["user", "assistant", "tool"]
     assert chat.count(task=task.pk) == 1, "the reply was asked for once"
+    breaks, verified, _ = audit_chain_verify(task_id=task.pk, audit_seq=task.audit_seq)
+    assert (breaks, verified) == ([], task.audit_seq)
