@@ -1,10 +1,10 @@
 """How fast ``audit_verify`` streams and checks one long audit trail, from the database
 and from the task's archive.
 
-    python benchmarks/audit_verify.py [--events 100000] [--repeat 3]
+    python benchmarks/audit_verify.py [--events 100000] [--repeat 3] [--database NAME]
 
 Needs PostgreSQL (``DATABASE_URL``'s server; the benchmark creates and drops its own
-database, ``agents_bench_verify``). It builds one task with ``--events`` audit events,
+database, ``--database``, by default ``agents_bench_verify``). It builds one task with ``--events`` audit events,
 numbered, time-stamped and chained by the project's own sealing code
 (``audit.services.AuditBatch``, in batches of 5,000), then times:
 
@@ -34,7 +34,17 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import django_on, fresh_database  # noqa: E402
 
-django_on("agents_bench_verify")
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--database", default="agents_bench_verify")
+    return parser.parse_args()
+
+
+ARGS = arguments() if __name__ == "__main__" else None
+django_on(ARGS.database if ARGS else "agents_bench_verify")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.files.storage import FileSystemStorage  # noqa: E402
@@ -82,10 +92,8 @@ def timed(run, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = ARGS
+    assert args is not None
     fresh_database()
     task = task_with_events(args.events)
     assert AuditEvent.objects.filter(task=task).count() == args.events

@@ -370,7 +370,6 @@ def _advance_statement(
                     "step": e.step,
                     "payload": e.payload,
                     "actor": e.actor,
-                    "prev_hash": e.prev_hash,
                     "hash": e.hash,
                 }
                 for e in events
@@ -461,13 +460,13 @@ WITH advanced AS (
                AS c(step integer, state jsonb, observations jsonb)
 ), events AS (
     INSERT INTO {AuditEvent._meta.db_table}
-           (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
+           (task_id, seq, type, step, payload, actor, created_at, hash)
     SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s,
-           decode(NULLIF(e.prev_hash, ''), 'hex'), decode(e.hash, 'hex')
+           decode(e.hash, 'hex')
       FROM advanced,
            jsonb_to_recordset(%(events)s::jsonb)
                AS e(seq integer, type text, step integer, payload jsonb, actor text,
-                    prev_hash text, hash text)
+                    hash text)
 )
 SELECT status FROM advanced
 """
