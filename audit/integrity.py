@@ -254,8 +254,7 @@ def row_tail(
     ``chain_verify`` (``_TAIL_SQL``)."""
     step_text = "null" if step is None else str(step)
     return (
-        f",{_STR(str(task_id))},{seq},{_STR(type_)},{step_text},{_STR(actor)},{_STR(at)},"
-        f"{payload}]"
+        f",{_STR(str(task_id))},{seq},{_STR(type_)},{step_text},{_STR(actor)},{_STR(at)},{payload}]"
     )
 
 
@@ -413,9 +412,7 @@ def chain_verify(
                 )
             else:
                 unchained += 1
-        elif hmac.digest(first_key, f'["{prev_hash}"{tail}'.encode(), "sha256").hex() == digest:
-            verified += 1
-        elif rotated and _signed_by(rotated, f'["{prev_hash}"{tail}'.encode(), digest):
+        elif _signed(first_key, rotated, f'["{prev_hash}"{tail}'.encode(), digest):
             verified += 1
         elif gap:
             breaks.append(
@@ -439,8 +436,12 @@ def chain_verify(
     return breaks, verified, unchained
 
 
-def _signed_by(keys: Iterable[bytes], content: bytes, digest: str) -> bool:
-    return any(hmac.digest(k, content, "sha256").hex() == digest for k in keys)
+def _signed(first: bytes, rotated: tuple[bytes, ...], content: bytes, digest: str) -> bool:
+    """Whether ``digest`` is the hex HMAC of ``content`` under the signing key or, less
+    often, one of the rotated-out ones."""
+    if hmac.digest(first, content, "sha256").hex() == digest:
+        return True
+    return any(hmac.digest(k, content, "sha256").hex() == digest for k in rotated)
 
 
 def removal_hash(record: TaskRemoval, *, key: bytes | None) -> str:

@@ -7,7 +7,7 @@ what one walk finds."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -31,7 +31,7 @@ PAYLOADS = [
     {"text": "x" * 3000},
 ]
 ACTORS = ["worker:vm:1", 'user:o"hara\\', "user:\x01soh\x1ftab\tjp:日本", "system"]
-TYPES = [EventType.TOOL_RESULT, "custom\t\"type\"", EventType.STEP]
+TYPES = [EventType.TOOL_RESULT, 'custom\t"type"', EventType.STEP]
 
 
 def task_with(events: list[tuple[str, dict, str, int | None]]) -> AgentTask:
@@ -65,12 +65,16 @@ def test_the_bytes_postgresql_writes_are_the_ones_the_seal_hashed(user):
             " WHERE task_id = %s ORDER BY seq",
             [task.pk],
         )
-        fast = {seq: (head + canonical_payload_text(payload) + "]") for seq, head, payload in cursor}
+        fast = {
+            seq: (head + canonical_payload_text(payload) + "]") for seq, head, payload in cursor
+        }
     stored = {e.seq: e for e in AuditEvent.objects.filter(task=task)}
     assert len(fast) == len(events)
     for seq, tail in fast.items():
         e = stored[seq]
-        slow = _content("ab" * 32, e.task_id, e.seq, e.type, e.step, e.actor, e.created_at, e.payload)
+        slow = _content(
+            "ab" * 32, e.task_id, e.seq, e.type, e.step, e.actor, e.created_at, e.payload
+        )
         assert f'["{"ab" * 32}"{tail}'.encode() == slow, (seq, tail)
     # Python values as written (before the jsonb round trip) hash the same too.
     for seq, (type_, payload, actor, step) in enumerate(events, start=1):
@@ -84,18 +88,18 @@ def test_the_bytes_postgresql_writes_are_the_ones_the_seal_hashed(user):
 def test_times_are_written_as_the_seal_writes_them(user):
     task = task_with([(EventType.STEP, {}, "a", 1)] * 3)
     for at in (
-        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         datetime(2026, 6, 1, 12, 0, 0, 10, tzinfo=timezone(timedelta(hours=5))),
     ):
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT to_char(%s::timestamptz AT TIME ZONE 'UTC',"
-                " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')",
+                ' \'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"\')',
                 [at],
             )
             (text,) = cursor.fetchone()
-        assert text == at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        assert text == at.astimezone(UTC).isoformat(timespec="microseconds")
     assert audit_chain_verify(task_id=task.pk, audit_seq=3)[0] == []
 
 
@@ -121,7 +125,9 @@ TAMPERING = {
     "edited at a range's start": [
         ("UPDATE audit_auditevent SET payload = '{\"n\": 0}' WHERE task_id = %s AND seq = 11", [])
     ],
-    "deleted before a range": [("DELETE FROM audit_auditevent WHERE task_id = %s AND seq = 10", [])],
+    "deleted before a range": [
+        ("DELETE FROM audit_auditevent WHERE task_id = %s AND seq = 10", [])
+    ],
     "deleted across ranges": [
         ("DELETE FROM audit_auditevent WHERE task_id = %s AND seq BETWEEN 9 AND 12", [])
     ],
@@ -135,7 +141,9 @@ TAMPERING = {
             [],
         ),
     ],
-    "hash emptied": [("UPDATE audit_auditevent SET hash = NULL WHERE task_id = %s AND seq = 31", [])],
+    "hash emptied": [
+        ("UPDATE audit_auditevent SET hash = NULL WHERE task_id = %s AND seq = 31", [])
+    ],
     "tail cut": [("DELETE FROM audit_auditevent WHERE task_id = %s AND seq > 35", [])],
     "beyond the count": [
         (
