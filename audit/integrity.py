@@ -191,20 +191,13 @@ def unchained_through() -> int:
 # the event before (migration ``audit.0010``).
 EventRow = tuple[int, int, str, str]
 
-# PostgreSQL writes each event's tail but its payload: ``to_json`` escapes a string as
-# ``json.encoder.encode_basestring`` does (``"``, ``\``, and the characters below U+0020,
-# as \b \f \n \r \t or \u00xx), the time in the form ``_time`` writes (``created_at`` is
-# UTC, as Django keeps it); the payload comes as jsonb's text, made canonical here.
-_TAIL_SQL = (
-    "concat(',\"', task_id::text, '\",', seq, ',', to_json(type::text)::text, ',', "
-    "COALESCE(step::text, 'null'), ',', to_json(actor::text)::text, ',\"', "
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
-    "'\",')"
-)
-# The events of one task with ``lo <= seq < hi``, in the order the chain runs.
+# The events of one task with ``lo <= seq < hi``, in the order the chain runs, as the
+# text their tails are made of: the time in UTC (``timestamp`` text: fractional seconds
+# without trailing zeros), the payload as jsonb's text (made canonical here).
 _EVENTS_SQL = (
-    f"SELECT id, seq, COALESCE(encode(hash, 'hex'), ''), {_TAIL_SQL}, payload::text "  # noqa: S608
-    "FROM audit_auditevent WHERE task_id = %s AND seq >= %s AND seq < %s ORDER BY seq, id"
+    "SELECT id, seq, COALESCE(encode(hash, 'hex'), ''), type, step, actor, "
+    "(created_at AT TIME ZONE 'UTC')::text, payload::text FROM audit_auditevent "
+    "WHERE task_id = %s AND seq >= %s AND seq < %s ORDER BY seq, id"
 )
 # The event a range's verification continues from (the first of its seq, as the chain's
 # walk takes it): the hash the range's first event is over.
@@ -243,19 +236,30 @@ def canonical_payload(payload: Any) -> str:
     return _ENCODE(_canonical(payload))
 
 
-_STR = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# A JSON string, as the canonical encoder writes it; cached: a trail has few types
+# and actors.
+_STR = functools.lru_cache(maxsize=4096)(json.encoder.encode_basestring)  # type: ignore[attr-defined]
 
 
 def row_tail(
     task_id: Any, seq: int, type_: str, step: int | None, actor: str, at: str, payload: str
 ) -> str:
     """An event's ``tail`` (``EventRow``) from its fields, the time as ``_time`` writes
-    it and the payload as canonical JSON text: the same text PostgreSQL writes for
-    ``chain_verify`` (``_TAIL_SQL``)."""
+    it and the payload as canonical JSON text."""
     step_text = "null" if step is None else str(step)
     return (
         f",{_STR(str(task_id))},{seq},{_STR(type_)},{step_text},{_STR(actor)},{_STR(at)},{payload}]"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_time(text: str) -> str:
+    """PostgreSQL's text of a UTC ``timestamp`` (``2026-01-02 03:04:05.12``) as ``_time``
+    writes it (``2026-01-02T03:04:05.120000+00:00``). Cached: the events of one commit
+    share their time."""
+    day, _, clock = text.partition(" ")
+    whole, _, fraction = clock.partition(".")
+    return f"{day}T{whole}.{fraction.ljust(6, '0')}+00:00"
 
 
 @dataclass(frozen=True)
@@ -276,12 +280,19 @@ def _range_start(cursor: Any, task_id: Any, lo: int) -> ChainStart:
 
 
 def _range_rows(cursor: Any, task_id: Any, lo: int, hi: int) -> Iterator[EventRow]:
-    # Streamed (psycopg's ``stream``, 2,000 rows a batch): PostgreSQL computes the next
-    # rows while these are hashed.
-    for event_id, seq, digest, head, payload in cursor.stream(
+    # Streamed (psycopg's ``stream``, 2,000 rows a batch): PostgreSQL reads the next
+    # rows while these are hashed. ``row_tail``, inlined.
+    tid = _STR(str(task_id))
+    for event_id, seq, digest, type_, step, actor, at, payload in cursor.stream(
         _EVENTS_SQL, [task_id, lo, hi], size=2000
     ):
-        yield event_id, seq, digest, head + canonical_payload_text(payload) + "]"
+        yield (
+            event_id,
+            seq,
+            digest,
+            f",{tid},{seq},{_STR(type_)},{'null' if step is None else step},{_STR(actor)},"
+            f'"{_utc_time(at)}",{canonical_payload_text(payload)}]',
+        )
 
 
 def _range_verify(
@@ -329,7 +340,7 @@ def audit_chain_verify(
     """Check one task's events in the database against their chain and the task's own
     event count (``audit_seq``). Returns (breaks, events verified, events written before
     the chain). Streams the events in seq order as plain rows (no model instances, no
-    query per event), PostgreSQL writing each one's hashed bytes but its payload.
+    query per event).
 
     A trail of ``PARALLEL_EVENTS`` or more is cut into ranges of seq verified at once by
     ``processes`` worker processes (default: one per CPU), each on its own connection:
