@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
+from django.db.migrations.executor import MigrationExecutor
 
 from agents.models import AgentTask
 from audit import integrity
@@ -185,3 +186,35 @@ def test_what_each_tampering_is_called(user):
     )
     breaks = audit_chain_verify(task_id=edited.pk, audit_seq=40)[0]
     assert [(b.seq, b.kind) for b in breaks] == [(7, "changed")]
+
+
+def migrate(targets: list[tuple[str, str]]) -> None:
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(targets)
+
+
+def test_the_migration_drops_prev_hash_only_where_it_is_derivable(user, monkeypatch):
+    """Backwards, ``audit.0010`` fills ``prev_hash`` from the predecessors; forwards, it
+    refuses a trail whose ``prev_hash`` is not its predecessor's hash, unless forced."""
+    tasks = [long_task(), long_task()]
+    latest = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    try:
+        migrate([("audit", "0009_growth_digest_bytes")])
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM (SELECT prev_hash, lag(hash) OVER (PARTITION BY task_id"
+                " ORDER BY seq) AS before FROM audit_auditevent) e"
+                " WHERE prev_hash IS DISTINCT FROM before"
+            )
+            assert cursor.fetchone() == (0,)
+        tamper(
+            "UPDATE audit_auditevent SET prev_hash = hash WHERE task_id = %s AND seq = 7",
+            [tasks[1].pk],
+        )
+        with pytest.raises(RuntimeError, match=f"task {tasks[1].pk} event #7"):
+            migrate(latest)
+        monkeypatch.setenv("AGENTS_AUDIT_DROP_PREV_HASH", "force")
+    finally:
+        migrate(latest)
+    assert audit_chain_verify(task_id=tasks[0].pk, audit_seq=40)[0] == []
