@@ -221,13 +221,47 @@ def _canonical_float(text: str) -> dict[str, str]:
 
 
 # Made once: ``json.loads`` with hooks builds a new decoder on every call.
-_CANONICAL_DECODE = json.JSONDecoder(parse_int=_canonical_int, parse_float=_canonical_float).decode
+_CANONICAL_DECODER = json.JSONDecoder(parse_int=_canonical_int, parse_float=_canonical_float)
+_CANONICAL_DECODE = _CANONICAL_DECODER.decode
+# The C scanner and encoder that ``decode`` and ``_ENCODE`` build or wrap, called
+# directly: half the cost of a small payload was their Python-level set-up per call
+# (the encoder is made anew by every ``encode``). Same options as ``_ENCODE``; no
+# circular check (parsed JSON has no cycles).
+# (Both are None on a Python without the ``_json`` accelerator: then the slower path.)
+_SCAN = (
+    json.scanner.c_make_scanner(_CANONICAL_DECODER)  # type: ignore[attr-defined]
+    if json.scanner.c_make_scanner  # type: ignore[attr-defined]
+    else None
+)
+_C_ENCODE = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None,
+        json.JSONEncoder().default,
+        json.encoder.encode_basestring,  # type: ignore[attr-defined]
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    else None
+)
 
 
 def canonical_payload_text(text: str) -> str:
     """The canonical JSON (``_canonical``) of a payload given as JSON text, parsed in
     one pass by the C scanner, numbers rewritten as they are read: the same text as
-    ``_ENCODE(_canonical(json.loads(text)))``, several times faster."""
+    ``_ENCODE(_canonical(json.loads(text)))``, several times faster. ``ValueError``
+    when ``text`` is not JSON."""
+    if _SCAN is not None and _C_ENCODE is not None:
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            value, end = None, -1
+        if end == len(text):
+            return "".join(_C_ENCODE(value, 0))
     return _ENCODE(_CANONICAL_DECODE(text))
 
 
@@ -386,8 +420,7 @@ def chain_verify(
 
     ``start``: where the rows begin (default: the first event); ``last``: whether they
     run to the end of the trail (then fewer events than ``audit_seq`` is a break)."""
-    keys = audit_keys()
-    first_key, rotated = keys[0], keys[1:]
+    first, *rotated = (Mac(k) for k in audit_keys())
     breaks: list[Break] = []
     tid = str(task_id)
     start = start or ChainStart()
@@ -423,7 +456,7 @@ def chain_verify(
                 )
             else:
                 unchained += 1
-        elif _signed(first_key, rotated, f'["{prev_hash}"{tail}'.encode(), digest):
+        elif _signed(first, rotated, f'["{prev_hash}"{tail}'.encode(), digest):
             verified += 1
         elif gap:
             breaks.append(
@@ -447,12 +480,33 @@ def chain_verify(
     return breaks, verified, unchained
 
 
-def _signed(first: bytes, rotated: tuple[bytes, ...], content: bytes, digest: str) -> bool:
+class Mac:
+    """HMAC-SHA256 under one key (RFC 2104, the same digests as ``hmac.digest``), with
+    the key's inner and outer pads hashed once: each message then costs two copies of a
+    hash state, not a new HMAC context (2.5x faster on an event's few hundred bytes)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # SHA-256's block
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def hexdigest(self, message: bytes) -> str:
+        """The hex HMAC of ``message``."""
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+def _signed(first: Mac, rotated: list[Mac], content: bytes, digest: str) -> bool:
     """Whether ``digest`` is the hex HMAC of ``content`` under the signing key or, less
     often, one of the rotated-out ones."""
-    if hmac.digest(first, content, "sha256").hex() == digest:
+    if first.hexdigest(content) == digest:
         return True
-    return any(hmac.digest(k, content, "sha256").hex() == digest for k in rotated)
+    return any(mac.hexdigest(content) == digest for mac in rotated)
 
 
 def removal_hash(record: TaskRemoval, *, key: bytes | None) -> str:

@@ -6,6 +6,7 @@ what one walk finds."""
 
 from __future__ import annotations
 
+import hmac
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -218,3 +219,9 @@ def test_the_migration_drops_prev_hash_only_where_it_is_derivable(user, monkeypa
     finally:
         migrate(latest)
     assert audit_chain_verify(task_id=tasks[0].pk, audit_seq=40)[0] == []
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"k" * 32, b"k" * 64, b"k" * 65, bytes(range(256))])
+def test_the_verifiers_hmac_is_hmac_sha256(key):
+    for message in (b"", b"x", "é".encode() * 500, bytes(range(256)) * 3):
+        assert integrity.Mac(key).hexdigest(message) == hmac.digest(key, message, "sha256").hex()
