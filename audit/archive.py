@@ -12,8 +12,9 @@ line, each with a ``record`` key:
    model's label (``agents.checkpoint``, ``audit.auditevent``, ``llm.message``,
    ``tools.ledgerentry``, ...), ``fields`` its columns, in primary-key order (audit
    events in ``seq`` order). Times are ISO 8601 with microseconds and offset, decimals
-   and UUIDs strings, bytes hex; an audit event's ``hash`` and ``prev_hash`` are the
-   64-character hex HMAC-SHA256 of ``audit.integrity``.
+   and UUIDs strings, bytes hex; an audit event's ``hash`` is the 64-character hex
+   HMAC-SHA256 of ``audit.integrity``, over the ``hash`` of the event before it
+   (archives written before migration ``audit.0011`` also carry that as ``prev_hash``).
 4. ``{"record": "end", "lines": N, "counts": {label: rows}, "head": [seq, hash],
    "sha256": HEX, "sig": HEX}``: ``sha256`` of the N lines before it (their bytes,
    each with its newline), ``head`` the last audit event, and ``sig`` the keyed hash
@@ -39,13 +40,13 @@ from typing import IO, Any
 from uuid import UUID
 
 from audit.integrity import (
-    EVENT_COLUMNS,
     Break,
     EventRow,
     audit_keys,
     canonical_payload,
     chain_verify,
     record_hash,
+    row_tail,
 )
 
 FORMAT = "agents-task-archive"
@@ -149,11 +150,21 @@ def archive_records(source: IO[bytes]) -> Iterator[dict[str, Any]]:
         yield record
 
 
-def event_row(fields: dict[str, Any]) -> EventRow:
-    """An archived event's fields as the row ``audit.integrity.chain_verify`` reads."""
-    values = [fields.get(name) for name in EVENT_COLUMNS]
-    values[EVENT_COLUMNS.index("payload")] = canonical_payload(fields.get("payload"))
-    return tuple(values)  # type: ignore[return-value]
+def event_row(fields: dict[str, Any], *, task_id: str) -> EventRow:
+    """An archived event's fields as the row ``audit.integrity.chain_verify`` reads (an
+    archive written before migration ``audit.0011`` also has the event's ``prev_hash``,
+    the hash of the line before, which the end record's signature covers: not read)."""
+    seq = fields.get("seq")
+    tail = row_tail(
+        task_id,
+        seq,  # type: ignore[arg-type]
+        fields.get("type"),  # type: ignore[arg-type]
+        fields.get("step"),
+        fields.get("actor"),  # type: ignore[arg-type]
+        fields.get("created_at"),  # type: ignore[arg-type]
+        canonical_payload(fields.get("payload")),
+    )
+    return fields.get("id"), seq, fields.get("hash") or "", tail  # type: ignore[return-value]
 
 
 @dataclass
@@ -217,7 +228,7 @@ def archive_verify(source: IO[bytes], *, chain_start: int = 0) -> ArchiveReport:
                 report.task = fields
             elif kind == EVENT:
                 report.head = [fields.get("seq"), fields.get("hash") or ""]
-                yield event_row(fields)
+                yield event_row(fields, task_id=report.task_id)
 
     rows = events()
     # The task's line comes before its events: read up to the first event to learn how

@@ -1,8 +1,9 @@
 """Tamper evidence for the audit trail: a keyed hash chain per task.
 
-Each event stores ``prev_hash`` (the ``hash`` of the event before it in its task, ""
-for the first) and ``hash`` = HMAC-SHA256(key, prev_hash + canonical content), where
-the content is the task id, seq, type, step, actor, time and payload. The key is the
+Each event stores ``hash`` = HMAC-SHA256(key, prev_hash + canonical content), where
+``prev_hash`` is the ``hash`` of the event before it in its task ("" for the first; not
+stored again: migration ``audit.0011`` dropped the copy each event had) and the content
+is the task id, seq, type, step, actor, time and payload. The key is the
 first of ``AGENTS_AUDIT_KEY`` (comma-separated: ``NEW,OLD`` while rotating; required in
 production, elsewhere derived from ``DJANGO_SECRET_KEY`` when unset), which the
 database does not hold, so someone who can write the table but not read the app's
@@ -12,9 +13,9 @@ are kept.
 
 ``audit_chain_verify`` finds, and names by its ``kind`` (``Break.kind``), an event that
 was ``changed`` (its hash no longer matches), ``removed`` (a gap in ``seq``, the next
-event's ``prev_hash`` points at nothing, or fewer events than the task counted in
+event's hash is not over the hash before it, or fewer events than the task counted in
 ``audit_seq``), ``inserted`` (a ``seq`` beyond the task's count, a second event with
-one number, or a ``prev_hash`` that is not its predecessor's), or whose hash was
+one number, or an event the next one's hash skips), or whose hash was
 ``unsealed`` (emptied: only events written before the chain existed, up to the id
 recorded in ``AuditChainStart`` by migration ``audit.0005``, may lack one). The
 anchors (``audit.anchor``) find a ``cut`` tail or a ``rewritten`` chain.
@@ -25,7 +26,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import itertools
 import json
+import multiprocessing
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,15 +143,10 @@ def record_hash(*, prev_hash: str, content: list[Any], key: bytes | None = None)
 
 
 def event_seal(event: AuditEvent, *, prev_hash: str) -> None:
-    """Set ``event.prev_hash`` and ``event.hash`` (before it is inserted)."""
-    event.prev_hash = prev_hash
-    event.hash = _hash_of(event, key=None)
-
-
-def _hash_of(event: AuditEvent, *, key: bytes | None) -> str:
-    """``event_hash`` of the event's own fields (after its ``prev_hash``)."""
-    return event_hash(
-        prev_hash=event.prev_hash,
+    """Set ``event.hash`` (before it is inserted), chained to ``prev_hash``: the hash of
+    the task's event before it ("" for the first)."""
+    event.hash = event_hash(
+        prev_hash=prev_hash,
         task_id=event.task_id,
         seq=event.seq,
         type=event.type,
@@ -155,7 +154,6 @@ def _hash_of(event: AuditEvent, *, key: bytes | None) -> str:
         actor=event.actor,
         created_at=event.created_at,
         payload=event.payload,
-        key=key,
     )
 
 
@@ -186,21 +184,30 @@ def unchained_through() -> int:
     return start.unchained_through_id if start is not None else 0
 
 
-# What ``chain_verify`` reads of each event, in this order (``EventRow``): the payload
-# as its canonical JSON text and the time as its ISO 8601 text, as they enter the hash.
-EVENT_COLUMNS = ("id", "seq", "type", "step", "payload", "actor", "created_at", "prev_hash", "hash")
-EventRow = tuple[int, int, str, int | None, str, str, str, str, str]
+# What ``chain_verify`` reads of each event (``EventRow``): its id, seq and stored hash
+# (hex, "" when none), and the rest of the bytes its hash covers after the previous
+# event's hash, ``tail``: ``,"TASK",SEQ,"TYPE",STEP,"ACTOR","TIME",PAYLOAD]`` (``_content``
+# without its first element). The previous hash is not stored: it is the stored hash of
+# the event before (migration ``audit.0011``).
+EventRow = tuple[int, int, str, str]
 
-# The events of one task, the payload as jsonb's text and the time in the form
-# ``_time`` writes (``created_at`` is UTC, as Django keeps it): no per-row conversion to
-# Python objects beyond what the hash needs.
+# The events of one task with ``lo <= seq < hi``, in the order the chain runs, as the
+# text their tails are made of: the time in UTC (``timestamp`` text: fractional seconds
+# without trailing zeros), the payload as jsonb's text (made canonical here).
 _EVENTS_SQL = (
-    "SELECT id, seq, type, step, payload::text, actor, "
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
-    # The digests as hex (``DigestField`` stores their 32 bytes; NULL: none).
-    "COALESCE(encode(prev_hash, 'hex'), ''), COALESCE(encode(hash, 'hex'), '') "
-    "FROM audit_auditevent WHERE task_id = %s ORDER BY seq, id"
+    "SELECT id, seq, COALESCE(encode(hash, 'hex'), ''), type, step, actor, "
+    "(created_at AT TIME ZONE 'UTC')::text, payload::text FROM audit_auditevent "
+    "WHERE task_id = %s AND seq >= %s AND seq < %s ORDER BY seq, id"
 )
+# The event a range's verification continues from (the first of its seq, as the chain's
+# walk takes it): the hash the range's first event is over.
+_BEFORE_SQL = (
+    "SELECT seq, COALESCE(encode(hash, 'hex'), '') FROM audit_auditevent "
+    "WHERE task_id = %s AND seq < %s ORDER BY seq DESC, id LIMIT 1"
+)
+_NO_SEQ = 2**31  # above any seq (a PositiveIntegerField)
+# A trail this long is verified by several processes, a range of seq each (below: one).
+PARALLEL_EVENTS = 20_000
 
 
 @functools.lru_cache(maxsize=8192)
@@ -214,13 +221,47 @@ def _canonical_float(text: str) -> dict[str, str]:
 
 
 # Made once: ``json.loads`` with hooks builds a new decoder on every call.
-_CANONICAL_DECODE = json.JSONDecoder(parse_int=_canonical_int, parse_float=_canonical_float).decode
+_CANONICAL_DECODER = json.JSONDecoder(parse_int=_canonical_int, parse_float=_canonical_float)
+_CANONICAL_DECODE = _CANONICAL_DECODER.decode
+# The C scanner and encoder that ``decode`` and ``_ENCODE`` build or wrap, called
+# directly: half the cost of a small payload was their Python-level set-up per call
+# (the encoder is made anew by every ``encode``). Same options as ``_ENCODE``; no
+# circular check (parsed JSON has no cycles).
+# (Both are None on a Python without the ``_json`` accelerator: then the slower path.)
+_SCAN = (
+    json.scanner.c_make_scanner(_CANONICAL_DECODER)  # type: ignore[attr-defined]
+    if json.scanner.c_make_scanner  # type: ignore[attr-defined]
+    else None
+)
+_C_ENCODE = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None,
+        json.JSONEncoder().default,
+        json.encoder.encode_basestring,  # type: ignore[attr-defined]
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    else None
+)
 
 
 def canonical_payload_text(text: str) -> str:
     """The canonical JSON (``_canonical``) of a payload given as JSON text, parsed in
     one pass by the C scanner, numbers rewritten as they are read: the same text as
-    ``_ENCODE(_canonical(json.loads(text)))``, several times faster."""
+    ``_ENCODE(_canonical(json.loads(text)))``, several times faster. ``ValueError``
+    when ``text`` is not JSON."""
+    if _SCAN is not None and _C_ENCODE is not None:
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            value, end = None, -1
+        if end == len(text):
+            return "".join(_C_ENCODE(value, 0))
     return _ENCODE(_CANONICAL_DECODE(text))
 
 
@@ -229,77 +270,163 @@ def canonical_payload(payload: Any) -> str:
     return _ENCODE(_canonical(payload))
 
 
-def _event_rows(task_id: Any) -> Iterator[EventRow]:
-    with connection.chunked_cursor() as cursor:
-        cursor.execute(_EVENTS_SQL, [task_id])
-        while chunk := cursor.fetchmany(5000):
-            for event_id, seq, type_, step, payload, actor, at, prev, digest in chunk:
-                yield (
-                    event_id,
-                    seq,
-                    type_,
-                    step,
-                    canonical_payload_text(payload),
-                    actor,
-                    at,
-                    prev,
-                    digest,
-                )
+# A JSON string, as the canonical encoder writes it; cached: a trail has few types
+# and actors.
+_STR = functools.lru_cache(maxsize=4096)(json.encoder.encode_basestring)  # type: ignore[attr-defined]
+
+
+def row_tail(
+    task_id: Any, seq: int, type_: str, step: int | None, actor: str, at: str, payload: str
+) -> str:
+    """An event's ``tail`` (``EventRow``) from its fields, the time as ``_time`` writes
+    it and the payload as canonical JSON text."""
+    step_text = "null" if step is None else str(step)
+    return (
+        f",{_STR(str(task_id))},{seq},{_STR(type_)},{step_text},{_STR(actor)},{_STR(at)},{payload}]"
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_time(text: str) -> str:
+    """PostgreSQL's text of a UTC ``timestamp`` (``2026-01-02 03:04:05.12``) as ``_time``
+    writes it (``2026-01-02T03:04:05.120000+00:00``). Cached: the events of one commit
+    share their time."""
+    day, _, clock = text.partition(" ")
+    whole, _, fraction = clock.partition(".")
+    return f"{day}T{whole}.{fraction.ljust(6, '0')}+00:00"
+
+
+@dataclass(frozen=True)
+class ChainStart:
+    """Where a walk of a task's chain starts: the seq it expects next and the stored
+    hash of the event before ("" for none)."""
+
+    seq: int = 1
+    prev_hash: str = ""
+
+
+def _range_start(cursor: Any, task_id: Any, lo: int) -> ChainStart:
+    if lo <= 1:
+        return ChainStart()
+    cursor.execute(_BEFORE_SQL, [task_id, lo])
+    before = cursor.fetchone()
+    return ChainStart() if before is None else ChainStart(seq=before[0] + 1, prev_hash=before[1])
+
+
+def _range_rows(cursor: Any, task_id: Any, lo: int, hi: int) -> Iterator[EventRow]:
+    # Streamed (psycopg's ``stream``, 2,000 rows a batch): PostgreSQL reads the next
+    # rows while these are hashed. ``row_tail``, inlined.
+    tid = _STR(str(task_id))
+    for event_id, seq, digest, type_, step, actor, at, payload in cursor.stream(
+        _EVENTS_SQL, [task_id, lo, hi], size=2000
+    ):
+        yield (
+            event_id,
+            seq,
+            digest,
+            f",{tid},{seq},{_STR(type_)},{'null' if step is None else step},{_STR(actor)},"
+            f'"{_utc_time(at)}",{canonical_payload_text(payload)}]',
+        )
+
+
+def _range_verify(
+    cursor: Any, *, task_id: Any, audit_seq: int, chain_start: int, lo: int, hi: int
+) -> tuple[list[Break], int, int]:
+    """``chain_verify`` of the task's events with ``lo <= seq < hi`` (a psycopg cursor)."""
+    return chain_verify(
+        _range_rows(cursor, task_id, lo, hi),
+        task_id=task_id,
+        audit_seq=audit_seq,
+        chain_start=chain_start,
+        start=_range_start(cursor, task_id, lo),
+        last=hi >= _NO_SEQ,
+    )
+
+
+def _range_verify_apart(
+    task_id: Any, audit_seq: int, chain_start: int, lo: int, hi: int
+) -> tuple[list[Break], int, int]:
+    """``_range_verify`` in a worker process, on a connection of its own."""
+    import psycopg
+
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    with psycopg.connect(**params, autocommit=True) as own, own.cursor() as cursor:
+        return _range_verify(
+            cursor, task_id=task_id, audit_seq=audit_seq, chain_start=chain_start, lo=lo, hi=hi
+        )
+
+
+def _ranges(audit_seq: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` seq ranges ``[lo, hi)`` covering every seq (the first from 0, the last
+    open), of about the same number of events each."""
+    bounds = [0] + [1 + audit_seq * k // parts for k in range(1, parts)] + [_NO_SEQ]
+    return list(itertools.pairwise(bounds))
 
 
 def audit_chain_verify(
-    *, task_id: Any, audit_seq: int, chain_start: int | None = None
+    *,
+    task_id: Any,
+    audit_seq: int,
+    chain_start: int | None = None,
+    processes: int | None = None,
 ) -> tuple[list[Break], int, int]:
     """Check one task's events in the database against their chain and the task's own
     event count (``audit_seq``). Returns (breaks, events verified, events written before
-    the chain). Streams the events in seq order through a server-side cursor, 5,000
-    rows a fetch, as plain rows (no model instances, no query per event).
+    the chain). Streams the events in seq order as plain rows (no model instances, no
+    query per event).
+
+    A trail of ``PARALLEL_EVENTS`` or more is cut into ranges of seq verified at once by
+    ``processes`` worker processes (default: one per CPU), each on its own connection:
+    a range starts from the stored hash of the event before it, so its breaks are
+    the ones a single walk finds there, and they are reported in seq order. Not inside
+    a transaction (other connections would not see its rows): there, one walk.
     ``chain_start``: the result of ``unchained_through()`` (read once by callers that
     verify many tasks)."""
     if chain_start is None:
         chain_start = unchained_through()
-    return chain_verify(
-        _event_rows(task_id), task_id=task_id, audit_seq=audit_seq, chain_start=chain_start
-    )
-
-
-_STR = json.encoder.encode_basestring  # type: ignore[attr-defined]
-
-
-def _row_content(
-    prev_hash: str,
-    tid: str,
-    seq: int,
-    type_: str,
-    step: int | None,
-    actor: str,
-    at: str,
-    payload: str,
-) -> bytes:
-    """``_content`` of a row whose payload and time are already canonical text: the
-    same bytes, written directly."""
-    step_text = "null" if step is None else str(step)
-    return (
-        f"[{_STR(prev_hash)},{_STR(tid)},{seq},{_STR(type_)},{step_text},{_STR(actor)},"
-        f"{_STR(at)},{payload}]"
-    ).encode()
+    parts = min(processes or os.cpu_count() or 1, max(1, audit_seq // (PARALLEL_EVENTS // 2)))
+    if audit_seq < PARALLEL_EVENTS or parts < 2 or connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            return _range_verify(
+                cursor.cursor,
+                task_id=task_id,
+                audit_seq=audit_seq,
+                chain_start=chain_start,
+                lo=0,
+                hi=_NO_SEQ,
+            )
+    jobs = [(task_id, audit_seq, chain_start, lo, hi) for lo, hi in _ranges(audit_seq, parts)]
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        results = pool.starmap(_range_verify_apart, jobs)
+    breaks = [each for found, _, _ in results for each in found]
+    return breaks, sum(r[1] for r in results), sum(r[2] for r in results)
 
 
 def chain_verify(
-    rows: Iterable[EventRow], *, task_id: Any, audit_seq: int, chain_start: int
+    rows: Iterable[EventRow],
+    *,
+    task_id: Any,
+    audit_seq: int,
+    chain_start: int,
+    start: ChainStart | None = None,
+    last: bool = True,
 ) -> tuple[list[Break], int, int]:
-    """Check the events ``rows`` (``EVENT_COLUMNS``, in seq order) of one task against
-    their chain and the count the task recorded (``audit_seq``), wherever they come
-    from: the database, or an archive (``audit.archive``). Returns (breaks, events
-    verified, events written before the chain: id up to ``chain_start``)."""
-    keys = audit_keys()
-    first_key, rotated = keys[0], keys[1:]
+    """Check the events ``rows`` (``EventRow``, in seq order) of one task against their
+    chain and the count the task recorded (``audit_seq``), wherever they come from: the
+    database, or an archive (``audit.archive``). Each event's hash is over the stored
+    hash of the event before it. Returns (breaks, events verified, events written before
+    the chain: id up to ``chain_start``).
+
+    ``start``: where the rows begin (default: the first event); ``last``: whether they
+    run to the end of the trail (then fewer events than ``audit_seq`` is a break)."""
+    first, *rotated = (Mac(k) for k in audit_keys())
     breaks: list[Break] = []
     tid = str(task_id)
-    expected_seq = 1
-    prev_hash = ""
+    start = start or ChainStart()
+    expected_seq, prev_hash = start.seq, start.prev_hash
     verified = unchained = 0
-    for event_id, seq, type_, step, payload, actor, created_at, event_prev, digest in rows:
+    for event_id, seq, digest, tail in rows:
         if seq < expected_seq:
             breaks.append(Break(tid, seq, "a second event with this number (inserted)", "inserted"))
             continue
@@ -329,28 +456,18 @@ def chain_verify(
                 )
             else:
                 unchained += 1
-            prev_hash, expected_seq = "", seq + 1
-            continue
-        if event_prev != prev_hash:
-            breaks.append(
-                Break(
-                    tid,
-                    seq,
-                    "does not follow the event before it (removed or inserted)",
-                    "removed" if gap else "inserted",
-                )
-            )
-        content = _row_content(event_prev, tid, seq, type_, step, actor, created_at, payload)
-        if hmac.digest(first_key, content, "sha256").hex() == digest or (
-            rotated and any(hmac.digest(k, content, "sha256").hex() == digest for k in rotated)
-        ):
+        elif _signed(first, rotated, f'["{prev_hash}"{tail}'.encode(), digest):
             verified += 1
+        elif gap:
+            breaks.append(
+                Break(tid, seq, "does not follow the event before it (removed)", "removed")
+            )
         else:
             breaks.append(
                 Break(tid, seq, "its content does not match its hash (changed)", "changed")
             )
         prev_hash, expected_seq = digest, seq + 1
-    if expected_seq - 1 < audit_seq:
+    if last and expected_seq - 1 < audit_seq:
         breaks.append(
             Break(
                 tid,
@@ -361,6 +478,35 @@ def chain_verify(
             )
         )
     return breaks, verified, unchained
+
+
+class Mac:
+    """HMAC-SHA256 under one key (RFC 2104, the same digests as ``hmac.digest``), with
+    the key's inner and outer pads hashed once: each message then costs two copies of a
+    hash state, not a new HMAC context (2.5x faster on an event's few hundred bytes)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # SHA-256's block
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def hexdigest(self, message: bytes) -> str:
+        """The hex HMAC of ``message``."""
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+def _signed(first: Mac, rotated: list[Mac], content: bytes, digest: str) -> bool:
+    """Whether ``digest`` is the hex HMAC of ``content`` under the signing key or, less
+    often, one of the rotated-out ones."""
+    if first.hexdigest(content) == digest:
+        return True
+    return any(mac.hexdigest(content) == digest for mac in rotated)
 
 
 def removal_hash(record: TaskRemoval, *, key: bytes | None) -> str:

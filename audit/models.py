@@ -114,8 +114,8 @@ class AuditEvent(models.Model):
     actor = models.CharField(max_length=200)
     created_at = models.DateTimeField(default=timezone.now)
     # Tamper evidence (audit.integrity): an HMAC of this event's content and of the
-    # previous event's hash; empty on events written before the chain existed.
-    prev_hash = DigestField()
+    # previous event's hash (that event's own ``hash``, not stored again here); empty on
+    # events written before the chain existed.
     hash = DigestField()
 
     class Meta:

@@ -36,13 +36,13 @@ def events_insert_sql(after: str) -> str:
     task's id, ``%(created)s`` the events' time, ``%(events)s`` the array."""
     return f"""
     INSERT INTO {AuditEvent._meta.db_table}
-           (task_id, seq, type, step, payload, actor, created_at, prev_hash, hash)
+           (task_id, seq, type, step, payload, actor, created_at, hash)
     SELECT %(id)s, e.seq, e.type, e.step, e.payload, e.actor, %(created)s,
-           decode(NULLIF(e.prev_hash, ''), 'hex'), decode(e.hash, 'hex')
+           decode(e.hash, 'hex')
       FROM {after},
            jsonb_to_recordset(%(events)s::jsonb)
                AS e(seq integer, type text, step integer, payload jsonb, actor text,
-                    prev_hash text, hash text)"""
+                    hash text)"""
 
 
 def events_json(events: Iterable[AuditEvent]) -> str:
@@ -55,7 +55,6 @@ def events_json(events: Iterable[AuditEvent]) -> str:
                 "step": e.step,
                 "payload": e.payload,
                 "actor": e.actor,
-                "prev_hash": e.prev_hash,
                 "hash": e.hash,
             }
             for e in events

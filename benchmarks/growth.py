@@ -312,7 +312,7 @@ def _write_events(rows: Iterator[tuple[Any, ...]]) -> None:
         connection.cursor() as cursor,
         cursor.cursor.copy(
             "COPY audit_auditevent (task_id, seq, type, step, payload, actor, created_at, "
-            "prev_hash, hash) FROM STDIN"
+            "hash) FROM STDIN"
         ) as copy,
     ):
         for row in rows:
@@ -345,7 +345,6 @@ def _sealed(
             payload_text,
             actor,
             at,
-            _hash_column(prev),
             _hash_column(digest),
         )
         prev = digest

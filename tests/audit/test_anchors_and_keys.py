@@ -61,7 +61,7 @@ def test_a_forged_event_with_blanked_hashes_is_unsealed_not_before_the_chain(use
         [json.dumps({"result": "FORGED-999"}), task.pk],
     )
     owner_sql(
-        "UPDATE audit_auditevent SET hash = '', prev_hash = '' WHERE task_id = %s AND seq >= 2",
+        "UPDATE audit_auditevent SET hash = '' WHERE task_id = %s AND seq >= 2",
         [task.pk],
     )
     report = broken(str(task.pk))
@@ -72,7 +72,7 @@ def test_a_forged_event_with_blanked_hashes_is_unsealed_not_before_the_chain(use
 
 def test_events_older_than_the_chain_stay_unverifiable_not_broken(user):
     task = completed(user)
-    owner_sql("UPDATE audit_auditevent SET hash = '', prev_hash = '' WHERE task_id = %s", [task.pk])
+    owner_sql("UPDATE audit_auditevent SET hash = '' WHERE task_id = %s", [task.pk])
     last = AuditEvent.objects.filter(task=task).order_by("-id").values_list("id", flat=True)[0]
     AuditChainStart.objects.all().delete()
     AuditChainStart.objects.create(unchained_through_id=last)

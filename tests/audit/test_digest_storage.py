@@ -47,19 +47,13 @@ def test_hashes_are_stored_as_32_bytes_and_read_as_hex(user):
         "SELECT octet_length(hash) FROM audit_auditevent WHERE task_id = %s", [task.pk]
     )
     assert lengths and set(lengths) == {32}
-    firsts = column(
-        "SELECT prev_hash FROM audit_auditevent WHERE task_id = %s AND seq = 1", [task.pk]
-    )
-    assert firsts == [None]  # the first event follows nothing
     events = list(AuditEvent.objects.filter(task=task).order_by("seq"))
     assert all(len(e.hash) == 64 and int(e.hash, 16) >= 0 for e in events)
-    assert events[0].prev_hash == ""
-    assert [e.prev_hash for e in events[1:]] == [e.hash for e in events[:-1]]
 
 
 def test_a_step_continues_the_chain_from_the_stored_head(user):
     """The claim reads the head's hash in SQL (``agents_step_before``): as hex, the
-    form the next event's ``prev_hash`` is sealed from."""
+    form the next event's hash is sealed over."""
     task = started(user)
     claim = lease_claim(task_id=task.pk, step=1, owner="worker:test:1")
     head = AuditEvent.objects.get(task=task, seq=task.audit_seq)
@@ -68,7 +62,7 @@ def test_a_step_continues_the_chain_from_the_stored_head(user):
 
 def test_the_migration_converts_hex_hashes_and_the_chains_still_verify(user):
     tasks = [completed(user) for _ in range(2)]
-    before = {(e.task_id, e.seq): (e.prev_hash, e.hash) for e in AuditEvent.objects.all()}
+    before = {(e.task_id, e.seq): e.hash for e in AuditEvent.objects.all()}
     try:
         migrate(BEFORE)
         # The old schema: hex text, "" for none.
@@ -78,11 +72,16 @@ def test_the_migration_converts_hex_hashes_and_the_chains_still_verify(user):
         ) == ["character varying"]
         hexes = column("SELECT hash FROM audit_auditevent ORDER BY id")
         assert all(len(h) == 64 for h in hexes)
+        # Migration audit.0011 put each event's prev_hash back: its predecessor's hash.
         assert column("SELECT count(*) FROM audit_auditevent WHERE prev_hash = ''") == [2]
+        assert column(
+            "SELECT count(*) FROM (SELECT prev_hash, lag(hash) OVER (PARTITION BY task_id"
+            " ORDER BY seq) AS before FROM audit_auditevent) e WHERE prev_hash <> before"
+        ) == [0]
     finally:
         migrate(latest())
     assert column("SELECT count(*) FROM audit_auditevent WHERE octet_length(hash) <> 32") == [0]
-    after = {(e.task_id, e.seq): (e.prev_hash, e.hash) for e in AuditEvent.objects.all()}
+    after = {(e.task_id, e.seq): e.hash for e in AuditEvent.objects.all()}
     assert after == before
     out = StringIO()
     call_command("audit_verify", "--all", stdout=out, stderr=out)

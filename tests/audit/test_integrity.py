@@ -56,7 +56,7 @@ def test_an_untouched_trail_verifies(user, other_user):
     assert "intact" in verify(str(tasks[0].pk))
     events = AuditEvent.objects.filter(task=tasks[0]).order_by("seq")
     assert all(len(e.hash) == 64 for e in events)
-    assert [e.prev_hash for e in events][1:] == [e.hash for e in events][:-1]
+    assert len({e.hash for e in events}) == len(events)
 
 
 @pytest.mark.parametrize(
@@ -103,8 +103,8 @@ def test_an_inserted_event_is_found(user):
     # Forged at the end, with a made-up hash, and in the middle by renumbering.
     inserting(
         "INSERT INTO audit_auditevent (task_id, seq, type, step, payload, actor, created_at,"
-        " prev_hash, hash) SELECT task_id, seq + 1, 'approval_decided', step, '{}', actor,"
-        " created_at, hash, sha256(hash) FROM audit_auditevent"
+        " hash) SELECT task_id, seq + 1, 'approval_decided', step, '{}', actor,"
+        " created_at, sha256(hash) FROM audit_auditevent"
         " WHERE task_id = %s AND seq = %s",
         [task.pk, count],
     )
@@ -125,8 +125,8 @@ def test_an_event_inserted_in_the_middle_is_found(user):
     )
     inserting(
         "INSERT INTO audit_auditevent (task_id, seq, type, step, payload, actor, created_at,"
-        " prev_hash, hash) SELECT task_id, 3, 'approval_decided', step, '{}', actor,"
-        " created_at, hash, hash FROM audit_auditevent WHERE task_id = %s AND seq = 2",
+        " hash) SELECT task_id, 3, 'approval_decided', step, '{}', actor,"
+        " created_at, hash FROM audit_auditevent WHERE task_id = %s AND seq = 2",
         [task.pk],
     )
     report = broken(str(task.pk))
