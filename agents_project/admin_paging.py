@@ -11,8 +11,11 @@ instead:
   ordering is plain columns all in one direction (the default orders are); any other
   ordering an operator clicks falls back to numbered pages;
 - shows an estimated count: PostgreSQL's own row estimate of the table
-  (``pg_class.reltuples``) when nothing narrows the list, else the rows counted up to
-  ``COUNT_LIMIT`` ("over 1,000").
+  (``pg_class.reltuples``) when nothing narrows the list; for a search alone, the
+  model admin's ``search_estimate`` when it has one over ``COUNT_LIMIT`` (a search that
+  matches much of a large table would cost more to count than to page); else the rows
+  counted up to ``COUNT_LIMIT`` ("over 1,000"). A search's first page with no next one
+  shows its own rows' count, whatever was estimated.
 
 Use it with ``KeysetAdminMixin`` on a ``ModelAdmin``; the list's template shows
 ``cl.next_page_url`` / ``cl.first_page_url`` and ``cl.count_text``.
@@ -100,6 +103,7 @@ class KeysetChangeList(ChangeList):
     next_page_url: str | None = None
     first_page_url: str | None = None
     count_text: str = ""
+    search_estimated = False
 
     def get_filters_params(self, params: Any = None) -> Any:
         lookup = super().get_filters_params(params)
@@ -137,6 +141,13 @@ class KeysetChangeList(ChangeList):
             if estimate is not None and estimate >= COUNT_LIMIT:
                 self.count_text = f"about {estimate:,}"
                 return estimate
+        elif self.query and not self.has_filters_applied():
+            estimate_search = getattr(self.model_admin, "search_estimate", None)
+            estimate = estimate_search(request, self.query) if estimate_search else None
+            if estimate is not None and estimate > COUNT_LIMIT:
+                self.count_text = f"about {estimate:,}"
+                self.search_estimated = True
+                return estimate
         counted = bounded_count(self.queryset)
         self.count_text = f"over {COUNT_LIMIT:,}" if counted > COUNT_LIMIT else f"{counted:,}"
         return counted
@@ -173,6 +184,9 @@ class KeysetChangeList(ChangeList):
             )
         page = list(rows[: self.list_per_page + 1])
         more = len(page) > self.list_per_page
+        if not cursor and not more and self.search_estimated:
+            estimate = self.result_count = len(page)  # all it found: no estimate needed
+            self.count_text = f"{estimate:,}"
         self.result_list = page[: self.list_per_page]
         self.paginator = EstimatedPaginator(self.queryset, self.list_per_page, estimate=estimate)
         self.multi_page = more or bool(cursor)
@@ -188,6 +202,11 @@ class KeysetAdminMixin:
     """For a ``ModelAdmin``: its list is a ``KeysetChangeList``, counted by estimate."""
 
     show_full_result_count = False
+
+    def search_estimate(self, request: HttpRequest, search_term: str) -> int | None:
+        """The planner's estimate of the rows ``search_term`` finds, when it can tell
+        without counting them; None (this default): count them, up to ``COUNT_LIMIT``."""
+        return None
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return KeysetChangeList

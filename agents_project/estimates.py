@@ -9,8 +9,11 @@ the Planner"). Their lag is autovacuum's: on a busy table, minutes.
 
 from __future__ import annotations
 
-from django.db import connection
-from django.db.models import Model
+import json
+from typing import Any
+
+from django.db import connection, connections
+from django.db.models import Model, QuerySet
 
 
 def table_estimate(model: type[Model]) -> int | None:
@@ -43,3 +46,17 @@ def value_estimates(model: type[Model], column: str) -> dict[str, int] | None:
     if row is None or row[0] is None:
         return None
     return {value: round(total * freq) for value, freq in zip(row[0], row[1], strict=True)}
+
+
+def query_estimate(rows: QuerySet[Any]) -> int | None:
+    """The planner's estimate of how many rows ``rows`` returns (``EXPLAIN``: planned,
+    not run; about a millisecond), or None where there is none (SQLite)."""
+    db = connections[rows.db]
+    if db.vendor != "postgresql":
+        return None
+    sql, params = rows.query.sql_with_params()
+    with db.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        row = cursor.fetchone()
+    plan = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+    return int(plan[0]["Plan"]["Plan Rows"])

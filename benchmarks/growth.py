@@ -2,11 +2,13 @@
 
     python benchmarks/growth.py [--sizes 10000,100000] [--json FILE] [--keep NAME]
                                 [--repeat 7]
+    python benchmarks/growth.py --measure NAME [--json FILE] [--repeat 7]
 
 Needs PostgreSQL, RabbitMQ and Redis (URLs as in benchmarks/common.py). For each size N
 it builds a private database on ``DATABASE_URL``'s server (``agents_growth_<N>``,
 dropped afterwards; ``--keep NAME`` keeps the largest one, renamed NAME, for others to
-measure), shaped like real use:
+measure; ``--measure NAME`` measures such a kept database again, building nothing),
+shaped like real use:
 
 - a few real tasks are run first, through the real engine, with steps taken off the
   real queue in this process: a 10-step ``scripted`` task (a task row, 11 checkpoints,
@@ -55,6 +57,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--keep", help="keep the largest database, under this name")
     parser.add_argument("--repeat", type=int, default=7, help="requests per median")
+    parser.add_argument(
+        "--measure",
+        metavar="NAME",
+        help="build nothing: measure database NAME (kept by --keep; migrated first)",
+    )
     parser.add_argument(
         "--prefix",
         default="agents_growth",
@@ -454,13 +461,15 @@ def api_deep_url(client: Client, headers: dict[str, str], pages: int) -> str:
 
 def measure(ids: dict[str, Any], repeat: int) -> dict[str, float]:
     User = get_user_model()
-    operator = User.objects.create_superuser(username="operator", password="x")
+    operator = User.objects.filter(username="operator").first()
+    if operator is None:  # a kept database measured again has one
+        operator = User.objects.create_superuser(username="operator", password="x")
     admin = Client()
     admin.force_login(operator)
     api = Client()
-    staff = {"Authorization": f"Token {Token.objects.create(user=operator).key}"}
+    staff = {"Authorization": f"Token {Token.objects.get_or_create(user=operator)[0].key}"}
     owner = User.objects.get(username="owner000")
-    mine = {"Authorization": f"Token {Token.objects.create(user=owner).key}"}
+    mine = {"Authorization": f"Token {Token.objects.get_or_create(user=owner)[0].key}"}
     big, llm = ids["big"], ids["llm"]
     ops: dict[str, Callable[[], object]] = {
         "admin task list": get(admin, "/admin/agents/agenttask/"),
@@ -539,6 +548,21 @@ def one_size(size: int, repeat: int, keep: str | None) -> dict[str, Any]:
     return result
 
 
+def measure_kept(name: str, repeat: int) -> tuple[int, dict[str, Any]]:
+    """Measure database ``name`` as built (kept by ``--keep``), after migrating it to this
+    code. Returns its size (ordinary tasks) and its figures."""
+    use_database(name)
+    call_command("migrate", verbosity=0)
+    size = sql("SELECT count(*) FROM agents_agenttask")[0][0] - 4  # 3 real runs, big trail
+    ids = {
+        "big": AgentTask.objects.get(audit_seq=BIG_TRAIL).pk,
+        "llm": AgentTask.objects.filter(agent_name="llm").order_by("created_at")[0].pk,
+    }
+    result: dict[str, Any] = {"database": name, **storage(), "ops": measure(ids, repeat)}
+    connections.close_all()
+    return size, result
+
+
 HASH_IS_BYTES = False
 
 
@@ -548,11 +572,18 @@ def main() -> None:
     sizes = args.sizes
     setup_test_environment()  # lets the test client's "testserver" host in
     results: dict[str, Any] = {"machine": machine(), "sizes": {}}
-    for size in sizes:
-        keep = args.keep if size == sizes[-1] else None
-        results["sizes"][str(size)] = one_size(size, args.repeat, keep)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+    if args.measure:
+        size, figures = measure_kept(args.measure, args.repeat)
+        results["sizes"][str(size)] = figures
+        sizes = [size]
+    else:
+        for size in sizes:
+            keep = args.keep if size == sizes[-1] else None
+            results["sizes"][str(size)] = one_size(size, args.repeat, keep)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     names = list(results["sizes"][str(sizes[0])]["ops"])
     print("| operation | " + " | ".join(f"{s:,}" for s in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))

@@ -104,6 +104,20 @@ def test_the_growth_benchmark_builds_measures_and_keeps_a_tiny_database(tmp_path
         )
         assert verify.returncode == 0, verify.stderr[-2000:]
         assert "0 break(s)" in verify.stdout + verify.stderr
+        # The kept database measured again, nothing built: the same operations.
+        again = tmp_path / "again.json"
+        measured = subprocess.run(
+            [sys.executable, "benchmarks/growth.py", "--measure", kept, "--repeat", "1"]
+            + ["--json", str(again), "--prefix", prefix],
+            cwd=BENCHMARKS.parent,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert measured.returncode == 0, measured.stderr[-3000:]
+        remeasured = json.loads(again.read_text())["sizes"]
+        assert list(remeasured) == ["60"]
+        assert set(remeasured["60"]["ops"]) == set(figures["60"]["ops"])
     finally:
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
             for name in (kept, f"{prefix}_3", f"{prefix}_60"):

@@ -40,7 +40,7 @@ from uuid import UUID
 
 import structlog
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Q, QuerySet
 
 from agents.core import clock
 from agents.core.admission import admission_needed, limits_apply
@@ -287,16 +287,23 @@ def _cancel_after_commit(*, parent_id: UUID, reason: str, step: int | None = Non
         logger.warning("children not cancelled yet", task_id=str(parent_id), error=repr(exc))
 
 
-def orphans_cancel(*, actor: str, limit: int = 50) -> int:
-    """Cancel live children of parents that have ended (a cascade whose process died
-    after the parent's commit). Returns how many children were cancelled."""
-    parents = (
-        AgentTask.objects.filter(status__in=LIVE, parent__status__in=FINAL)
+def orphan_parents(limit: int = 50) -> QuerySet[AgentTask, UUID]:
+    """Ids of ended parents that still have live children (at most ``limit``). Read on
+    the partial index of live children (``agent_task_live_children``), which only a
+    ``parent_id IS NOT NULL`` in the query lets PostgreSQL use: without it, every live
+    or dead-lettered task was read (0.4 s at a million tasks, on every scheduler tick)."""
+    return (
+        AgentTask.objects.filter(status__in=LIVE, parent__isnull=False, parent__status__in=FINAL)
         .values_list("parent_id", flat=True)
         .distinct()[:limit]
     )
+
+
+def orphans_cancel(*, actor: str, limit: int = 50) -> int:
+    """Cancel live children of parents that have ended (a cascade whose process died
+    after the parent's commit). Returns how many children were cancelled."""
     cancelled = 0
-    for parent_id in list(parents):
+    for parent_id in list(orphan_parents(limit)):
         cancelled += children_cancel(parent_id=parent_id, actor=actor, reason="parent ended")
     return cancelled
 

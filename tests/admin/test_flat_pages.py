@@ -183,3 +183,98 @@ def test_a_bad_cursor_is_refused_not_a_server_error(ops_client, user):
     # The admin's answer to a bad query parameter: back to the list, flagged.
     assert response.status_code == 302
     assert "e=1" in response["Location"]
+
+
+def error_kinds(user: Any) -> set[Any]:
+    """Tasks whose error says "refused" in each of the three places a search looks (the
+    row, a dead letter, a failed attempt of a task waiting to retry), among others that
+    do not; returns the ids of the first."""
+    own = many_tasks(user, 3, status="failed", error="upstream connection REFUSED")
+    lettered = many_tasks(user, 2, status="dead_lettered")
+    for task in lettered:
+        DeadLetter.objects.create(
+            task=task, step=2, reason="retries_exhausted", error="connection refused by peer"
+        )
+    retrying = many_tasks(
+        user, 1, status="running", retry_at=timezone.now() + timedelta(minutes=1), audit_seq=2
+    )[0]
+    AuditEvent.objects.bulk_create(
+        [
+            AuditEvent(task=retrying, seq=1, type=EventType.STEP, payload={}, actor="test"),
+            AuditEvent(
+                task=retrying,
+                seq=2,
+                type=EventType.STEP_FAILED,
+                payload={"error": "ECONNREFUSED"},
+                actor="test",
+            ),
+        ]
+    )
+    many_tasks(user, 6, error="timeout")
+    quiet = many_tasks(user, 1, status="dead_lettered")[0]
+    DeadLetter.objects.create(task=quiet, step=1, reason="retries_exhausted", error="timeout")
+    return {t.pk for t in own + lettered + [retrying]}
+
+
+def test_an_error_search_finds_the_same_tasks_walking_the_list_or_reading_the_matches(
+    user, monkeypatch
+):
+    from agents import search
+
+    expected = error_kinds(user)
+    found = {}
+    for walking in (False, True):
+        monkeypatch.setattr(search, "walks", lambda matches, tasks, w=walking: w)
+        for q in ("error:refused", "refused"):
+            rows = search.task_search(AgentTask.objects.all(), q)
+            found[walking, q] = set(rows.values_list("pk", flat=True))
+    assert all(ids == expected for ids in found.values()), found
+
+
+def test_a_common_error_search_walks_the_list_index_and_stops_after_a_page(user, monkeypatch):
+    """Many matches: the page reads the (created_at, id) index in order and probes each
+    task's dead letters by task id; no trigram index, no hashed set of every match."""
+    from agents import search
+
+    error_kinds(user)
+    monkeypatch.setattr(search, "walks", lambda matches, tasks: True)
+    page = search.task_search(AgentTask.objects.all(), "error:refused").order_by(
+        "-created_at", "-id"
+    )[:51]
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_sort = off")
+        sql, params = page.query.sql_with_params()
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "agent_task_created" in plan, plan
+    assert "trgm" not in plan and "hashed SubPlan" not in plan, plan
+
+
+def test_walks_when_the_matches_make_a_page_cheaper_to_walk_than_to_read():
+    from agents.search import walks
+
+    assert not walks(None, 1_000_000) and not walks(5, None)
+    assert not walks(200, 10_000) and walks(2_000, 10_000)
+    assert not walks(2_000, 1_000_000) and walks(20_000, 1_000_000)
+
+
+def test_a_search_matching_over_the_bound_shows_an_estimate_not_a_count(
+    ops_client, user, monkeypatch
+):
+    monkeypatch.setattr(admin_paging, "COUNT_LIMIT", 4)
+    expected = error_kinds(user)
+    many_tasks(user, 60, status="failed", error="refused again")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE agents_agenttask")
+        cursor.execute("ANALYZE audit_deadletter")
+    with CaptureQueriesContext(connection) as queries:
+        cl = ops_client.get(TASKS, {"q": "error:refused"}).context["cl"]
+    assert cl.count_text.startswith("about "), cl.count_text
+    statements = data_statements([q["sql"] for q in queries.captured_queries])
+    assert not [s for s in statements if "COUNT(" in s.upper()], statements
+    again = set(AgentTask.objects.filter(error="refused again").values_list("pk", flat=True))
+    matching = AgentTask.objects.filter(pk__in=expected | again).order_by("-created_at", "-id")
+    shown, pages = walk(ops_client, f"{TASKS}?q=error:refused")
+    assert shown == [str(pk) for pk in matching.values_list("pk", flat=True)]
+    assert len(pages) == 2  # 50 + 16

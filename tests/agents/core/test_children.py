@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from agents.core.children import child_id, orphans_cancel
@@ -164,3 +164,20 @@ def test_a_replay_after_the_join_reuses_the_finished_children(user):
     assert replay.result == [0, 1]
     assert not AgentTask.objects.filter(parent=replay).exists()
     assert AgentTask.objects.filter(parent=task).count() == 2
+
+
+def test_the_scheduler_finds_orphans_on_the_live_children_index(user):
+    """The orphan sweep runs on every tick: it reads the partial index of live children,
+    not every live or dead-lettered task (a plan, not a time)."""
+    from agents.core.children import orphan_parents
+
+    query = orphan_parents()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        sql, params = query.query.sql_with_params()
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "agent_task_live_children" in plan, plan
+    # The index's own condition, so the planner may start there whatever the parents'
+    # side looks like (at a million tasks it otherwise walked every task by created_at).
+    assert '"agents_agenttask"."parent_id" IS NOT NULL' in sql, sql
