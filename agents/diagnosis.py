@@ -37,7 +37,7 @@ ERROR_EVENTS = ERROR_EVENT_TYPES
 # index scan per row, however long the trail): a failure that matters now is recent.
 LIST_WINDOW = 30
 # A task's events are no older than the task (a day's margin for clocks apart): on the
-# partitioned trail (audit.0010) this bound lets PostgreSQL skip the months before the
+# partitioned trail (audit.0011) this bound lets PostgreSQL skip the months before the
 # task when it runs the list's per-row subqueries.
 EVENTS_NOT_BEFORE_TASK = timedelta(days=1)
 # ``CircuitOpen`` (agents.errors), as the engine records it in ``error_type``.

@@ -14,7 +14,7 @@ line, each with a ``record`` key:
    events in ``seq`` order). Times are ISO 8601 with microseconds and offset, decimals
    and UUIDs strings, bytes hex; an audit event's ``hash`` is the 64-character hex
    HMAC-SHA256 of ``audit.integrity``, over the ``hash`` of the event before it
-   (archives written before migration ``audit.0011`` also carry that as ``prev_hash``).
+   (archives written before migration ``audit.0010`` also carry that as ``prev_hash``).
 4. ``{"record": "end", "lines": N, "counts": {label: rows}, "head": [seq, hash],
    "sha256": HEX, "sig": HEX}``: ``sha256`` of the N lines before it (their bytes,
    each with its newline), ``head`` the last audit event, and ``sig`` the keyed hash
@@ -152,7 +152,7 @@ def archive_records(source: IO[bytes]) -> Iterator[dict[str, Any]]:
 
 def event_row(fields: dict[str, Any], *, task_id: str) -> EventRow:
     """An archived event's fields as the row ``audit.integrity.chain_verify`` reads (an
-    archive written before migration ``audit.0011`` also has the event's ``prev_hash``,
+    archive written before migration ``audit.0010`` also has the event's ``prev_hash``,
     the hash of the line before, which the end record's signature covers: not read)."""
     seq = fields.get("seq")
     tail = row_tail(

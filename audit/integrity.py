@@ -2,7 +2,7 @@
 
 Each event stores ``hash`` = HMAC-SHA256(key, prev_hash + canonical content), where
 ``prev_hash`` is the ``hash`` of the event before it in its task ("" for the first; not
-stored again: migration ``audit.0011`` dropped the copy each event had) and the content
+stored again: migration ``audit.0010`` dropped the copy each event had) and the content
 is the task id, seq, type, step, actor, time and payload. The key is the
 first of ``AGENTS_AUDIT_KEY`` (comma-separated: ``NEW,OLD`` while rotating; required in
 production, elsewhere derived from ``DJANGO_SECRET_KEY`` when unset), which the
@@ -188,7 +188,7 @@ def unchained_through() -> int:
 # (hex, "" when none), and the rest of the bytes its hash covers after the previous
 # event's hash, ``tail``: ``,"TASK",SEQ,"TYPE",STEP,"ACTOR","TIME",PAYLOAD]`` (``_content``
 # without its first element). The previous hash is not stored: it is the stored hash of
-# the event before (migration ``audit.0011``).
+# the event before (migration ``audit.0010``).
 EventRow = tuple[int, int, str, str]
 
 # The events of one task with ``lo <= seq < hi``, in the order the chain runs, as the

@@ -92,12 +92,12 @@ ERROR_EVENT_TYPES = (
 
 class AuditEvent(models.Model):
     """One event of a task's trail. On PostgreSQL the table is partitioned by month of
-    ``created_at`` (migration ``audit.0010``, ``audit.partitions``): its primary key in
+    ``created_at`` (migration ``audit.0011``, ``audit.partitions``): its primary key in
     the database is ``(id, created_at)``, ids stay unique (one identity sequence)."""
 
     # No index of its own: the (task, seq, created_at) unique index serves every lookup
     # by task. No foreign key in the database: a removed task's events wait in their
-    # closed month's partition until it is dropped (audit.0010 says what guards instead).
+    # closed month's partition until it is dropped (audit.0011 says what guards instead).
     task = models.ForeignKey(
         "agents.AgentTask",
         on_delete=models.PROTECT,
@@ -122,7 +122,7 @@ class AuditEvent(models.Model):
         ordering = ["task", "seq"]
         constraints = [
             # A partitioned table's unique constraints include its partition key; the
-            # task's row lock keeps (task, seq) unique (audit.0010 explains).
+            # task's row lock keeps (task, seq) unique (audit.0011 explains).
             models.UniqueConstraint(
                 fields=["task", "seq", "created_at"], name="audit_event_seq_per_task"
             ),
@@ -235,7 +235,7 @@ class TaskRemoval(models.Model):
 
 class AuditPartitionRemoval(models.Model):
     """A month partition of the audit trail dropped by retention (``audit.partitions``):
-    written by ``audit_partition_drop`` (migration ``audit.0010``) in the transaction that
+    written by ``audit_partition_drop`` (migration ``audit.0011``) in the transaction that
     drops it, once every task with events in it was archived and removed (each has its
     ``TaskRemoval``). Append-only (a trigger refuses UPDATE and DELETE)."""
 

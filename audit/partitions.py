@@ -1,4 +1,4 @@
-"""The audit trail's monthly partitions (PostgreSQL; migration ``audit.0010``).
+"""The audit trail's monthly partitions (PostgreSQL; migration ``audit.0011``).
 
 ``audit_auditevent`` is partitioned by RANGE on ``created_at``: one partition per UTC
 month, ``audit_auditevent_pYYYY_MM``, and ``audit_auditevent_default`` for any time no
@@ -75,7 +75,7 @@ def _name_month(name: str) -> datetime | None:
 
 
 def partitioned() -> bool:
-    """Whether the audit trail is partitioned here (PostgreSQL after ``audit.0010``)."""
+    """Whether the audit trail is partitioned here (PostgreSQL after ``audit.0011``)."""
     if connection.vendor != "postgresql":
         return False
     with connection.cursor() as cursor:

@@ -237,7 +237,7 @@ def replicate(templates: dict[str, Any], size: int) -> dict[str, Any]:
     User.objects.bulk_create(owners[1:])
     owner_ids = list(User.objects.filter(username__startswith="owner").values_list("pk", flat=True))
     year = timedelta(days=365).total_seconds()
-    # The audit trail's month partitions over the year the tasks span (audit.0010), as
+    # The audit trail's month partitions over the year the tasks span (audit.0011), as
     # a database that has run that long has them.
     partitions_ensure(now=timezone.now(), since=timezone.now() - timedelta(days=366))
     sql(
@@ -501,7 +501,7 @@ def measure(ids: dict[str, Any], repeat: int) -> dict[str, float]:
 def storage() -> dict[str, Any]:
     """Bytes per ordinary finished task: the tables' total size (heap, TOAST, indexes),
     less the share of the big trail's events, over the ordinary tasks."""
-    # A partitioned table (the audit trail, audit.0010) is the sum of its partitions.
+    # A partitioned table (the audit trail, audit.0011) is the sum of its partitions.
     sizes = dict(
         sql(
             "SELECT c.relname::text, coalesce("

@@ -53,7 +53,7 @@ def test_a_page_deep_in_a_long_trail_comes_from_the_task_seq_index(user):
         sql, params = page.query.sql_with_params()
         cursor.execute(f"EXPLAIN {sql}", params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
-    # Each month partition's copy of audit_event_seq_per_task (audit.0010), merged in
+    # Each month partition's copy of audit_event_seq_per_task (audit.0011), merged in
     # order: no sort of the task's events.
     assert "_task_id_seq_created_at_key" in plan, plan
     assert "->  Sort" not in plan, plan

@@ -72,7 +72,7 @@ def test_the_migration_converts_hex_hashes_and_the_chains_still_verify(user):
         ) == ["character varying"]
         hexes = column("SELECT hash FROM audit_auditevent ORDER BY id")
         assert all(len(h) == 64 for h in hexes)
-        # Migration audit.0011 put each event's prev_hash back: its predecessor's hash.
+        # Migration audit.0010 put each event's prev_hash back: its predecessor's hash.
         assert column("SELECT count(*) FROM audit_auditevent WHERE prev_hash = ''") == [2]
         assert column(
             "SELECT count(*) FROM (SELECT prev_hash, lag(hash) OVER (PARTITION BY task_id"

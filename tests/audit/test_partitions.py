@@ -1,4 +1,4 @@
-"""Issue 24: the audit trail in monthly partitions (migration ``audit.0010``).
+"""Issue 24: the audit trail in monthly partitions (migration ``audit.0011``).
 
 Events of one task in two months verify as one chain; an insert in a month with no
 partition lands in the DEFAULT one, and moves into the month's partition when it is

@@ -196,7 +196,7 @@ def migrate(targets: list[tuple[str, str]]) -> None:
 
 
 def test_the_migration_drops_prev_hash_only_where_it_is_derivable(user, monkeypatch):
-    """Backwards, ``audit.0011`` fills ``prev_hash`` from the predecessors; forwards, it
+    """Backwards, ``audit.0010`` fills ``prev_hash`` from the predecessors; forwards, it
     refuses a trail whose ``prev_hash`` is not its predecessor's hash, unless forced."""
     tasks = [long_task(), long_task()]
     latest = MigrationExecutor(connection).loader.graph.leaf_nodes()

@@ -10,7 +10,7 @@ table of the schema, except:
   only (no UPDATE, DELETE or TRUNCATE), and as it does not own them it cannot disable
   their append-only triggers either; retention removes a task's events only through
   ``audit_events_remove`` and ``audit_partition_drop`` (migrations ``audit.0007``,
-  ``audit.0010``);
+  ``audit.0011``);
 - ``audit_auditchainstart`` and ``django_migrations``: SELECT only.
 
 The role is created (LOGIN, with the URL's password) when it does not exist, and its
@@ -111,7 +111,7 @@ class Command(BaseCommand):
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}",
                 f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {quoted}",
             ]
-            # The trail's partitions (audit.0010) are tables too, which GRANT ... ON ALL
+            # The trail's partitions (audit.0011) are tables too, which GRANT ... ON ALL
             # TABLES reached: the same as their parent. Those made later get no grant.
             cursor.execute(
                 "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid"

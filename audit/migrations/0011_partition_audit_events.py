@@ -253,7 +253,7 @@ BEGIN
         RAISE EXCEPTION 'task % is %: only finished tasks can be removed', OLD.id, OLD.status
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    -- In place of the events' foreign key (audit.0010): a task with a trail leaves only
+    -- In place of the events' foreign key (audit.0011): a task with a trail leaves only
     -- through retention, which records the removal first.
     IF EXISTS (SELECT 1 FROM audit_auditevent WHERE task_id = OLD.id)
        AND NOT EXISTS (SELECT 1 FROM audit_taskremoval WHERE task_id = OLD.id) THEN
@@ -354,7 +354,7 @@ def backwards(apps, schema_editor):
 class Migration(migrations.Migration):
     dependencies = [
         ("agents", "0015_growth_flat_pages"),
-        ("audit", "0009_growth_digest_bytes"),
+        ("audit", "0010_verify_drop_prev_hash"),
     ]
 
     operations = [

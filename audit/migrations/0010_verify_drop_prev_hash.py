@@ -58,7 +58,7 @@ def fill(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("audit", "0010_partition_audit_events"),
+        ("audit", "0009_growth_digest_bytes"),
     ]
 
     operations = [
