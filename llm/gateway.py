@@ -476,7 +476,7 @@ class Gateway:
             finally:
                 metrics.GATEWAY_IN_FLIGHT.labels(model=config.name).dec()
             duration_ms = round((time.monotonic() - started) * 1000, 3)
-            await self.breakers.report(self, config, outcome, transitions)
+            outcome = await self.breakers.report(self, config, outcome, transitions)
             waits = isinstance(outcome, RetryLater) and not isinstance(outcome, CircuitOpen)
             if waits and time.time() + outcome.delay < deadline:
                 logger.info("model asks to wait", delay=outcome.delay, key=payload["key"])
@@ -659,12 +659,16 @@ class Breakers:
 
     async def report(
         self, gateway: Gateway, config: ModelConfig, outcome: Any, transitions: list[Transition]
-    ) -> None:
-        """Count a call's ``outcome`` (a completion or an exception) in its breaker."""
+    ) -> Any:
+        """Count a call's ``outcome`` (a completion or an exception) in its breaker, and
+        return what the call ends with: the ``outcome``, or for a failure that opened
+        the breaker (the one that reached ``AGENTS_BREAKER_FAIL_MAX``, or a failed
+        trial call) the ``CircuitOpen`` that ``breaker_call`` raises for it, as in a
+        worker, so that the step waits for the breaker without spending an attempt."""
         failed = isinstance(outcome, Exception)
         name = config.breaker
         if not failed and name not in self._failed:
-            return
+            return outcome
         if failed:
             self._failed.add(name)
             self._closed_until.pop(name, None)
@@ -675,13 +679,19 @@ class Breakers:
             if failed:
                 raise outcome
 
-        def report() -> None:
-            with contextlib.suppress(Exception):
+        def report() -> CircuitOpen | None:
+            try:
                 breaker_call(
                     name=name, func=replay, trial_timeout=config.timeout, transitions=transitions
                 )
+            except CircuitOpen as exc:
+                return exc
+            except Exception:
+                return None  # the outcome itself, replayed
+            return None
 
-        await gateway.db(report)
+        opened = await gateway.db(report)
+        return opened if failed and opened is not None else outcome
 
 
 # --- max_in_flight: slots in Redis, shared by every gateway --------------------------------

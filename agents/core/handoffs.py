@@ -152,11 +152,14 @@ def _claim_queued(task_id: UUID, step: int, fence: int, holder: str, expires: An
     A hand-off is published inside the transaction that passes the lease to the queue,
     and that transaction may also advance the task to ``step`` (a step committed with
     the next one's hand-off, ``agents.core.commit``), so the message can arrive before
-    it commits. The UPDATE therefore also matches the row one step behind: the row is
-    locked, so it waits for that commit, and PostgreSQL evaluates the WHERE again on
-    the row as committed (READ COMMITTED, PostgreSQL manual 13.2.1); the CASEs change
-    nothing if the row is still behind (that transaction rolled back). Matching only
-    ``current_step = step``, it would see the old row, match nothing and not wait."""
+    it commits. The UPDATE therefore also matches the row one step behind, and the row
+    at ``step`` whose lease is not (yet) free: the row is locked, so it waits for that
+    commit, and PostgreSQL evaluates the WHERE again on the row as committed (READ
+    COMMITTED, PostgreSQL manual 13.2.1); the CASEs change nothing if the lease is
+    still not free (that transaction rolled back, or a live holder has it). Matching
+    only a free lease at ``step``, it would see the old row, match nothing and not wait,
+    and the claim would wait for the step's lease to expire instead (``handoff_claim``),
+    past the step's time limit."""
     if connection.vendor != "postgresql":
         return bool(
             AgentTask.objects.filter(
@@ -177,7 +180,7 @@ def _claim_queued(task_id: UUID, step: int, fence: int, holder: str, expires: An
                    lease_expires_at = CASE WHEN t.current_step = %(step)s AND {free}
                                            THEN %(expires)s ELSE t.lease_expires_at END
              WHERE t.id = %(id)s AND t.fence = %(fence)s AND t.status = ANY(%(runnable)s)
-               AND ((t.current_step = %(step)s AND {free}) OR t.current_step = %(step)s - 1)
+               AND t.current_step IN (%(step)s, %(step)s - 1)
          RETURNING t.current_step, t.lease_owner
             """,
             {

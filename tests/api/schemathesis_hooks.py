@@ -1,4 +1,4 @@
-"""schemathesis hooks for the two-tenant run (``tests/api/test_schema.py``), loaded by the
+"""schemathesis hooks for the two-tenant runs (``tests/api/schemathesis_run.py``), loaded by the
 CLI through ``SCHEMATHESIS_HOOKS=tests.api.schemathesis_hooks``.
 
 - **Another tenant's ids.** Every path ``{id}`` is also tried with the ids of objects

@@ -3,8 +3,9 @@
 Workers load ``tests.integration.agents_for_tests`` and run the ``recorded`` agent,
 which appends ``start``/``end`` lines (task, step, process id, time) to the file named
 by ``AGENTS_COPY_LOG``. A copy with no ``end`` was stopped by its process's death: the
-test records when it killed which processes (``Deaths``), and a worker that froze its
-pool for a graceful shutdown logs the moment it did.
+test records when it stopped which processes before killing them (``Deaths``,
+``freeze_group``), and a worker that froze its pool for a graceful shutdown logs the
+moment it did.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,19 +52,47 @@ class Deaths:
         return min(after) if after else None
 
 
-def group_pids(pgid: int) -> set[int]:
-    """Every process in process group ``pgid`` (a worker and its pool)."""
-    pids = set()
+def freeze_group(pgid: int, timeout: float = 30.0) -> tuple[float, set[int]]:
+    """Stop (SIGSTOP) every process of group ``pgid`` (a worker and its pool) and wait
+    until each of their threads is stopped; returns ``(when, pids)``: none of them runs
+    code after ``when``, so a test that kills them next records the right death. The
+    time read before the kill instead misses a copy that starts between the two, which
+    then seems to outlive its process."""
+    os.killpg(pgid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _group_states(pgid)
+        if all(set(threads) <= set("TtZX") for threads in states.values()):
+            return time.time(), set(states)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process group {pgid} did not stop: {states}")
+        time.sleep(0.01)
+
+
+def _group_states(pgid: int) -> dict[int, str]:
+    """``{pid: the state letter of each of its threads}`` (R, S, T, Z, ... from
+    ``/proc``) of the processes in group ``pgid``: a process stops thread by thread."""
+    states = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                pids.add(int(entry))
-    return pids
+        if not entry.isdigit() or _stat(Path("/proc", entry))[2:3] != [str(pgid)]:
+            continue
+        try:
+            tids = os.listdir(f"/proc/{entry}/task")
+        except OSError:
+            continue
+        states[int(entry)] = "".join(
+            fields[0] for tid in tids if (fields := _stat(Path("/proc", entry, "task", tid)))
+        )
+    return states
+
+
+def _stat(path: Path) -> list[str]:
+    """The fields of ``path/stat`` after the command name (state, ppid, pgrp, ...);
+    empty if the process or thread is gone."""
+    try:
+        return (path / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
 
 
 def read(path: Path) -> dict[tuple[str, int], list[Copy]]:

@@ -236,8 +236,7 @@ def test_fifty_long_steps_on_three_workers_under_kills_drops_and_deploys(workers
         ids = [str(start(script).pk) for _ in range(50)]
 
         def kill(index: int) -> None:
-            process = workers.processes[index]
-            deaths.add(time.time(), copies.group_pids(process.pid))
+            deaths.add(*copies.freeze_group(workers.processes[index].pid))
             workers.kill(index)
 
         time.sleep(3)
