@@ -55,9 +55,8 @@ def relocate(task: AgentTask, times: dict[int, datetime]) -> None:
                 payload=event.payload,
             )
             cursor.execute(
-                "UPDATE audit_auditevent SET created_at = %s, prev_hash = %s, hash = %s"
-                " WHERE id = %s",
-                [at, bytes.fromhex(prev) if prev else None, bytes.fromhex(digest), event.pk],
+                "UPDATE audit_auditevent SET created_at = %s, hash = %s WHERE id = %s",
+                [at, bytes.fromhex(digest), event.pk],
             )
             prev = digest
         cursor.execute("ALTER TABLE audit_auditevent ENABLE TRIGGER audit_event_append_only")
