@@ -457,6 +457,10 @@ LLM = {
     "GATEWAY_DRAIN": env.float("AGENTS_LLM_GATEWAY_DRAIN", default=25.0),
     "GATEWAY_DB_THREADS": env.int("AGENTS_LLM_GATEWAY_DB_THREADS", default=8),
     "GATEWAY_PREFETCH": env.int("AGENTS_LLM_GATEWAY_PREFETCH", default=5000),
+    # Steps the gateway runs at once itself (``llm.gateway.Gateway._continue``): a reply
+    # that calls no tool or only local ones, taken while fewer run; 0: every reply
+    # goes back through the work queue.
+    "GATEWAY_CONTINUE": env.int("AGENTS_LLM_GATEWAY_CONTINUE", default=2),
     "GATEWAY_HEALTH_PORT": env.int("AGENTS_LLM_GATEWAY_HEALTH_PORT", default=8002),
     # Without Redis (the demo), streamed replies' deltas are appended to this file.
     "DELTAS_FILE": env.str("AGENTS_LLM_DELTAS_FILE", default=""),

@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=2.0, help="the server's L, seconds")
     parser.add_argument("--bound", type=float, default=280.0, help="seconds before giving up")
     parser.add_argument("--concurrency", type=int, default=8, help="the worker's pool")
+    parser.add_argument("--gateways", type=int, default=1, help="model gateway processes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     meter, shared = _harness()
@@ -98,15 +99,19 @@ def main() -> None:
         process_env,
         logs / f"worker-gateway-{args.n}-{run}.log",
     )  # fmt: skip
-    gateway = _start(
-        [sys.executable, "manage.py", "llm_gateway"],
-        process_env,
-        logs / f"gateway-{args.n}-{run}.log",
-    )
+    gateways = [
+        _start(
+            [sys.executable, "manage.py", "llm_gateway"],
+            process_env,
+            logs / f"gateway-{args.n}-{run}-{i}.log",
+        )
+        for i in range(args.gateways)
+    ]
     result: dict[str, Any] = {
         "arm": "project",
         "pool": "prefork + gateway",
         "concurrency": args.concurrency,
+        "gateways": args.gateways,
         "n": args.n,
         "L": args.delay,
         "label": "deployed shape: worker + llm_gateway",
@@ -122,7 +127,7 @@ def main() -> None:
             time.sleep(0.2)
         result["warmup_status"] = status
         meter.server(args.server, "/reset", "POST")
-        meters = [meter.TreeMeter(p.pid).start() for p in (worker, gateway)]
+        meters = [meter.TreeMeter(p.pid).start() for p in (worker, *gateways)]
         machine = meter.machine_cpu()
         t0 = time.time()
         # Started as a client would start a thousand sessions: in batches (the API's
@@ -147,14 +152,17 @@ def main() -> None:
             terminal = sum(v for k, v in counts.items() if k in TERMINAL)
             if terminal >= args.n or time.time() > t0 + args.bound:
                 break
-            if worker.poll() is not None or gateway.poll() is not None:
+            if any(p.poll() is not None for p in (worker, *gateways)):
                 break
         stats = [m.stop() for m in meters]
         result["machine_cpu_s"] = round(meter.machine_cpu() - machine, 2)
         result["rss_mb_max"] = round(sum(s["rss_mb_max"] for s in stats), 1)
         result["pss_mb_max"] = round(sum(s["pss_mb_max"] for s in stats), 1)
         result["cpu_s"] = round(sum(s["cpu_s"] for s in stats), 2)
-        result["cpu_s_worker"], result["cpu_s_gateway"] = stats[0]["cpu_s"], stats[1]["cpu_s"]
+        result["cpu_s_worker"] = stats[0]["cpu_s"]
+        result["cpu_s_gateway"] = round(sum(s["cpu_s"] for s in stats[1:]), 2)
+        result["pss_mb_worker"] = stats[0]["pss_mb_max"]
+        result["pss_mb_gateway"] = round(sum(s["pss_mb_max"] for s in stats[1:]), 1)
         result["procs_max"] = sum(s["procs_max"] for s in stats)
         result["statuses"] = counts
         result["completed"] = counts.get("completed", 0)
@@ -185,7 +193,7 @@ def main() -> None:
         )
         result["errors_sample"] = [e[:300] for e in errors]
     finally:
-        for process in (gateway, worker):
+        for process in (*gateways, worker):
             _stop(process)
         connection.close()
         try:

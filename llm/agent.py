@@ -36,19 +36,41 @@ from typing import Any, ClassVar
 
 from django.conf import settings
 
-from agents.definition import Agent, Outcome, StepContext, register
+from agents.definition import Agent, Outcome, StepContext, register, registered_agents
 from agents.errors import PermanentError
 from agents_project.errors import InvalidInput
 from llm.budget import Budget, usage_empty
 from llm.client import model_config
 from llm.context import POLICIES, ChatMessage, ContextSettings
 from llm.delegation import tool_find
-from llm.step import LLMStep, Reply, RunSettings
+from llm.step import LLMStep, Reply, RunSettings, wire_name
+from tools.registry import registered_tools
 
-__all__ = ["LLM", "LLMAgent", "Reply", "RunSettings", "llm_input_check"]
+__all__ = ["LLM", "LLMAgent", "Reply", "RunSettings", "gateway_continues", "llm_input_check"]
 
 ON_BUDGET = ("fail", "approval")
 CONTEXT_KEYS = {"policy", "max_messages", "max_tokens", "keep_last", "pin_tools"}
+
+
+def gateway_continues(agent_name: str, tool_calls: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the model gateway may run the step that takes a reply of ``agent_name``
+    whose tool calls (the chat-completions wire shape, ``{"function": {"name"}}``) are
+    ``tool_calls``, instead of sending it back to a worker: the agent is an
+    ``LLMAgent`` that allows it (``continues_on_gateway``), and every call names a
+    built-in ``local`` tool (``tools.registry.tool``), whose run no time limit needs to
+    guard. Anything else (another tool, an MCP or sub-agent tool) goes to a worker."""
+    agent = registered_agents().get(agent_name)
+    if not isinstance(agent, LLMAgent) or not agent.continues_on_gateway:
+        return False
+    local = _local_wire_names()
+    return all(
+        isinstance(c, Mapping) and (c.get("function") or {}).get("name") in local
+        for c in tool_calls
+    )
+
+
+def _local_wire_names() -> frozenset[str]:
+    return frozenset(wire_name(t.name) for t in registered_tools().values() if t.local)
 
 
 class LLMAgent(Agent):
@@ -81,6 +103,10 @@ class LLMAgent(Agent):
     # With the model gateway, a delivery goes on after the tools of a recorded reply up
     # to the next model call, which it hands off: one delivery per model call, not two.
     continue_after_tools: ClassVar[bool] = True
+    # The model gateway may run the step that takes this agent's reply itself, on its
+    # own threads, when the reply calls no tool or only local ones (``gateway_continues``).
+    # False for an agent whose hooks (``final_answer``, ``mark``...) wait on anything.
+    continues_on_gateway: ClassVar[bool] = True
 
     @property
     def steps_per_delivery(self) -> int:  # type: ignore[override]

@@ -58,6 +58,8 @@ from django.db import InterfaceError, OperationalError, connection
 from openai.types.chat import ChatCompletion
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agents.core.dispatch import dead_letter_publish
+from agents.core.engine import step_execute
 from agents.core.faults import fault_point
 from agents.core.handoffs import (
     HandOffClaim,
@@ -68,10 +70,13 @@ from agents.core.handoffs import (
     handoffs_renew,
 )
 from agents.core.leases import lease_owner_name
+from agents.core.results import StepResult
+from agents.definition import registered_agents
 from agents.errors import PermanentError, RetryableError, RetryLater
 from agents_project import tracing
 from agents_project.errors import Backpressure, CircuitOpen
 from llm import metrics, telemetry
+from llm.agent import gateway_continues
 from llm.client import (
     MalformedResponse,
     ModelConfig,
@@ -117,6 +122,10 @@ class Call:
     slots: list[str] = field(default_factory=list)
     # The handing-off step's trace context (``agents_project.tracing``); "" untraced.
     traceparent: str = ""
+    # The reply may be taken here (``llm.agent.gateway_continues``), and then is being:
+    # the step's own claim renews its lease from then on, not the gateway's renewal.
+    continues: bool = False
+    continuing: bool = False
 
     @property
     def ident(self) -> tuple[UUID, int, int]:
@@ -140,6 +149,9 @@ class Gateway:
         self.consuming = False
         self.slots = Slots()
         self.breakers = Breakers()
+        # Steps running here now (``_continue``), and at most how many.
+        self.continuing = 0
+        self.continue_max = int(conf["GATEWAY_CONTINUE"])
 
     # --- running ------------------------------------------------------------------------
 
@@ -178,12 +190,13 @@ class Gateway:
         deadline = time.monotonic() + grace
         while self.calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        rest = list(self.calls.values())
+        # A step running here ends in milliseconds (no network): let it.
+        rest = [c for c in self.calls.values() if not c.continuing]
         for call in rest:
             call.stop = "shutdown"
             if call.work is not None:
                 call.work.cancel()
-        works = [c.work for c in rest if c.work is not None]
+        works = [c.work for c in self.calls.values() if c.work is not None]
         if works:
             await asyncio.gather(*works, return_exceptions=True)
 
@@ -237,6 +250,9 @@ class Gateway:
                 handed_back, also = await self._answer(call)
                 # The step's next delivery continues this span.
                 traceparent = tracing.current_traceparent()
+            if call.continues and also is not None and self.continuing < self.continue_max:
+                await self._continue(call, handed_back, also, traceparent)
+                return
             while not await self._return(call, handed_back, also, traceparent):
                 await asyncio.sleep(1.0)  # the broker refused: keep the step, try again
             fault_point("handoff_returned", step=call.step)
@@ -271,6 +287,61 @@ class Gateway:
         )
         found = claim.claimed and model_call_find(key=call.payload["key"]) is not None
         return claim, found
+
+    async def _continue(
+        self, call: Call, handed_back: dict[str, Any], record: Callable[[], Any], traceparent: str
+    ) -> None:
+        """Take the reply here: record it, then run the step that takes it on a database
+        thread, as a worker would (``engine.step_execute``, under this gateway's lease,
+        which its claim takes on), up to its next hand-off or its end. The hand-off's
+        message is acknowledged only after: if this process dies first, the message goes
+        to another gateway, or the sweep publishes the step once its lease lapses
+        (``agents.core.scheduler``), and the recorded reply is reused, not asked again."""
+        call.continuing = True
+        self.continuing += 1
+        try:
+            result = await self.db(
+                self._step_here, call=call, handed_back=handed_back, record=record,
+                traceparent=traceparent,
+            )  # fmt: skip
+        finally:
+            self.continuing -= 1
+        fault_point("handoff_continued", step=call.step)
+        if result == StepResult.DEAD_LETTERED:
+            await self.db(self._dead_letter, call=call)
+        elif result == StepResult.REQUEUE:
+            # The database stayed away: its lease is released when it answers, and the
+            # sweep publishes the step (this message would find the fence moved on).
+            logger.warning("continued step given back", task_id=str(call.task_id))
+        await call.message.ack()
+
+    def _step_here(
+        self, call: Call, handed_back: dict[str, Any], record: Callable[[], Any], traceparent: str
+    ) -> StepResult:
+        record()
+        return step_execute(
+            task_id=call.task_id,
+            step=call.step,
+            message={
+                "task": "agents.run_step",
+                "id": "",
+                "args": [str(call.task_id), call.step],
+                "delivery_info": {"routing_key": settings.AGENTS["HANDOFF_QUEUE"]},
+            },
+            node=self.node,
+            handed_back=handed_back,
+            traceparent=traceparent,
+            owner=self.holder,
+        )
+
+    def _dead_letter(self, call: Call) -> None:
+        agent = registered_agents().get(str(call.payload.get("agent") or "llm"))
+        if agent is None:
+            return
+        try:
+            dead_letter_publish(task_id=call.task_id, step=call.step, agent=agent)
+        except Backpressure:
+            logger.error("dead letter not put in the DLQ", task_id=str(call.task_id))
 
     async def _cancelled(self, call: Call) -> None:
         with contextlib.suppress(Exception):
@@ -343,6 +414,7 @@ class Gateway:
                 completion, duration_ms, int(payload.get("estimated_tokens") or 0)
             )
             telemetry.chat_reply_record(reply, model=config.name, secrets=secrets)
+            call.continues = gateway_continues(str(payload.get("agent") or ""), reply.tool_calls)
         except (PermanentError, RetryableError, RetryLater) as exc:
             tracing.error_record(exc)
             note = {"key": key, "error": error_as_note(exc)}
@@ -545,7 +617,9 @@ class Gateway:
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_INTERVAL)
-            claimed = [c for c in self.calls.values() if c.claimed and not c.stop]
+            claimed = [
+                c for c in self.calls.values() if c.claimed and not c.stop and not c.continuing
+            ]
             if not claimed:
                 continue
             held = [(c.task_id, c.fence) for c in claimed]

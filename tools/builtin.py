@@ -59,7 +59,14 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
 _MAX_MAGNITUDE = 1e100
 
 
-@tool("calc", args={"expression": Arg(str)}, timeout=1.0, parallel=True, credentials=False)
+@tool(
+    "calc",
+    args={"expression": Arg(str)},
+    timeout=1.0,
+    parallel=True,
+    credentials=False,
+    local=True,
+)
 def calc(ctx: ToolContext, args: dict[str, Any]) -> int | float:
     """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses)."""
     expression = args["expression"]

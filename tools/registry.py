@@ -148,6 +148,10 @@ class Tool:
     # and a step whose calls are all such tools does not read or decrypt them (nothing
     # of theirs can reach its results to be masked).
     credentials: bool = True
+    # A local tool (as Temporal calls its short activities run by the workflow's own
+    # worker): quick, pure computation, no network, no credentials. The model gateway
+    # runs a reply's local tools itself rather than sending the step back to a worker.
+    local: bool = False
 
     def parameters_schema(self) -> dict[str, Any]:
         """The JSON Schema (draft 2020-12) of this tool's arguments: what a model is
@@ -248,10 +252,19 @@ def tool(
     parallel: bool = False,
     recorded: bool = False,
     credentials: bool = True,
+    local: bool = False,
     replace: bool = False,
 ) -> Callable[[ToolFunc], ToolFunc]:
     """Register the decorated function as the tool ``name``. ``credentials=False``: it
-    never reads ``ctx.credentials`` (they are then not loaded for it)."""
+    never reads ``ctx.credentials`` (they are then not loaded for it). ``local=True``:
+    it is quick (well under a second), pure and offline, so the model gateway may run
+    it on its own threads, which no hard time limit guards (``llm.gateway``); it then
+    reads no credentials either. ``ValueError`` for a local tool with side effects or
+    credentials."""
+    if local and (side_effects or credentials):
+        raise ValueError(
+            f"tool {name!r}: a local tool has no side effects and reads no credentials"
+        )
 
     def decorator(func: ToolFunc) -> ToolFunc:
         if name in _REGISTRY and not replace:
@@ -276,6 +289,7 @@ def tool(
             parallel=parallel,
             recorded=recorded,
             credentials=credentials,
+            local=local,
         )
         return func
 

@@ -45,7 +45,7 @@ from agents.timeouts import learned_limit
 from agents_project import tracing
 from agents_project.celery import app
 from agents_project.errors import Backpressure
-from agents_project.topology import handoff_queue
+from agents_project.topology import dead_letter_queue, handoff_queue
 
 logger = structlog.get_logger(__name__)
 
@@ -109,6 +109,39 @@ def step_publish(
     if collected is not None:
         collected.append((task_id, step))
         return
+    message = _step_message(task_id, step, agent, limits, handed_back, traceparent)
+    try:
+        _send(
+            app.amqp.queues[settings.AGENTS["QUEUE"]],
+            message.body,
+            message.headers,
+            message.properties,
+        )
+    except PUBLISH_ERRORS as exc:
+        logger.warning("step publish refused", task_id=str(task_id), step=step, error=repr(exc))
+        raise Backpressure("the work queue cannot take more work now") from exc
+
+
+def dead_letter_publish(*, task_id: UUID, step: int, agent: Agent) -> None:
+    """Put the message of ``step`` in the dead-letter queue, as RabbitMQ puts a rejected
+    one there: for a step dead-lettered by a process that ran it without a message of
+    the work queue (the model gateway, ``llm.gateway``), so that the DLQ keeps one
+    message per open letter (``agents.core.dead_letters``). ``Backpressure`` if refused."""
+    message = _step_message(task_id, step, agent, None, None, "")
+    try:
+        _send(dead_letter_queue(settings.AGENTS), message.body, message.headers, message.properties)
+    except PUBLISH_ERRORS as exc:
+        raise Backpressure("the dead-letter queue cannot take the message now") from exc
+
+
+def _step_message(
+    task_id: UUID,
+    step: int,
+    agent: Agent,
+    limits: tuple[float, float] | None,
+    handed_back: dict[str, Any] | None,
+    traceparent: str,
+) -> Any:
     soft, hard = limits or step_time_limits(agent)
     args = (str(task_id), step)
     kwargs = {"handed_back": handed_back} if handed_back else {}
@@ -136,16 +169,7 @@ def step_publish(
         traceparent = traceparent or tracing.current_traceparent()
         if traceparent:
             message.headers["traceparent"] = traceparent
-    try:
-        _send(
-            app.amqp.queues[settings.AGENTS["QUEUE"]],
-            message.body,
-            message.headers,
-            message.properties,
-        )
-    except PUBLISH_ERRORS as exc:
-        logger.warning("step publish refused", task_id=str(task_id), step=step, error=repr(exc))
-        raise Backpressure("the work queue cannot take more work now") from exc
+    return message
 
 
 def handoff_publish(*, body: dict[str, Any]) -> None:

@@ -114,6 +114,7 @@ def step_execute(
     published_at: float | None = None,
     handed_back: Mapping[str, Any] | None = None,
     traceparent: str = "",
+    owner: str | None = None,
 ) -> StepResult:
     """Run ``step`` of the task once, as its only live copy. Safe to call any number of
     times, concurrently, for the same step: at most one call runs the agent's code at a
@@ -123,13 +124,16 @@ def step_execute(
     ``published_at`` the time (``time.time()``) its message was published, for the
     time-in-queue metric; ``handed_back`` what a hand-off's process said of this step
     (``agents.core.handoffs``), for the step's ``StepContext``; ``traceparent`` the
-    trace context its message carried (``agents_project.tracing.step_parent``).
+    trace context its message carried (``agents_project.tracing.step_parent``);
+    ``owner`` the lease owner name of a caller that holds the step's lease already (the
+    model gateway continuing a step it took a reply for: its claim takes its own lease
+    on); default a new ``lease_owner_name(node)``.
     Retries are scheduled in the database (``agents.core.retries``), not by raising. A
     ``DEAD_LETTERED`` result tells the Celery task to reject its message into the
     dead-letter queue; ``REQUEUE`` to give it back (the database stayed away longer
     than ``AGENTS_DATABASE_PATIENCE`` seconds).
     """
-    owner = lease_owner_name(node)
+    owner = owner or lease_owner_name(node)
     with structlog.contextvars.bound_contextvars(task_id=str(task_id), step=step):
         waited, delay = 0.0, 0.5
         while True:

@@ -469,25 +469,26 @@ def leases_hand_back(*, node: str) -> int:
 
 
 class _Heartbeat:
-    """One thread per process renewing the lease of the step this process runs, and
+    """One thread per process renewing the leases of the steps this process runs, and
     releasing the leases of steps whose message it gave back during a database outage
     (once the database answers again), so their redelivery is not taken for a death."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: tuple[UUID, int, str] | None = None
-        # The held step's trace, for this thread's log lines about it ("" untraced).
-        self._trace: dict[str, str] = {}
+        # By the running thread's id: (task id, fence, owner) of the step it runs and its
+        # trace, for the log lines about it (empty untraced). A pool process runs one
+        # step at a time; the model gateway runs several, one per database thread.
+        self._held: dict[int, tuple[tuple[UUID, int, str], dict[str, str]]] = {}
         self._to_release: set[tuple[UUID, str]] = set()
         self._wake = threading.Event()
         self._pid = 0
-        self.lost = False
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
         # A lock copied held by a thread of the parent would never be released here.
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._held = {}  # the parent's threads are not this process's
 
     def release_later(self, task_id: UUID, owner: str) -> None:
         with self._lock:
@@ -496,21 +497,22 @@ class _Heartbeat:
         self._wake.set()
 
     def hold(self, task_id: UUID, fence: int, owner: str) -> None:
+        trace = {"trace_id": tracing.current_trace_id()} if tracing.ENABLED else {}
         with self._lock:
-            self._held = (task_id, fence, owner)
-            self._trace = {"trace_id": tracing.current_trace_id()} if tracing.ENABLED else {}
-            self.lost = False
+            self._held[threading.get_ident()] = ((task_id, fence, owner), trace)
         self._start()
 
     def _start(self) -> None:
-        if self._pid != os.getpid():
+        with self._lock:
+            if self._pid == os.getpid():
+                return
             # First use in this process (pool children are forked): start the thread.
             self._pid = os.getpid()
-            threading.Thread(target=self._run, name="agents-lease-heartbeat", daemon=True).start()
+        threading.Thread(target=self._run, name="agents-lease-heartbeat", daemon=True).start()
 
     def release(self) -> None:
         with self._lock:
-            self._held = None
+            self._held.pop(threading.get_ident(), None)
 
     def _run(self) -> None:
         while True:
@@ -522,37 +524,39 @@ class _Heartbeat:
             self._wake.wait(_RELEASE_INTERVAL if releasing else lease_ttl() / 6)
             self._wake.clear()
             with self._lock:
-                held, trace = self._held, self._trace
+                holding = list(self._held.values())
                 to_release = set(self._to_release)
             if to_release:
                 self._release(to_release)
-            if held is None:
+            if not holding:
                 # Hold no connection while idle (most steps end before the first beat).
                 connection.close()
                 continue
-            try:
-                # The owner too: once the step's commit released the lease (same fence),
-                # a late beat must not bring it back.
-                renewed = AgentTask.objects.filter(
-                    pk=held[0], fence=held[1], lease_owner=held[2]
-                ).update(lease_expires_at=clock.now() + timedelta(seconds=lease_ttl()))
-            except Exception as exc:  # the database may be away; try again next beat
-                logger.warning(
-                    "lease renewal failed", task_id=str(held[0]), error=repr(exc), **trace
-                )
-                with contextlib.suppress(Exception):
-                    connection.close()
-                continue
-            if not renewed:
-                with self._lock:
-                    if self._held == held:
-                        self.lost = True
-                        self._held = None
-                logger.info(
-                    "lease renewal found the lease gone (its step committed, or it was taken over)",
-                    task_id=str(held[0]),
-                    **trace,
-                )
+            for held, trace in holding:
+                self._renew(held, trace)
+
+    def _renew(self, held: tuple[UUID, int, str], trace: dict[str, str]) -> None:
+        try:
+            # The owner too: once the step's commit released the lease (same fence), a
+            # late beat must not bring it back.
+            renewed = AgentTask.objects.filter(
+                pk=held[0], fence=held[1], lease_owner=held[2]
+            ).update(lease_expires_at=clock.now() + timedelta(seconds=lease_ttl()))
+        except Exception as exc:  # the database may be away; try again next beat
+            logger.warning("lease renewal failed", task_id=str(held[0]), error=repr(exc), **trace)
+            with contextlib.suppress(Exception):
+                connection.close()
+            return
+        if not renewed:
+            with self._lock:
+                for ident, (other, _) in list(self._held.items()):
+                    if other == held:
+                        del self._held[ident]  # not again: nothing renews a lost lease
+            logger.info(
+                "lease renewal found the lease gone (its step committed, or it was taken over)",
+                task_id=str(held[0]),
+                **trace,
+            )
 
     def _release(self, leases: set[tuple[UUID, str]]) -> None:
         for task_id, owner in leases:
