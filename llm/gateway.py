@@ -306,7 +306,6 @@ class Gateway:
             )  # fmt: skip
         finally:
             self.continuing -= 1
-        fault_point("handoff_continued", step=call.step)
         if result == StepResult.DEAD_LETTERED:
             await self.db(self._dead_letter, call=call)
         elif result == StepResult.REQUEUE:
@@ -319,6 +318,7 @@ class Gateway:
         self, call: Call, handed_back: dict[str, Any], record: Callable[[], Any], traceparent: str
     ) -> StepResult:
         record()
+        fault_point("handoff_recorded", step=call.step)
         return step_execute(
             task_id=call.task_id,
             step=call.step,

@@ -13,6 +13,9 @@ number STEP) reaches POINT:
   step's other calls may not all be (``tools.runner``), nothing of the step committed;
 - ``handoff_returned`` (the model gateway): a call's reply is recorded and its step
   handed back to the work queue, the hand-off message not yet acknowledged;
+- ``handoff_recorded`` (the model gateway): a call's reply is recorded for the gateway
+  to run the step that takes it itself (``llm.gateway.Gateway._continue``); that step
+  has not begun. The worker points fire in such a step too, in the gateway;
 - ``retention_archived`` (``agents.retention``, STEP unused): a task's archive is
   written and verified, nothing of it removed yet;
 - ``retention_before_commit``: its rows are deleted and its removal recorded in an
@@ -42,6 +45,7 @@ POINTS = (
     *WORKER_POINTS,
     "tool_recorded",
     "handoff_returned",
+    "handoff_recorded",
     "retention_archived",
     "retention_before_commit",
 )

@@ -52,6 +52,37 @@ def test_sessions_wait_on_the_model_in_the_gateway_not_in_pool_processes(workers
     assert not AgentTask.objects.exclude(lease_owner="").filter(pk__in=[t.pk for t in tasks])
 
 
+def test_a_reply_calling_only_local_tools_is_taken_in_the_gateway_others_in_a_worker(
+    workers, user, chat
+):
+    # calc is a local tool: the gateway runs the step that takes the reply, its tool and
+    # the next request's hand-off; ledger.append writes, so its step goes to a worker.
+    chat.script = [
+        {"tool_calls": [{"name": "calc", "arguments": {"expression": "2 + 3"}}]},
+        {"tool_calls": [{"name": "ledger.append", "arguments": {"key": "k", "value": 5}}]},
+        {"content": "five"},
+    ]
+    workers.start(concurrency=1, **gateway_env(chat))
+    gateway = workers.start_gateway(**gateway_env(chat))
+    task = start(user, tools=["calc", "ledger.append"])
+    done = wait_until(lambda: ended(task), timeout=120)
+    assert done.status == TaskStatus.COMPLETED, done.error
+    assert done.result == {"answer": "five"}
+    assert chat.count(task=task.pk) == 3
+    runs = dict(
+        AuditEvent.objects.filter(task=task, type="tool_result").values_list(
+            "payload__tool", "actor"
+        )
+    )
+    assert runs["calc"].endswith(f":{gateway.pid}")
+    assert not runs["ledger.append"].endswith(f":{gateway.pid}")
+    assert LedgerEntry.objects.filter(task=task).count() == 1
+    # The final answer was taken in the gateway too: it ended the task.
+    ended_by = AuditEvent.objects.filter(task=task, type="transition").last()
+    assert ended_by is not None and ended_by.actor.endswith(f":{gateway.pid}")
+    assert not AgentTask.objects.filter(pk=task.pk).exclude(lease_owner="")
+
+
 def test_a_gateway_killed_with_calls_in_flight_asks_again_once_and_pays_once(workers, user, chat):
     chat.script = [
         {"tool_calls": [{"name": "ledger.append", "arguments": {"key": "k", "value": 1}}]},
@@ -76,22 +107,40 @@ def test_a_gateway_killed_with_calls_in_flight_asks_again_once_and_pays_once(wor
         assert LedgerEntry.objects.filter(task=task).count() == 1
 
 
-def test_a_reply_recorded_before_the_gateway_died_is_not_asked_again(workers, user, chat, tmp_path):
+@pytest.mark.parametrize(
+    ("point", "continues"),
+    [
+        # Sent back through the work queue: dead before its message was acknowledged.
+        ("handoff_returned@1", "0"),
+        # Taken in the gateway: dead once the reply was recorded, before its step ran;
+        # then dead in that step's commit (the step ran, nothing of it committed).
+        ("handoff_recorded@1", "2"),
+        ("before_commit", "2"),
+    ],
+)
+def test_a_reply_recorded_before_the_gateway_died_is_not_asked_again(
+    workers, user, chat, tmp_path, point, continues
+):
     chat.script = [{"tool_calls": [CALC]}, {"content": "five"}]
     once = tmp_path / "fault-once"
-    workers.start(concurrency=1, **gateway_env(chat))
+    workers.start(concurrency=1, **gateway_env(chat, AGENTS_LLM_GATEWAY_CONTINUE=continues))
     workers.start_gateway(
         **gateway_env(
-            chat, AGENTS_FAULT_INJECTION="handoff_returned@1", AGENTS_FAULT_ONCE_FILE=str(once)
+            chat,
+            AGENTS_FAULT_INJECTION=point,
+            AGENTS_FAULT_ONCE_FILE=str(once),
+            AGENTS_LLM_GATEWAY_CONTINUE=continues,
         )
     )
     task = start(user, tools=["calc"])
     wait_until(once.exists, timeout=60)
-    workers.start_gateway(**gateway_env(chat))
+    workers.start_gateway(**gateway_env(chat, AGENTS_LLM_GATEWAY_CONTINUE=continues))
     done = wait_until(lambda: ended(task), timeout=120)
     assert done.status == TaskStatus.COMPLETED, done.error
+    assert done.result == {"answer": "five"}
     assert chat.count(task=task.pk, step=1) == 1
     assert ModelCall.objects.filter(task=task, step=1).count() == 1
+    assert chat.count(task=task.pk) == 2
 
 
 def test_cancelling_a_task_closes_its_request_in_the_gateway(workers, user, chat):
