@@ -450,6 +450,8 @@ class Gateway:
         return _with_breaker(recorded_note(payload), transitions), record
 
     async def _api_key(self, call: Call, config: ModelConfig) -> str:
+        if not config.api_key_credential:
+            return config.api_key  # the deployment's key: no thread, no database
         return await self.db(
             model_api_key,
             config=config,
