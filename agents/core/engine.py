@@ -32,7 +32,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -599,12 +601,21 @@ class _InputCache:
     def __init__(self) -> None:
         self._items: OrderedDict[UUID, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
+        # The model gateway runs steps on several threads (``llm.gateway``).
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def get(self, task_id: UUID) -> Any:
         """A copy of the task's input of the caller's own (it may change it)."""
-        if task_id in self._items:
-            self._items.move_to_end(task_id)
-            return copy.deepcopy(self._items[task_id][0])
+        with self._lock:
+            cached = self._items.get(task_id)
+            if cached is not None:
+                self._items.move_to_end(task_id)
+        if cached is not None:
+            return copy.deepcopy(cached[0])
         raw = (
             AgentTask.objects.annotate(raw=Cast("input", TextField()))
             .values_list("raw", flat=True)
@@ -616,11 +627,13 @@ class _InputCache:
         if isinstance(raw, str) and len(raw) <= limit // 4:
             size = _deep_size(value)
             if size <= limit // 4:
-                self._items[task_id] = (value, size)
-                self._bytes += size
-                while self._bytes > limit:
-                    _, (_, dropped) = self._items.popitem(last=False)
-                    self._bytes -= dropped
+                with self._lock:
+                    if task_id not in self._items:
+                        self._items[task_id] = (value, size)
+                        self._bytes += size
+                    while self._bytes > limit:
+                        _, (_, dropped) = self._items.popitem(last=False)
+                        self._bytes -= dropped
                 return copy.deepcopy(value)
         return value
 
