@@ -15,6 +15,7 @@ from django.utils import timezone
 from uuid6 import uuid7
 
 from agents_project.tracing import trace_id_of
+from audit.models import DigestField
 
 
 class TaskStatus(models.TextChoices):
@@ -89,6 +90,13 @@ class AgentTask(models.Model):
     queued_for_admission = models.BooleanField(default=False)
     # Sequence number of the last audit event written for this task.
     audit_seq = models.PositiveIntegerField(default=0)
+    # The chain head as the step engine's hot path last wrote it (``agents.core.commit``):
+    # the hash of event ``audit_head_seq``. Valid only while ``audit_head_seq`` equals
+    # ``audit_seq`` (other writers append without updating it); a step's claim then
+    # reads the head here instead of in the monthly-partitioned trail, which has no
+    # partition key to look it up by (``agents_step_before``, migration 0016).
+    audit_head_seq = models.PositiveIntegerField(null=True, blank=True)
+    audit_head_hash = DigestField()
     replayed_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
     )

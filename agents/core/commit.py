@@ -73,7 +73,10 @@ def advanced_values(
     routes write (the hot path's statement sets exactly these, the general path sets
     them on the model and saves them), plus the lease's release when the delivery ends
     (``RELEASE_FIELDS``) and ``result``, ``error`` and the status when the outcome ends
-    or suspends the task. ``audit_seq``: the task's last audit event after this commit."""
+    or suspends the task. ``audit_seq``: the task's last audit event after this commit.
+    The hot path also writes the chain head it leaves (``audit_head_seq``,
+    ``audit_head_hash``, agents.0016); the general path does not, which only sends the
+    next claim to the trail for it."""
     return {
         "current_step": next_step,
         "attempt": 0,
@@ -344,6 +347,11 @@ def _advance_statement(
         values["lease_owner"] = queue
         values["lease_expires_at"] = now + timedelta(seconds=patience)
     assignments = [f"{column} = %(set_{column})s" for column in values]
+    # The chain head these events leave, for the next step's claim (agents.0016).
+    assignments += [
+        "audit_head_seq = %(head_seq)s",
+        "audit_head_hash = decode(%(head_hash)s, 'hex')",
+    ]
     if hand_on and not hand_off:
         assignments += [
             "lease_owner = ''",
@@ -357,6 +365,8 @@ def _advance_statement(
         "first": done[0].step,
         "version": agent.state_version,
         "seq": seq,
+        "head_seq": events[-1].seq,
+        "head_hash": events[-1].hash,
         "now": now,
         "created": events[0].created_at,
         "checkpoints": json.dumps(

@@ -222,3 +222,47 @@ def test_an_ordinary_step_updates_its_task_without_touching_an_index(user):
     assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     after = updates()
     assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+
+def _trail_scans() -> int:
+    """Index and table scans of the audit trail's partitions so far (their statistics)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT coalesce(sum(coalesce(idx_scan, 0) + seq_scan), 0) FROM pg_stat_user_tables"
+            " WHERE relname LIKE %s",
+            [f"{AuditEvent._meta.db_table}%"],
+        )
+        return int(cursor.fetchone()[0])
+
+
+def test_a_claim_reads_the_chain_head_on_the_task_row_not_in_the_trail(user):
+    """The trail is partitioned by month and a head's lookup by (task, seq) names no
+    month, so it would open every partition: the hot path keeps the head it writes on
+    the task row (agents.0016), and the next claim reads it there. Once another writer
+    appends an event, the row's head is stale and the claim reads the trail instead."""
+    script = [{"think": "a"}, {"think": "b"}, {"think": "c"}, {"final": 1}]
+    task, _ = task_start(owner=user, agent="scripted", input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    task.refresh_from_db()
+    last = AuditEvent.objects.filter(task=task).order_by("-seq").first()
+    assert (task.audit_head_seq, task.audit_head_hash) == (task.audit_seq, last.hash)
+
+    before = _trail_scans()
+    claim = leases._claim_free_lease(task.pk, 2, leases.lease_owner_name("test"))
+    assert claim is not None and claim.audit_head == (last.seq, last.hash)
+    assert _trail_scans() == before
+
+    with transaction.atomic():
+        locked = AgentTask.objects.select_for_update().get(pk=task.pk)
+        audit = AuditBatch(locked, actor="test")
+        audit.add(EventType.REASONING, {"text": "written beside the steps"})
+        audit.flush()
+        locked.save(update_fields=["audit_seq"])
+    AgentTask.objects.filter(pk=task.pk).update(lease_owner="", lease_expires_at=None)
+    newest = AuditEvent.objects.filter(task=task).order_by("-seq").first()
+    claim = leases._claim_free_lease(task.pk, 2, leases.lease_owner_name("test"))
+    assert claim is not None and claim.audit_head == (newest.seq, newest.hash)
+    assert _trail_scans() > before
