@@ -10,7 +10,10 @@ writes them by one of two routes, which set the same columns (``advanced_values`
   events sealed onto the chain head the delivery knows; ``BEGIN`` and the statement go
   out in psycopg's pipeline mode, the next step is published and confirmed while
   PostgreSQL runs them, then ``COMMIT`` and every answer come back together
-  (``_advance_publishing``);
+  (``_advance_publishing``). A ``Finish`` or ``Fail`` of a running task that is no
+  child and has none takes it too, in a transaction of its own (nothing to publish):
+  the same statement also sets the final status the state machine gave
+  (``state_machine.transition_unlocked``), its ``transition`` event among the others;
 - **the general path** (every outcome, every database, or when the hot path's statement
   matched nothing): lock the row, check the fence and the deadline, insert, move the
   status through the state machine, publish, commit.
@@ -40,7 +43,7 @@ from agents.core.handoffs import handoff_message, queued_lease
 from agents.core.leases import DeadlineReached, lease_release_values
 from agents.core.results import StepResult
 from agents.core.retries import safe_text, task_lock_if_current
-from agents.core.state_machine import TRANSITION_FIELDS, transition
+from agents.core.state_machine import TRANSITION_FIELDS, transition, transition_unlocked
 from agents.definition import (
     Agent,
     CallTools,
@@ -145,7 +148,7 @@ def steps_commit(
     """
     last = done[-1].outcome
     if connection.vendor == "postgresql" and (
-        not hand_on or isinstance(last, Continue | CallTools)
+        not hand_on or isinstance(last, Continue | CallTools | Finish | Fail)
     ):
         result = _commit_advance(task_id, fence, agent, done, hand_on=hand_on, chain=chain)
         if result is not None:
@@ -248,10 +251,13 @@ def _commit_advance(
         and connection.get_autocommit()
         and not connection.in_atomic_block
     )
-    if not own or hand_off is not None:
+    last = done[-1].outcome
+    ending = last if hand_on and isinstance(last, Finish | Fail) else None
+    if not own or hand_off is not None or ending is not None:
         return _commit_advance_atomic(
-            task, fence, agent, done, audit, head, hand_on, chain, hand_off=hand_off
-        )
+            task, fence, agent, done, audit, head, hand_on, chain, hand_off=hand_off,
+            ending=ending,
+        )  # fmt: skip
     events = audit.seal(explicit_transaction=True)
     sql, params = _advance_statement(task, fence, agent, done, events, seq=head[0], hand_on=True)
     row, published = _advance_publishing(sql, params, task, agent)
@@ -273,21 +279,27 @@ def _commit_advance_atomic(
     chain: ChainHead,
     *,
     hand_off: dict[str, Any] | None = None,
+    ending: Finish | Fail | None = None,
 ) -> StepResult | None:
     """``_commit_advance`` in a Django transaction: a commit that keeps the delivery
     going (``hand_on`` False), one inside ``publishes_collected`` or inside the
-    caller's ``atomic`` block, and one that hands off the next step (``hand_off``, its
-    payload). The statement's answer is read before anything is published, so a
-    hand-off never reaches its consumer before the row it claims is locked (the
-    consumer's claim then waits for this commit), and none goes out when the
-    statement matched nothing. A hand-off the broker refuses rolls everything back
-    (None)."""
+    caller's ``atomic`` block, one that hands off the next step (``hand_off``, its
+    payload), and one whose last step ends the task (``ending``; the statement then
+    matches only a running task with no parent and no children, whose final-status
+    hook has nothing to do: any other goes the general path). The statement's answer
+    is read before anything is published, so a hand-off never reaches its consumer
+    before the row it claims is locked (the consumer's claim then waits for this
+    commit), and none goes out when the statement matched nothing. A hand-off the
+    broker refuses rolls everything back (None)."""
     with transaction.atomic():
+        if ending is not None:
+            _ending_transition(task, done, ending, audit)
         events = audit.seal()
         handing_off = hand_off is not None
         sql, params = _advance_statement(
-            task, fence, agent, done, events, seq=head[0], hand_on=hand_on, hand_off=handing_off
-        )
+            task, fence, agent, done, events, seq=head[0], hand_on=hand_on, hand_off=handing_off,
+            ending=task if ending is not None else None,
+        )  # fmt: skip
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
@@ -312,6 +324,25 @@ def _commit_advance_atomic(
     return _committed(agent, done)
 
 
+def _ending_transition(
+    task: AgentTask, done: list[StepRecord], outcome: Finish | Fail, audit: AuditBatch
+) -> None:
+    """Set on the hot path's ``task`` (a stand-in for a running task with no parent and
+    no children, which its statement checks) what ``_outcome_apply`` sets on the general
+    path's locked row: the result or the error, and the final status, through the state
+    machine (its event on the step the row is at, ``done[0]``; its metric on commit)."""
+    advanced = task.current_step
+    task.status, task.parent_id, task.spawned = TaskStatus.RUNNING, None, 0
+    task.current_step = done[0].step
+    if isinstance(outcome, Finish):
+        task.result = outcome.result
+        transition_unlocked(task, TaskStatus.COMPLETED, audit=audit)
+    else:
+        task.error = safe_text(outcome.error)
+        transition_unlocked(task, TaskStatus.FAILED, audit=audit, reason=task.error)
+    task.current_step = advanced
+
+
 def _rollback_or_close() -> None:
     """End ``_advance_publishing``'s transaction after an error: ROLLBACK, and close the
     connection if that failed or left it in a transaction (Django believes it is in
@@ -334,10 +365,13 @@ def _advance_statement(
     seq: int,
     hand_on: bool,
     hand_off: bool = False,
+    ending: AgentTask | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """``_ADVANCE_SQL`` and its parameters for ``done``, sealed ``events`` and the audit
     sequence ``seq`` the chain head had; ``hand_on`` also releases the lease, or with
-    ``hand_off`` passes it to the hand-off queue (``agents.core.handoffs``)."""
+    ``hand_off`` passes it to the hand-off queue (``agents.core.handoffs``); ``ending``:
+    the task as ``_ending_transition`` left it, whose final status, times and result or
+    error the statement also sets, on a running task with no parent and no children."""
     now = clock.now()
     values = advanced_values(
         next_step=done[-1].step + 1, agent=agent, audit_seq=task.audit_seq, now=now
@@ -346,7 +380,17 @@ def _advance_statement(
         queue, patience = queued_lease()
         values["lease_owner"] = queue
         values["lease_expires_at"] = now + timedelta(seconds=patience)
+    conditions = ""
+    if ending is not None:
+        values.update({field: getattr(ending, field) for field in TRANSITION_FIELDS})
+        conditions = "AND status = 'running' AND parent_id IS NULL AND spawned = 0"
     assignments = [f"{column} = %(set_{column})s" for column in values]
+    if ending is not None:
+        assignments.append(
+            "result = %(set_result)s::jsonb"
+            if ending.status == TaskStatus.COMPLETED
+            else "error = %(set_error)s"
+        )
     # The chain head these events leave, for the next step's claim (agents.0016).
     assignments += [
         "audit_head_seq = %(head_seq)s",
@@ -356,8 +400,9 @@ def _advance_statement(
         assignments += [
             "lease_owner = ''",
             "lease_expires_at = NULL",
-            "in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END",
-        ]
+            "in_flight = 0" if ending is not None
+            else "in_flight = CASE WHEN status = 'running' THEN 1 ELSE 0 END",
+        ]  # fmt: skip
     params: dict[str, Any] = {
         **{f"set_{column}": value for column, value in values.items()},
         "id": task.pk,
@@ -374,7 +419,12 @@ def _advance_statement(
         ),
         "events": events_json(events),
     }
-    return _ADVANCE_SQL.format(assignments=",\n           ".join(assignments)), params
+    if ending is not None:
+        # As Django's JSONField stores it: None is SQL NULL.
+        params["set_result"] = None if ending.result is None else json.dumps(ending.result)
+        params["set_error"] = ending.error
+    sql = _ADVANCE_SQL.format(assignments=",\n           ".join(assignments), conditions=conditions)
+    return sql, params
 
 
 def _advance_publishing(
@@ -447,7 +497,7 @@ WITH advanced AS (
     UPDATE {AgentTask._meta.db_table}
        SET {{assignments}}
      WHERE id = %(id)s AND fence = %(fence)s AND current_step = %(first)s
-       AND audit_seq = %(seq)s AND (deadline IS NULL OR deadline > %(now)s)
+       AND audit_seq = %(seq)s AND (deadline IS NULL OR deadline > %(now)s) {{conditions}}
  RETURNING status
 ), checkpoints AS (
     INSERT INTO {Checkpoint._meta.db_table}

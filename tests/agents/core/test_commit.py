@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from agents.core import clock, commit, dispatch, engine, leases
 from agents.core.engine import step_execute
 from agents.core.results import StepResult
+from agents.definition import Agent, Continue, Fail, Outcome, StepContext, register
 from agents.models import AgentTask
 from agents.services import task_start
 from audit.models import AuditEvent, EventType
@@ -36,6 +37,50 @@ def test_an_ordinary_step_costs_four_statements(user):
     # RETURNING); then one transaction of one statement: advance the task, insert the
     # checkpoint and the audit events (sealed onto the head the claim read).
     assert statements == ["UPDATE", "BEGIN", "WITH", "COMMIT"], statements
+
+
+@register
+class _FailsAtItsSecondStep(Agent):
+    """Thinks, then ends its task with ``Fail`` (an outcome, not an exception)."""
+
+    name = "fails-at-its-second-step-for-tests"
+
+    def initial_state(self, input: Any) -> Any:
+        return {}
+
+    def step(self, ctx: StepContext) -> Outcome:
+        if ctx.step == 1:
+            return Continue(state={"thought": True})
+        return Fail(error="no", state=ctx.state)
+
+
+@pytest.mark.parametrize(
+    ("agent", "status", "result", "error"),
+    [("scripted", "completed", {"n": 1}, ""), (_FailsAtItsSecondStep.name, "failed", None, "no")],
+)
+def test_a_step_that_ends_its_task_costs_one_statement_and_writes_what_the_general_path_did(
+    user, agent, status, result, error
+):
+    script = [{"think": "a"}, {"final": {"n": 1}}]
+    task, _ = task_start(owner=user, agent=agent, input={"script": script})
+    assert step_execute(task_id=task.pk, step=1) == StepResult.COMMITTED
+    with CaptureQueriesContext(connection) as queries:
+        assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    # The claim, then one statement sets the final status, the result or the error, the
+    # checkpoint and the events (the general path locked, inserted and saved: six).
+    assert statements == ["UPDATE", "BEGIN", "WITH", "COMMIT"], statements
+    task.refresh_from_db()
+    assert (task.status, task.result, task.error) == (status, result, error)
+    assert task.finished_at is not None and task.finished_at == task.status_changed_at
+    assert (task.lease_owner, task.lease_expires_at, task.in_flight) == ("", None, 0)
+    assert task.current_step == 3
+    events = list(AuditEvent.objects.filter(task=task, step=2).order_by("seq"))
+    assert [e.type for e in events][-2:] == ["step", "transition"]
+    assert events[-1].payload["to"] == status
+    out = StringIO()
+    call_command("audit_verify", str(task.pk), stdout=out)
+    assert "intact" in out.getvalue(), out.getvalue()
 
 
 def _racer(task_id: object, step: int, raced: dict[str, object]) -> threading.Thread:
