@@ -106,7 +106,9 @@ def task_start(
                 first_checkpoint(task, definition, local=local).save(force_insert=True)
                 audit = created_audit(task, definition, actor=actor or user_actor(owner))
                 audit.flush()
-                task.save(update_fields=("audit_seq",))
+                # The chain head on the row (agents.0016): step 1's claim reads it there.
+                task.audit_head_seq, task.audit_head_hash = audit.head or (None, "")
+                task.save(update_fields=("audit_seq", "audit_head_seq", "audit_head_hash"))
                 if not queued:
                     step_publish(task_id=task.pk, step=1, agent=definition)
                 name = definition.name

@@ -165,6 +165,8 @@ class AuditBatch:
             event_seal(event, prev_hash=prev_hash)
             prev_hash = event.hash
         self.task.audit_seq += len(events)
+        # The chain's head is now the last of these: a later seal continues from it.
+        self.head = (self.task.audit_seq, prev_hash)
         return events
 
     def flush(self) -> None:

@@ -112,7 +112,10 @@ def tasks_insert(*, tasks: Sequence[AgentTask], definitions: Sequence[Agent], ac
     # already past their ``created`` event.
     events: list[AuditEvent] = []
     for task, definition in zip(tasks, definitions, strict=True):
-        events += created_audit(task, definition, actor=actor).seal()
+        sealed = created_audit(task, definition, actor=actor).seal()
+        # The chain head on the row (agents.0016), so step 1's claim reads no partition.
+        task.audit_head_seq, task.audit_head_hash = sealed[-1].seq, sealed[-1].hash
+        events += sealed
     AgentTask.objects.bulk_create(tasks)
     task_creation_locks(task_ids=[task.pk for task in tasks])
     Checkpoint.objects.bulk_create(

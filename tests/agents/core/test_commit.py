@@ -283,6 +283,20 @@ def _trail_scans() -> int:
         return int(cursor.fetchone()[0])
 
 
+def test_a_new_task_carries_its_chain_head_so_its_first_claim_reads_no_partition(user):
+    task, _ = task_start(owner=user, agent="scripted", input={"script": [{"final": 1}]})
+    task.refresh_from_db()
+    created = AuditEvent.objects.get(task=task)
+    assert (task.audit_head_seq, task.audit_head_hash) == (1, created.hash) == (
+        task.audit_seq,
+        created.hash,
+    )
+    before = _trail_scans()
+    claim = leases._claim_free_lease(task.pk, 1, leases.lease_owner_name("test"))
+    assert claim is not None and claim.audit_head == (1, created.hash)
+    assert _trail_scans() == before
+
+
 def test_a_claim_reads_the_chain_head_on_the_task_row_not_in_the_trail(user):
     """The trail is partitioned by month and a head's lookup by (task, seq) names no
     month, so it would open every partition: the hot path keeps the head it writes on
