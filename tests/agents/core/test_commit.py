@@ -287,9 +287,13 @@ def test_a_new_task_carries_its_chain_head_so_its_first_claim_reads_no_partition
     task, _ = task_start(owner=user, agent="scripted", input={"script": [{"final": 1}]})
     task.refresh_from_db()
     created = AuditEvent.objects.get(task=task)
-    assert (task.audit_head_seq, task.audit_head_hash) == (1, created.hash) == (
-        task.audit_seq,
-        created.hash,
+    assert (
+        (task.audit_head_seq, task.audit_head_hash)
+        == (1, created.hash)
+        == (
+            task.audit_seq,
+            created.hash,
+        )
     )
     before = _trail_scans()
     claim = leases._claim_free_lease(task.pk, 1, leases.lease_owner_name("test"))
