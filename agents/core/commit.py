@@ -13,7 +13,7 @@ writes them by one of two routes, which set the same columns (``advanced_values`
   (``_advance_publishing``). A ``Finish`` or ``Fail`` of a running task that is no
   child and has none takes it too, in a transaction of its own (nothing to publish):
   the same statement also sets the final status the state machine gave
-  (``state_machine.transition_unlocked``), its ``transition`` event among the others;
+  (``_outcome_apply``, as on the general path), its ``transition`` event among the others;
 - **the general path** (every outcome, every database, or when the hot path's statement
   matched nothing): lock the row, check the fence and the deadline, insert, move the
   status through the state machine, publish, commit.
@@ -43,7 +43,7 @@ from agents.core.handoffs import handoff_message, queued_lease
 from agents.core.leases import DeadlineReached, lease_release_values
 from agents.core.results import StepResult
 from agents.core.retries import safe_text, task_lock_if_current
-from agents.core.state_machine import TRANSITION_FIELDS, transition, transition_unlocked
+from agents.core.state_machine import TRANSITION_FIELDS, transition
 from agents.definition import (
     Agent,
     CallTools,
@@ -327,19 +327,15 @@ def _commit_advance_atomic(
 def _ending_transition(
     task: AgentTask, done: list[StepRecord], outcome: Finish | Fail, audit: AuditBatch
 ) -> None:
-    """Set on the hot path's ``task`` (a stand-in for a running task with no parent and
-    no children, which its statement checks) what ``_outcome_apply`` sets on the general
-    path's locked row: the result or the error, and the final status, through the state
-    machine (its event on the step the row is at, ``done[0]``; its metric on commit)."""
+    """Apply ``outcome`` to the hot path's ``task`` as the general path applies it to its
+    locked row (``_outcome_apply``: the result or the error, the final status through
+    the state machine, its event on the step the row is at, ``done[0]``), ``task``
+    standing for a running task with no parent and no children, which the statement
+    checks. Inside the commit's transaction."""
     advanced = task.current_step
     task.status, task.parent_id, task.spawned = TaskStatus.RUNNING, None, 0
     task.current_step = done[0].step
-    if isinstance(outcome, Finish):
-        task.result = outcome.result
-        transition_unlocked(task, TaskStatus.COMPLETED, audit=audit)
-    else:
-        task.error = safe_text(outcome.error)
-        transition_unlocked(task, TaskStatus.FAILED, audit=audit, reason=task.error)
+    _outcome_apply(task, outcome, done[-1].step, audit)
     task.current_step = advanced
 
 
