@@ -68,7 +68,8 @@ def test_a_step_that_ends_its_task_costs_one_statement_and_writes_what_the_gener
         assert step_execute(task_id=task.pk, step=2) == StepResult.COMMITTED
     statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
     # The claim, then one statement sets the final status, the result or the error, the
-    # checkpoint and the events (the general path locked, inserted and saved: six).
+    # checkpoint and the events (the general path took five: lock, checkpoint, chain
+    # head, events, row).
     assert statements == ["UPDATE", "BEGIN", "WITH", "COMMIT"], statements
     task.refresh_from_db()
     assert (task.status, task.result, task.error) == (status, result, error)
